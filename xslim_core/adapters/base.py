@@ -1,0 +1,154 @@
+"""The adapter protocol: how the engine sees a DiT.
+
+A model is an input embedding, one or two block stacks and a final layer. The engine only needs, per block,
+where the image and text streams are in its arguments and outputs, and which attention modules it owns
+(with the token layout of their joint sequence); per model call, the sigma and how to slice the batch.
+Adapters bind arguments by the block's own signature, so no model code is copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BlockSpec:
+    index: int  # position in the whole block sequence (all stacks)
+    stack: str
+    module: nn.Module
+    img_arg: str
+    txt_arg: str | None
+    outputs: tuple[str, ...]  # order of the block's outputs, e.g. ("txt", "img")
+    attention: list[tuple[nn.Module, str]]  # (attention module, token layout)
+    signature: inspect.Signature = field(init=False)
+
+    def __post_init__(self):
+        self.signature = inspect.signature(self.module.forward)
+
+
+class BoundBlock:
+    """One call of a block, with its arguments addressable by name."""
+
+    def __init__(self, spec: BlockSpec, args, kwargs):
+        self.spec = spec
+        self.bound = spec.signature.bind(*args, **kwargs)
+        self.arguments = self.bound.arguments
+
+    @property
+    def img(self) -> torch.Tensor:
+        return self.arguments[self.spec.img_arg]
+
+    @img.setter
+    def img(self, value: torch.Tensor) -> None:
+        self.arguments[self.spec.img_arg] = value
+
+    @property
+    def txt(self) -> torch.Tensor | None:
+        return self.arguments.get(self.spec.txt_arg) if self.spec.txt_arg else None
+
+    def call(self, forward) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = forward(*self.bound.args, **self.bound.kwargs)
+        if len(self.spec.outputs) == 1:
+            return out, None
+        named = dict(zip(self.spec.outputs, out))
+        return named["img"], named.get("txt")
+
+    def pack(self, img: torch.Tensor, txt: torch.Tensor | None):
+        if len(self.spec.outputs) == 1:
+            return img
+        return tuple(img if name == "img" else txt for name in self.spec.outputs)
+
+
+class ModelCall:
+    """One call of the whole model: its sigma, batch size, and the batch sliced by rows."""
+
+    def __init__(self, adapter: "Adapter", forward, args, kwargs):
+        self.adapter = adapter
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+        self.arguments = bound.arguments
+        self._bound = bound
+        self.img = self.arguments[adapter.img_arg]
+        self.batch = self.img.shape[0]
+
+    @property
+    def sigma(self) -> float:
+        t = self.arguments[self.adapter.time_arg]
+        t = t.reshape(-1)[0].item() if torch.is_tensor(t) else float(t)
+        return t / self.adapter.time_scale
+
+    @property
+    def shape_key(self) -> tuple:
+        txt = self.arguments.get(self.adapter.txt_arg) if self.adapter.txt_arg else None
+        return (tuple(self.img.shape), self.img.dtype, None if txt is None else tuple(txt.shape))
+
+    def args_for(self, rows: list[int]) -> tuple[tuple, dict]:
+        if rows == list(range(self.batch)):
+            return self._bound.args, self._bound.kwargs
+        index = torch.tensor(rows, device=self.img.device)
+        sliced = inspect.BoundArguments(self._bound.signature, dict(self.arguments))
+        for name, value in self.arguments.items():
+            if name in self.adapter.unbatched_inputs or not torch.is_tensor(value):
+                continue
+            if value.ndim >= 1 and value.shape[0] == self.batch:
+                sliced.arguments[name] = value.index_select(0, index.to(value.device))
+        return sliced.args, sliced.kwargs
+
+    @staticmethod
+    def merge(outputs: list, groups: list[list[int]]):
+        """Put the outputs of row groups back into the original batch order, in the model's output type."""
+        order = [r for g in groups for r in g]
+        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
+        samples = [o.sample if hasattr(o, "sample") else o[0] for o in outputs]
+        merged = torch.cat(samples, dim=0).index_select(0, inverse.to(samples[0].device))
+        first = outputs[0]
+        return type(first)(sample=merged) if hasattr(first, "sample") else (merged,)
+
+
+class Adapter:
+    """Base for one model family. Subclasses set the class attributes and, for RoPE models, gather_positions."""
+
+    family: str = ""
+    display_name: str = ""
+    model_classes: tuple[str, ...] = ()
+    stacks: tuple[tuple[str, str], ...] = ()  # (stack name, attribute holding the ModuleList)
+    img_arg = "hidden_states"
+    txt_arg: str | None = "encoder_hidden_states"
+    block_img_arg = "hidden_states"
+    block_txt_arg: str | None = "encoder_hidden_states"
+    block_outputs: dict[str, tuple[str, ...]] = {}
+    attention: dict[str, tuple[tuple[str, str], ...]] = {}  # stack -> ((attribute, layout), ...)
+    time_arg = "timestep"
+    time_scale = 1000.0  # timestep = sigma * time_scale
+    unbatched_inputs: tuple[str, ...] = ()
+    per_row_positions = False  # RoPE tables have no batch dim: a token subset must share its rows' positions
+
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
+        specs = []
+        for stack, attr in self.stacks:
+            for block in getattr(model, attr):
+                attention = [
+                    (getattr(block, name), layout)
+                    for name, layout in self.attention[stack]
+                    if getattr(block, name, None) is not None
+                ]
+                specs.append(
+                    BlockSpec(
+                        len(specs), stack, block, self.block_img_arg, self.block_txt_arg,
+                        self.block_outputs[stack], attention,
+                    )
+                )
+        return specs
+
+    def stack_sizes(self, model: nn.Module) -> list[tuple[str, int]]:
+        return [(stack, len(getattr(model, attr))) for stack, attr in self.stacks]
+
+    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int) -> None:
+        """Restrict positional inputs (RoPE tables, masks) of a block call to the token subset ``idx``."""
+
+    def unsupported(self, call: ModelCall) -> str | None:
+        """A reason this call cannot be cached (it then runs uncached), or None."""
+        return None

@@ -1,0 +1,115 @@
+"""X-Slim configuration: one validated dataclass, the step kinds, and the speed presets."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+class StepKind(str, enum.Enum):
+    """What one sampling step does for one sample. The value is its letter in decision maps."""
+
+    FULL = "F"
+    BLOCK = "B"  # block refresh: some blocks reuse their cached residual
+    TOKEN = "T"  # token refresh: only the most-changing image tokens are recomputed
+    SKIP = "."  # the whole block stack is replaced by the cached step residual
+
+
+LEVELS = frozenset({"step", "block", "token"})
+MODES = ("schedule", "online", "off")
+
+
+@dataclass(frozen=True)
+class XSlimConfig:
+    """All knobs of the engine.
+
+    ``mode``:
+      * ``"schedule"`` - decisions come from a profile of one uncached run (the released X-Slim method):
+        a coarse pass skips steps while the accumulated change stays under ``warn`` x mean(change), a fine
+        pass turns computed steps in the stable middle into block/token refreshes (every third stays full).
+      * ``"online"`` - the dual-threshold controller: err(t) is the relative L1 change of the step residual,
+        extrapolated in sigma from the last two computed steps. err < ``warn`` skips, ``warn`` <= err < ``crit``
+        refreshes blocks or tokens, err >= ``crit`` computes fully.
+      * ``"off"`` - every step computes fully; outputs equal the model's own forward.
+    """
+
+    mode: str = "schedule"
+    levels: frozenset = LEVELS
+    warn: float = 1.0  # schedule: multiple of the profile's mean step change; online: relative L1
+    crit: float = 2.0  # online only: critical line (must exceed warn)
+    block_threshold: float | None = None  # None: median of the profiled per-block change (per stack)
+    token_ratio: float = 0.5  # fraction of image tokens recomputed at a token refresh, in (0, 1]
+    first_full_steps: int = 4
+    last_full_steps: int = 1
+    protected_blocks: int = 4  # first blocks of each stack that are never skipped
+    max_skips: int = 8  # online: longest run of skipped steps
+    max_refreshes: int = 2  # online: partial refreshes in a row before a forced full step
+    start_percent: float = 0.0  # caching acts only between these fractions of the sigma range
+    end_percent: float = 1.0
+    pattern: str | None = None  # schedule: a fixed per-step plan in letters (F B T .), used instead of a profile
+    cache_dtype: torch.dtype | None = None  # e.g. torch.float16 / bfloat16 to halve cache memory
+    cache_device: str | None = None  # e.g. "cpu" to keep caches off the GPU
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"X-Slim: mode must be one of {MODES}, got {self.mode!r}.")
+        levels = frozenset(self.levels)
+        if not levels <= LEVELS:
+            raise ValueError(f"X-Slim: unknown cache level(s) {sorted(levels - LEVELS)}; choose from {sorted(LEVELS)}.")
+        object.__setattr__(self, "levels", levels)
+        if not 0.0 < self.token_ratio <= 1.0:
+            raise ValueError(
+                f"X-Slim: token_ratio must lie in (0, 1] (fraction of image tokens recomputed), got {self.token_ratio}."
+            )
+        for name in ("warn", "crit"):
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"X-Slim: threshold {name} must be a finite number >= 0, got {getattr(self, name)}.")
+        if self.mode == "online" and self.crit <= self.warn:
+            raise ValueError(
+                f"X-Slim: the critical threshold ({self.crit}) must be above the early-warning threshold "
+                f"({self.warn}); swap them or raise crit."
+            )
+        if self.block_threshold is not None and not self.block_threshold >= 0.0:
+            raise ValueError(f"X-Slim: block_threshold must be >= 0 or None, got {self.block_threshold}.")
+        for name in ("first_full_steps", "last_full_steps", "protected_blocks", "max_skips", "max_refreshes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"X-Slim: {name} must be >= 0, got {getattr(self, name)}.")
+        if self.pattern is not None:
+            bad = set(self.pattern) - {k.value for k in StepKind}
+            if bad or not self.pattern:
+                raise ValueError(
+                    f"X-Slim: pattern may only use F (full), B (block), T (token) and . (skip); got {sorted(bad)}."
+                )
+        if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
+            raise ValueError(
+                f"X-Slim: need 0 <= start_percent < end_percent <= 1, got {self.start_percent} and {self.end_percent}."
+            )
+
+    def with_(self, **changes) -> "XSlimConfig":
+        return replace(self, **changes)
+
+
+# Speed presets, over sigma so one profile serves any step count. "slow" uses the authors' default
+# early-warning line (the profile mean); "fast" pushes further before polishing.
+PRESETS: dict[str, dict] = {
+    "slow": dict(warn=1.0, token_ratio=0.5),
+    "fast": dict(warn=2.0, token_ratio=0.7),
+}
+
+
+def preset_config(name: str, **overrides) -> XSlimConfig:
+    if name not in PRESETS:
+        raise ValueError(f"X-Slim: unknown preset {name!r}; choose from {sorted(PRESETS)}.")
+    return XSlimConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class StepPlan:
+    """The decision for one sample at one step."""
+
+    kind: StepKind
+    skip_blocks: frozenset = field(default_factory=frozenset)  # BLOCK: block indices that reuse residuals
+    record_blocks: bool = False  # FULL: score blocks and keep residuals for a coming block refresh
+    capture_kv: bool = False  # FULL/BLOCK: keep image K/V of every attention layer for a coming token refresh

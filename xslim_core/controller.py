@@ -1,0 +1,92 @@
+"""Step controllers: they turn (row state, step) into a StepPlan. Pure decisions, no tensors touched."""
+
+from __future__ import annotations
+
+from .config import StepKind, StepPlan, XSlimConfig
+from .schedule import Schedule, eligible_steps
+from .state import RowState
+
+
+def _downgrade(kind: StepKind, row: RowState, has_all_kv: bool) -> StepKind:
+    """A cheap step needs what an earlier step recorded; without it the step is computed fully."""
+    if kind is StepKind.SKIP and row.delta_last is None:
+        return StepKind.FULL
+    if kind is StepKind.BLOCK and row.skip_blocks is None:
+        return StepKind.FULL
+    if kind is StepKind.TOKEN and (row.delta_prev is None or row.last_out is None or not has_all_kv):
+        return StepKind.FULL
+    return kind
+
+
+class ScheduleController:
+    """Follows a schedule built from a profile (the released X-Slim method)."""
+
+    def __init__(self, schedule: Schedule, num_attention_layers: int):
+        self.schedule = schedule
+        self.num_layers = num_attention_layers
+
+    def plan(self, row: RowState, step: int) -> StepPlan:
+        kind = _downgrade(self.schedule.kinds[step], row, len(row.kv) == self.num_layers)
+        return StepPlan(
+            kind,
+            skip_blocks=row.skip_blocks if kind is StepKind.BLOCK else frozenset(),
+            record_blocks=kind is StepKind.FULL and self.schedule.record_blocks_at(step),
+            capture_kv=kind in (StepKind.FULL, StepKind.BLOCK) and self.schedule.capture_kv_at(step),
+        )
+
+
+class OnlineController:
+    """The dual-threshold controller ("push-then-polish").
+
+    err(t) is the relative L1 change of the step residual between the last two computed steps, per unit of
+    sigma, times the sigma travelled since the last computed step: a prediction of the accumulated reuse
+    error that needs no extra model work. Below ``warn`` the step is skipped, between ``warn`` and ``crit`` a
+    block or token refresh runs (alternating), above ``crit`` the step is computed fully.
+    """
+
+    def __init__(self, config: XSlimConfig, sigmas: list[float], num_attention_layers: int):
+        self.config = config
+        self.sigmas = sigmas
+        self.eligible = eligible_steps(sigmas, config)
+        self.num_layers = num_attention_layers
+
+    def error(self, row: RowState, step: int) -> float:
+        if row.rate is None or row.sigma_last is None:
+            return float("inf")
+        return row.rate * abs(row.sigma_last - self.sigmas[step])
+
+    def plan(self, row: RowState, step: int) -> StepPlan:
+        cfg = self.config
+        levels = cfg.levels
+        kind = StepKind.FULL
+        if self.eligible[step]:
+            err = self.error(row, step)
+            if err < cfg.warn and "step" in levels and row.skips_in_row < cfg.max_skips:
+                kind = StepKind.SKIP
+            elif err < cfg.crit and row.refreshes_in_row < cfg.max_refreshes:
+                kind = self._refresh_kind(row)
+        kind = _downgrade(kind, row, len(row.kv) == self.num_layers)
+        return StepPlan(
+            kind,
+            skip_blocks=row.skip_blocks if kind is StepKind.BLOCK else frozenset(),
+            record_blocks=kind is StepKind.FULL and "block" in levels,
+            capture_kv=kind in (StepKind.FULL, StepKind.BLOCK) and "token" in levels,
+        )
+
+    def _refresh_kind(self, row: RowState) -> StepKind:
+        options = [k for lvl, k in (("block", StepKind.BLOCK), ("token", StepKind.TOKEN)) if lvl in self.config.levels]
+        if not options:
+            return StepKind.FULL
+        if len(options) == 2 and row.last_partial is StepKind.BLOCK:
+            return StepKind.TOKEN
+        return options[0]
+
+
+class FullController:
+    """Computes every step; used for mode "off" and for profiling."""
+
+    def __init__(self, record: bool = False):
+        self.record = record
+
+    def plan(self, row: RowState, step: int) -> StepPlan:
+        return StepPlan(StepKind.FULL, record_blocks=self.record)

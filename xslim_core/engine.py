@@ -1,0 +1,494 @@
+"""The X-Slim engine: hooks on a model's forward, its blocks and its attention modules.
+
+One model call goes: the model-forward hook finds the step from sigma and asks the controller for a plan per
+batch row; rows with the same plan run together (usually the whole batch in one call). Inside the call the
+block hooks carry out the plan: pass the stack through (skip), add cached block residuals (block refresh) or
+run every block on a token subset with full-length K/V (token refresh). Embeddings and the final layer always
+run, as the model's own forward does them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Callable, Iterable
+
+import torch
+
+from .adapters import Adapter, BoundBlock, ModelCall, adapter_for
+from .config import StepKind, StepPlan, XSlimConfig
+from .controller import FullController, OnlineController, ScheduleController
+from .profile import Profile
+from .schedule import BlockSelector, block_thresholds, build_schedule
+from .state import RowState, RunStats, TensorStore
+from .tokens import gather_tokens, intercept_sdpa, join_sequence, scatter_tokens, select_tokens, split_sequence, widen_mask
+
+FP16_MAX = 65504.0
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Residual add; in fp16 done in fp32 and clamped, as overflowed activations would poison later steps."""
+    if a.dtype == torch.float16:
+        return (a.float() + b.float()).clamp_(-FP16_MAX, FP16_MAX).half()
+    return a + b
+
+
+def locate_step(sigmas: list[float], sigma: float) -> int | None:
+    """Index of ``sigma`` among the run's step sigmas, or None (e.g. a second-order sampler's extra point)."""
+    tol = 1e-4 * max(1.0, abs(sigmas[0]))
+    for k, s in enumerate(sigmas[:-1]):
+        if abs(s - sigma) <= tol:
+            return k
+    return None
+
+
+class _Run:
+    """One sampling run: its schedule, controller, per-row state and statistics."""
+
+    def __init__(self, engine: "XSlim", sigmas: list[float], shape_key):
+        self.sigmas = sigmas
+        self.shape_key = shape_key
+        self.rows: dict = {}
+        self.max_step = -1
+        cfg = engine.config
+        layers = len(engine.layers)
+        self.schedule = None
+        if engine.recording or cfg.mode == "off":
+            self.controller = FullController(record=engine.recording)
+        elif cfg.mode == "schedule":
+            self.schedule = build_schedule(engine.profile, sigmas, cfg, engine.stacks)
+            self.controller = ScheduleController(self.schedule, layers)
+        else:
+            self.controller = OnlineController(cfg, sigmas, layers)
+        self.stats = RunStats(num_blocks=len(engine.blocks), num_steps=len(sigmas) - 1)
+        # Block thresholds: the schedule's, the configured value, the profile's medians, or (online, with
+        # neither) the medians of the block changes seen at the previous scoring step.
+        self.adaptive_blocks = False
+        if self.schedule is not None:
+            self.block_thresholds = self.schedule.block_thresholds
+        elif cfg.block_threshold is not None or engine.recording:
+            self.block_thresholds = {name: cfg.block_threshold or 0.0 for name, _ in engine.stacks}
+        elif engine.profile is not None:
+            self.block_thresholds = block_thresholds(engine.profile, cfg, engine.stacks)
+        else:
+            self.block_thresholds = {name: 0.0 for name, _ in engine.stacks}
+            self.adaptive_blocks = True
+        self.profile_steps: dict[int, list] = {}  # step -> [sum step change, sum block changes, count]
+        self.keeps_state = engine.recording or cfg.mode != "off"  # "off" only counts
+
+    def row(self, key) -> RowState:
+        return self.rows.setdefault(key, RowState())
+
+
+class _CallContext:
+    """Carries out one plan for a group of rows during one model call."""
+
+    def __init__(self, engine: "XSlim", run: _Run, keys: list, plan: StepPlan, step: int, sigma: float):
+        self.engine, self.run, self.keys, self.plan, self.step, self.sigma = engine, run, keys, plan, step, sigma
+        self.rows = [run.row(k) for k in keys]
+        self.store = engine.store
+        self.I = self.O = self.idx = None
+        self.n_img = 0
+        self.txt_len = 0
+        self.layer = None  # (key, layout) of the attention module running now
+        self.layers_seen: set = set()
+        self.selectors = [engine.block_selector() for _ in keys] if plan.record_blocks else None
+        self.new_residuals = [dict() for _ in keys]
+        self.new_kv = [dict() for _ in keys]
+        self.block_change: list[float] = []
+
+    # -- rows <-> batch ------------------------------------------------------------------------------------
+    def _batch(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return torch.cat([TensorStore.get(getattr(r, name), like) for r in self.rows], dim=0)
+
+    def execute(self, forward, args, kwargs):
+        plan = self.plan
+        needs_attention = plan.kind is StepKind.TOKEN or plan.capture_kv
+        self.engine._call = self
+        try:
+            with intercept_sdpa(self.attend) if needs_attention else contextlib.nullcontext():
+                out = forward(*args, **kwargs)
+        finally:
+            self.engine._call = None
+        if plan.kind is StepKind.TOKEN and len(self.layers_seen) != len(self.engine.layers):
+            raise RuntimeError(
+                "X-Slim: token refresh could not reach the attention kernel of every layer "
+                f"({len(self.layers_seen)}/{len(self.engine.layers)}); this attention backend is not supported. "
+                "Disable the token level (levels without 'token')."
+            )
+        self.finish()
+        return out
+
+    # -- blocks ------------------------------------------------------------------------------------------
+    def run_block(self, spec, forward, args, kwargs):
+        call = BoundBlock(spec, args, kwargs)
+        kind, plan = self.plan.kind, self.plan
+        first, last = spec.index == 0, spec.index == len(self.engine.blocks) - 1
+        img, txt = call.img, call.txt
+        if first:
+            self.I, self.n_img = img, img.shape[1]
+            if kind is StepKind.TOKEN:
+                self.idx = select_tokens(self._batch("delta_last", img), self._batch("delta_prev", img), self.engine.config.token_ratio)
+                img = call.img = gather_tokens(img, self.idx)
+
+        if kind is StepKind.SKIP:
+            out_img = _add(img, self._batch("delta_last", img)) if first else img
+            out_txt = txt
+        elif kind is StepKind.BLOCK and spec.index in plan.skip_blocks:
+            out_img, out_txt = self._reuse_block(spec.index, img, txt)
+        else:
+            out_img, out_txt = self._compute_block(spec, call, forward, img, txt)
+
+        if last:
+            if kind is StepKind.TOKEN:
+                out_img = scatter_tokens(self._batch("last_out", out_img), self.idx, out_img)
+            self.O = out_img
+        return call.pack(out_img, out_txt)
+
+    def _reuse_block(self, index: int, img, txt):
+        parts = [row.block_residuals[index] for row in self.rows]
+        out_img = _add(img, torch.cat([TensorStore.get(p[0], img) for p in parts]))
+        if txt is None or parts[0][1] is None:
+            return out_img, txt
+        return out_img, _add(txt, torch.cat([TensorStore.get(p[1], txt) for p in parts]))
+
+    def _compute_block(self, spec, call: BoundBlock, forward, img, txt):
+        plan, stats = self.plan, self.run.stats
+        if plan.kind is StepKind.TOKEN:
+            self.engine.adapter.gather_positions(call, self.idx, self.n_img)
+        recording = plan.record_blocks
+        if recording:  # blocks may update their inputs in place; keep what went in
+            img, txt = img.clone(), (None if txt is None else txt.clone())
+        self.txt_len = 0 if txt is None else txt.shape[1]
+        out_img, out_txt = call.call(forward)
+        fraction = img.shape[1] / self.n_img if plan.kind is StepKind.TOKEN else 1.0
+        stats.block_evals += len(self.rows) * fraction
+        stats.block_calls += 1
+        if recording:
+            change = (out_img.float() - img.float()).abs().mean(dim=(1, 2)).tolist()
+            self.block_change.append(sum(change) / len(change))
+            for j, e in enumerate(change):
+                if self.selectors[j].skip(spec.index, e):
+                    txt_res = None if txt is None or out_txt is None else self.store.put(out_txt[j : j + 1] - txt[j : j + 1])
+                    self.new_residuals[j][spec.index] = (self.store.put(out_img[j : j + 1] - img[j : j + 1]), txt_res)
+        return out_img, out_txt
+
+    # -- attention ---------------------------------------------------------------------------------------
+    def attend(self, sdpa, q, k, v, attn_mask=None, *args, **kwargs):
+        """Attention kernel hook: keep image K/V (capture) or attend a token subset to full-length K/V."""
+        layer = self.layer
+        if layer is None or layer[0] in self.layers_seen or k.ndim != 4:
+            return sdpa(q, k, v, attn_mask, *args, **kwargs)
+        key, layout = layer
+        self.layers_seen.add(key)
+        txt_len = self.txt_len
+        k_txt, k_img = split_sequence(k, layout, txt_len, dim=2)
+        v_txt, v_img = split_sequence(v, layout, txt_len, dim=2)
+        if self.plan.kind is StepKind.TOKEN:
+            index = self.idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            k_img = torch.cat([TensorStore.get(r.kv[key][0], k) for r in self.rows]).scatter(2, index, k_img)
+            v_img = torch.cat([TensorStore.get(r.kv[key][1], v) for r in self.rows]).scatter(2, index, v_img)
+            k, v = join_sequence(k_txt, k_img, layout, 2), join_sequence(v_txt, v_img, layout, 2)
+            attn_mask = widen_mask(attn_mask, layout, txt_len, self.n_img)
+        if self.plan.capture_kv or self.plan.kind is StepKind.TOKEN:
+            for j in range(len(self.rows)):
+                self.new_kv[j][key] = (self.store.put(k_img[j : j + 1]), self.store.put(v_img[j : j + 1]))
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
+    # -- after the call ----------------------------------------------------------------------------------
+    def finish(self) -> None:
+        if self.I is None or self.O is None:
+            return
+        plan, kind, run = self.plan, self.plan.kind, self.run
+        n_computed = self.idx.shape[1] if kind is StepKind.TOKEN else (0 if kind is StepKind.SKIP else self.n_img)
+        for j, (key, row) in enumerate(zip(self.keys, self.rows)):
+            run.stats.record(key, self.step, kind)
+            run.stats.tokens_computed += n_computed
+            run.stats.tokens_total += self.n_img
+            if not run.keeps_state:
+                continue
+            out = self.O[j : j + 1]
+            if kind is not StepKind.SKIP:
+                delta = out - self.I[j : j + 1]
+                if row.delta_last is not None:
+                    last = TensorStore.get(row.delta_last, delta).float()
+                    rel = ((delta.float() - last).abs().sum() / last.abs().sum().clamp_min(1e-12)).item()
+                    row.rate = rel / max(abs(row.sigma_last - self.sigma), 1e-8)
+                row.delta_prev, row.sigma_prev = row.delta_last, row.sigma_last
+                row.delta_last, row.sigma_last = self.store.put(delta), self.sigma
+                row.skips_in_row = 0
+            else:
+                row.skips_in_row += 1
+            if kind in (StepKind.BLOCK, StepKind.TOKEN):
+                row.refreshes_in_row += 1
+                row.last_partial = kind
+            elif kind is StepKind.FULL:
+                row.refreshes_in_row, row.last_partial = 0, None
+                row.block_residuals = self.new_residuals[j] if plan.record_blocks else {}
+                row.skip_blocks = frozenset(self.new_residuals[j]) if plan.record_blocks else None
+                if not plan.capture_kv:
+                    row.kv = {}
+            if plan.capture_kv or kind is StepKind.TOKEN:
+                row.kv.update(self.new_kv[j])
+            row.last_out = self.store.put(out)
+        if self.engine.recording:
+            self._record_profile_step()
+        if plan.record_blocks and run.adaptive_blocks and self.block_change:
+            start = 0
+            for name, count in self.engine.stacks:
+                run.block_thresholds[name] = float(torch.tensor(self.block_change[start : start + count]).median())
+                start += count
+        run.stats.cache_bytes = sum(r.nbytes() for r in run.rows.values())
+        run.stats.cache_bytes_peak = max(run.stats.cache_bytes_peak, run.stats.cache_bytes)
+
+    def _record_profile_step(self) -> None:
+        change = [
+            (r.delta_last.float() - r.delta_prev.float()).abs().mean().item() if r.delta_prev is not None else 0.0
+            for r in self.rows
+        ]
+        entry = self.run.profile_steps.setdefault(self.step, [0.0, [0.0] * len(self.block_change), 0])
+        w = len(self.rows)
+        entry[0] += sum(change)
+        entry[1] = [a + b * w for a, b in zip(entry[1], self.block_change)]
+        entry[2] += w
+
+
+class XSlim:
+    """X-Slim caching on one diffusers DiT (SD3/SD3.5, FLUX, HunyuanVideo, DiT).
+
+    >>> cache = XSlim(transformer, XSlimConfig(mode="schedule"), profile)   # installs hooks
+    >>> with cache.run(sigmas):                                              # one sampling run
+    ...     latents = sample(transformer, ...)
+    >>> print(cache.stats.summary()); cache.remove()
+
+    ``sigmas`` may also be given once as a list or a callable (e.g. ``lambda: pipe.scheduler.sigmas``); a run
+    then starts by itself at the first step and restarts when the step index goes back, the step count or
+    the latent shape changes.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: XSlimConfig | None = None,
+        profile: Profile | None = None,
+        *,
+        sigmas: Iterable[float] | Callable[[], Iterable[float]] | None = None,
+        adapter: Adapter | None = None,
+        record_profile: bool = False,
+    ):
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.config = config or XSlimConfig()
+        self.recording = record_profile
+        self.blocks = self.adapter.blocks(model)
+        self.stacks = self.adapter.stack_sizes(model)
+        self.layers = [(spec.index, j) for spec in self.blocks for j in range(len(spec.attention))]
+        if profile is not None:
+            if profile.family != self.adapter.family:
+                raise ValueError(
+                    f"X-Slim: this profile/preset is for {profile.family!r} models, but the model is "
+                    f"{self.adapter.display_name} ({self.adapter.family!r}). Record a profile on this model."
+                )
+            if [tuple(s) for s in profile.stacks] != self.stacks:
+                raise ValueError(
+                    f"X-Slim: the profile was recorded on blocks {profile.stacks}, this model has {self.stacks}."
+                )
+        elif self.config.mode == "schedule" and self.config.pattern is None and not record_profile:
+            raise ValueError(
+                "X-Slim: schedule mode needs a profile of one uncached run (xslim_core.record_profile) or a "
+                "fixed pattern; or use mode='online', which needs neither."
+            )
+        self.profile = profile
+        self.store = TensorStore(self.config)
+        self._sigmas_source = sigmas
+        self._run: _Run | None = None
+        self._call: _CallContext | None = None
+        self._last_stats = RunStats()
+        self._last_profile: Profile | None = None
+        self._warned: set = set()
+        self._undo: list[Callable[[], None]] = []
+        self._install()
+
+    # -- public ------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> RunStats:
+        return self._run.stats if self._run is not None else self._last_stats
+
+    @property
+    def schedule(self):
+        return self._run.schedule if self._run is not None else None
+
+    @property
+    def recorded_profile(self) -> Profile:
+        self.end_run()
+        if self._last_profile is None:
+            raise RuntimeError("X-Slim: no complete profiled run yet.")
+        return self._last_profile
+
+    @contextlib.contextmanager
+    def run(self, sigmas: Iterable[float]):
+        """One sampling run over ``sigmas`` (T+1 values); its state is freed at the end."""
+        self.end_run()
+        previous, self._sigmas_source = self._sigmas_source, [float(s) for s in sigmas]
+        try:
+            yield self
+        finally:
+            self.end_run()
+            self._sigmas_source = previous
+
+    def end_run(self) -> None:
+        if self._run is None:
+            return
+        self._last_stats = self._run.stats
+        if self.recording:
+            self._last_profile = self._build_profile(self._run) or self._last_profile
+        self._run = None
+
+    def remove(self) -> None:
+        """Take every hook off the model; it is then exactly the model it was."""
+        self.end_run()
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def block_selector(self) -> BlockSelector:
+        return BlockSelector(self.stacks, self._run.block_thresholds, self.config.protected_blocks)
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        self._wrap(self.model, self._model_forward)
+        for spec in self.blocks:
+            self._wrap(spec.module, functools.partial(self._block_forward, spec))
+            for j, (module, layout) in enumerate(spec.attention):
+                key = (spec.index, j)
+                pre = module.register_forward_pre_hook(functools.partial(self._enter_attention, (key, layout)))
+                post = module.register_forward_hook(self._leave_attention)
+                self._undo += [pre.remove, post.remove]
+
+    def _wrap(self, module: torch.nn.Module, handler) -> None:
+        original = module.forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return handler(original, *args, **kwargs)
+
+        module.forward = forward
+        self._undo.append(lambda: module.__dict__.pop("forward", None))
+
+    def _enter_attention(self, layer, module, args):
+        if self._call is not None:
+            self._call.layer = layer
+
+    def _leave_attention(self, module, args, output):
+        if self._call is not None:
+            self._call.layer = None
+
+    def _block_forward(self, spec, forward, *args, **kwargs):
+        if self._call is None:
+            return forward(*args, **kwargs)
+        return self._call.run_block(spec, forward, args, kwargs)
+
+    def _model_forward(self, forward, *args, **kwargs):
+        if self._call is not None:
+            return forward(*args, **kwargs)
+        call = ModelCall(self.adapter, forward, args, kwargs)
+        reason = self.adapter.unsupported(call)
+        if reason:
+            self._warn_once(f"X-Slim: this call runs uncached ({reason}).")
+            return forward(*args, **kwargs)
+        located = self._locate(call)
+        if located is None:
+            return forward(*args, **kwargs)
+        run, step = located
+        run.max_step = max(run.max_step, step)
+        keys = list(range(call.batch))
+        plans = [run.controller.plan(run.row(k), step) for k in keys]
+        groups = self._group(plans)
+        outputs = []
+        for rows, plan in groups:
+            args_g, kwargs_g = call.args_for(rows)
+            ctx = _CallContext(self, run, [keys[r] for r in rows], plan, step, call.sigma)
+            outputs.append(ctx.execute(forward, args_g, kwargs_g))
+        if len(groups) == 1:
+            return outputs[0]
+        return ModelCall.merge(outputs, [rows for rows, _ in groups])
+
+    def _group(self, plans: list[StepPlan]) -> list[tuple[list[int], StepPlan]]:
+        """Rows with the same plan share one call; RoPE models run token subsets one row at a time."""
+        groups: dict = {}
+        for r, p in enumerate(plans):
+            own = p.kind is StepKind.TOKEN and self.adapter.per_row_positions
+            key = (p.kind, p.skip_blocks, p.record_blocks, p.capture_kv, r if own else None)
+            groups.setdefault(key, ([], p))[0].append(r)
+        return list(groups.values())
+
+    # -- runs --------------------------------------------------------------------------------------------
+    def _current_sigmas(self) -> list[float] | None:
+        source = self._sigmas_source
+        if source is None:
+            return None
+        values = source() if callable(source) else source
+        return [float(s) for s in values]
+
+    def _locate(self, call: ModelCall) -> tuple[_Run, int] | None:
+        sigma = call.sigma
+        run = self._run
+        if run is not None and run.shape_key == call.shape_key:
+            step = locate_step(run.sigmas, sigma)
+            if step is not None and step >= run.max_step:
+                return run, step
+        sigmas = self._current_sigmas()
+        if sigmas is None:
+            if self.config.mode == "off" and not self.recording:
+                return None
+            raise RuntimeError(
+                "X-Slim: the sampling schedule is unknown. Wrap sampling in `with cache.run(sigmas):` or pass "
+                "sigmas=... (a list, or a callable such as lambda: pipe.scheduler.sigmas) when creating XSlim."
+            )
+        step = locate_step(sigmas, sigma)
+        if step is None:
+            return None  # not a step of this schedule (e.g. a second-order sampler's midpoint): run uncached
+        self.end_run()
+        self._run = _Run(self, sigmas, call.shape_key)
+        return self._run, step
+
+    def _build_profile(self, run: _Run) -> Profile | None:
+        steps = run.profile_steps
+        if len(steps) != len(run.sigmas) - 1:
+            return None
+        ordered = [steps[k] for k in range(len(steps))]
+        return Profile(
+            family=self.adapter.family,
+            sigmas=run.sigmas,
+            step_change=[s[0] / s[2] for s in ordered],
+            block_change=[[b / s[2] for b in s[1]] for s in ordered],
+            stacks=self.stacks,
+            meta={"model": type(self.model).__name__},
+        )
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
+
+
+def record_profile(model: torch.nn.Module, sample: Callable[[], object], sigmas: Iterable[float], **kwargs) -> Profile:
+    """Run ``sample()`` (one uncached sampling run over ``sigmas``) and return its X-Slim profile."""
+    with XSlim(model, XSlimConfig(mode="off"), record_profile=True, **kwargs) as cache:
+        with cache.run(sigmas):
+            sample()
+        return cache.recorded_profile
+
+
+def run_cached(model: torch.nn.Module, config: XSlimConfig, profile: Profile | None, sigmas, sample: Callable[[], object]):
+    """Install X-Slim, run ``sample()`` once over ``sigmas``, take the hooks off; returns (output, stats)."""
+    with XSlim(model, config, profile) as cache:
+        with cache.run(sigmas):
+            out = sample()
+        return out, cache.stats

@@ -1,0 +1,211 @@
+"""Schedule building (X-Slim "push-then-polish") as small pure functions over a profile.
+
+The coarse pass decides which steps are computed (the push); the fine pass downgrades computed steps in the
+stable middle of the U-shaped change curve to block/token refreshes (the polish). Everything is expressed
+over sigma, so a profile recorded at 50 steps serves 20 or 100 steps too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import StepKind, XSlimConfig
+from .profile import Profile
+
+
+def resample_change(profile: Profile, sigmas: list[float]) -> list[float]:
+    """Step-change curve of ``profile`` mapped onto another sigma grid.
+
+    The profiled change per unit of sigma is interpolated at the new steps' midpoints and scaled by the new
+    sigma spacing, so on the profile's own grid the curve comes back unchanged.
+    """
+    ps = np.asarray(profile.sigmas, dtype=np.float64)
+    v = np.asarray(profile.step_change, dtype=np.float64)
+    width = np.abs(ps[:-2] - ps[1:-1])  # sigma distance behind steps 1..T-1
+    density = v[1:] / np.maximum(width, 1e-12)
+    mids = (ps[:-2] + ps[1:-1]) / 2
+    order = np.argsort(mids)
+    s = np.asarray(sigmas, dtype=np.float64)
+    new_mids = (s[:-2] + s[1:-1]) / 2
+    new_density = np.interp(new_mids, mids[order], density[order])
+    return [0.0] + (new_density * np.abs(s[:-2] - s[1:-1])).tolist()
+
+
+def eligible_steps(sigmas: list[float], config: XSlimConfig) -> list[bool]:
+    """Steps where caching may act: not among the forced full head/tail, inside [start, end] percent."""
+    n = len(sigmas) - 1
+    top = max(sigmas[0], 1e-12)
+    out = []
+    for k in range(n):
+        progress = 1.0 - sigmas[k] / top
+        forced = k < config.first_full_steps or k >= n - config.last_full_steps
+        out.append(not forced and config.start_percent <= progress <= config.end_percent)
+    return out
+
+
+def coarse_pass(change: list[float], eligible: list[bool], threshold: float) -> list[bool]:
+    """Which steps are computed: accumulate the change of eligible steps, compute once it reaches ``threshold``."""
+    computed, acc = [], 0.0
+    for v, ok in zip(change, eligible):
+        if not ok:
+            computed.append(True)
+            acc = 0.0
+            continue
+        acc += v
+        if acc < threshold:
+            computed.append(False)
+        else:
+            computed.append(True)
+            acc = 0.0
+    return computed
+
+
+def fine_pass(change: list[float], computed: list[bool], eligible: list[bool], partial_kinds: list[StepKind]) -> list[StepKind]:
+    """Downgrade computed steps in the stable span to partial refreshes; every third candidate stays full."""
+    kinds = [StepKind.FULL if c else StepKind.SKIP for c in computed]
+    idx = [k for k, ok in enumerate(eligible) if ok]
+    if not partial_kinds or not idx:
+        return kinds
+    med = float(np.median([change[k] for k in idx]))
+    below = [k for k in idx if change[k] <= med]
+    above = [k for k in idx if change[k] > med]
+    if not below:
+        return kinds
+    start, stop = below[0], (above[-1] if above and above[-1] > below[0] else idx[-1] + 1)
+    candidates = [k for k in idx if start <= k < stop and computed[k] and change[k] <= med]
+    cycle = [None, partial_kinds[0], partial_kinds[-1]]  # k mod 3: full, first partial, second partial
+    for j, k in enumerate(candidates):
+        kind = cycle[j % 3]
+        if kind is not None:
+            kinds[k] = kind
+    return kinds
+
+
+class BlockSelector:
+    """The cumulative block rule: sum the per-block change since the last refreshed block; refresh once the sum
+    passes the stack's threshold. The first ``protected`` blocks of every stack always run and reset the sum."""
+
+    def __init__(self, stacks: list[tuple[str, int]], thresholds: dict[str, float], protected: int):
+        self.local = [(name, i) for name, count in stacks for i in range(count)]
+        self.thresholds = thresholds
+        self.protected = protected
+        self.acc = 0.0
+
+    def skip(self, block: int, change: float) -> bool:
+        stack, local_index = self.local[block]
+        if local_index < self.protected:
+            self.acc = 0.0
+            return False
+        self.acc += change
+        if self.acc > self.thresholds[stack]:
+            self.acc = 0.0
+            return False
+        return True
+
+
+def select_blocks(changes: list[float], stacks, thresholds, protected: int) -> frozenset:
+    selector = BlockSelector(stacks, thresholds, protected)
+    return frozenset(i for i, e in enumerate(changes) if selector.skip(i, e))
+
+
+def block_thresholds(profile: Profile | None, config: XSlimConfig, stacks) -> dict[str, float]:
+    """Per-stack block threshold: the configured value, or the median of the step-averaged block profile."""
+    if config.block_threshold is not None:
+        return {name: config.block_threshold for name, _ in stacks}
+    if profile is None:
+        raise ValueError("X-Slim: block refresh needs a block_threshold or a profile to derive one from.")
+    mean_per_block = np.mean(np.asarray(profile.block_change[1:] or profile.block_change), axis=0)
+    out, start = {}, 0
+    for name, count in profile.stacks:
+        out[name] = float(np.median(mean_per_block[start : start + count]))
+        start += count
+    return out
+
+
+@dataclass
+class Schedule:
+    """A resolved per-step plan for one run."""
+
+    sigmas: list[float]
+    kinds: list[StepKind]
+    block_thresholds: dict[str, float]
+    predicted_block_evals: float  # per sample, in block units (a full step = number of blocks)
+    num_blocks: int
+
+    @property
+    def pattern(self) -> str:
+        return "".join(k.value for k in self.kinds)
+
+    @property
+    def predicted_nfe(self) -> float:
+        return self.predicted_block_evals / self.num_blocks
+
+    def record_blocks_at(self, step: int) -> bool:
+        """True at a full step followed by a block refresh: it scores blocks and keeps their residuals."""
+        return self.kinds[step] is StepKind.FULL and self._before_next_full(step, StepKind.BLOCK)
+
+    def capture_kv_at(self, step: int) -> bool:
+        """True at full/block steps followed by a token refresh: they keep every layer's image K/V."""
+        return self.kinds[step] in (StepKind.FULL, StepKind.BLOCK) and self._before_next_full(step, StepKind.TOKEN)
+
+    def _before_next_full(self, step: int, kind: StepKind) -> bool:
+        for k in self.kinds[step + 1 :]:
+            if k is kind:
+                return True
+            if k is StepKind.FULL:
+                return False
+        return False
+
+
+def build_schedule(profile: Profile | None, sigmas: list[float], config: XSlimConfig, stacks) -> Schedule:
+    """The plan for a run over ``sigmas``: the configured pattern, or the coarse and fine passes over the
+    profile (which may have been recorded on another sigma grid)."""
+    sigmas = [float(s) for s in sigmas]
+    n = len(sigmas) - 1
+    if n < 1:
+        raise ValueError("X-Slim: a run needs at least one step (two sigmas).")
+    num_blocks = sum(c for _, c in stacks)
+    if config.mode == "off":
+        kinds = [StepKind.FULL] * n
+    elif config.pattern is not None:
+        if len(config.pattern) != n:
+            raise ValueError(f"X-Slim: the pattern has {len(config.pattern)} steps but this run has {n}.")
+        kinds = [StepKind(c) for c in config.pattern]
+    else:
+        if profile is None:
+            raise ValueError("X-Slim: schedule mode needs a profile or a pattern.")
+        change = resample_change(profile, sigmas)
+        eligible = eligible_steps(sigmas, config)
+        if "step" in config.levels:
+            profile_mean = float(np.mean(profile.step_change[1:])) if profile.num_steps > 1 else 0.0
+            computed = coarse_pass(change, eligible, config.warn * profile_mean)
+        else:
+            computed = [True] * n
+        partial = [k for lvl, k in (("block", StepKind.BLOCK), ("token", StepKind.TOKEN)) if lvl in config.levels]
+        kinds = fine_pass(change, computed, eligible, partial)
+    needs_blocks = StepKind.BLOCK in kinds
+    thresholds = block_thresholds(profile, config, stacks) if needs_blocks else {name: 0.0 for name, _ in stacks}
+    schedule = Schedule(sigmas, kinds, thresholds, 0.0, num_blocks)
+    schedule.predicted_block_evals = _predict_cost(schedule, profile, config)
+    return schedule
+
+
+def _predict_cost(schedule: Schedule, profile: Profile, config: XSlimConfig) -> float:
+    """Block evaluations the schedule should cost per sample, with block refreshes predicted from the profile."""
+    total, skipped = 0.0, frozenset()
+    psig = np.asarray(profile.sigmas[:-1]) if profile is not None else None
+    for k, kind in enumerate(schedule.kinds):
+        if kind is StepKind.FULL:
+            total += schedule.num_blocks
+            if schedule.record_blocks_at(k) and profile is not None:
+                nearest = int(np.argmin(np.abs(psig - schedule.sigmas[k])))
+                skipped = select_blocks(
+                    profile.block_change[nearest], profile.stacks, schedule.block_thresholds, config.protected_blocks
+                )
+        elif kind is StepKind.BLOCK:
+            total += schedule.num_blocks - len(skipped)
+        elif kind is StepKind.TOKEN:
+            total += schedule.num_blocks * config.token_ratio
+    return total

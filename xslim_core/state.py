@@ -1,0 +1,110 @@
+"""Cache state. It lives per sampling run and per batch row (one row = one sample of one CFG branch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import StepKind, XSlimConfig
+
+
+class TensorStore:
+    """Moves cache tensors to the configured precision/device and back."""
+
+    def __init__(self, config: XSlimConfig):
+        self.dtype = config.cache_dtype
+        self.device = torch.device(config.cache_device) if config.cache_device else None
+
+    def put(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        # A copy, so a cached row never keeps the whole batch tensor it was sliced from alive.
+        return t.detach().to(device=self.device or t.device, dtype=self.dtype or t.dtype, copy=True)
+
+    @staticmethod
+    def get(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        return None if t is None else t.to(device=like.device, dtype=like.dtype)
+
+
+@dataclass
+class RowState:
+    """Everything X-Slim remembers about one batch row between steps."""
+
+    delta_last: torch.Tensor | None = None  # O - I of the last computed step (image tokens, [1, N, D])
+    delta_prev: torch.Tensor | None = None  # the same, one computed step earlier
+    sigma_last: float | None = None
+    sigma_prev: float | None = None
+    last_out: torch.Tensor | None = None  # O of the latest step of any kind
+    block_residuals: dict = field(default_factory=dict)  # block index -> (image residual, text residual | None)
+    skip_blocks: frozenset | None = None  # blocks chosen for reuse at the last full step (None: not scored)
+    rate: float | None = None  # relative L1 change of the step residual per unit sigma (online controller)
+    last_partial: StepKind | None = None
+    kv: dict = field(default_factory=dict)  # attention layer -> (K, V) of image tokens, [1, H, N, Dh]
+    skips_in_row: int = 0
+    refreshes_in_row: int = 0
+
+    def nbytes(self) -> int:
+        tensors = [self.delta_last, self.delta_prev, self.last_out]
+        for img, txt in self.block_residuals.values():
+            tensors += [img, txt]
+        for k, v in self.kv.values():
+            tensors += [k, v]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class RunStats:
+    """Per-run accounting. Block evaluations are counted per row and weighted by the fraction of image tokens
+    computed, so a full step of one sample costs ``num_blocks`` and effective NFE = evaluations / blocks / rows."""
+
+    num_blocks: int = 0
+    num_steps: int = 0
+    decisions: dict = field(default_factory=dict)  # row -> {step: StepKind}
+    block_evals: float = 0.0
+    block_calls: int = 0  # block forwards actually executed (each over a batch of rows)
+    tokens_computed: int = 0
+    tokens_total: int = 0
+    cache_bytes: int = 0
+    cache_bytes_peak: int = 0
+
+    def record(self, row, step: int, kind: StepKind) -> None:
+        self.decisions.setdefault(row, {})[step] = kind
+
+    @property
+    def num_rows(self) -> int:
+        return max(1, len(self.decisions))
+
+    @property
+    def effective_nfe(self) -> float:
+        return self.block_evals / max(1, self.num_blocks) / self.num_rows
+
+    def pattern(self, row=None) -> str:
+        """The decision map of one row as letters (F full, B block, T token, . skipped)."""
+        row = next(iter(self.decisions), None) if row is None else row
+        steps = self.decisions.get(row, {})
+        return "".join(steps[k].value if k in steps else "?" for k in range(self.num_steps))
+
+    def counts(self, row=None) -> dict[StepKind, int]:
+        p = self.pattern(row)
+        return {kind: p.count(kind.value) for kind in StepKind}
+
+    def summary(self) -> str:
+        c = self.counts()
+        return (
+            f"X-Slim: {c[StepKind.FULL]}/{self.num_steps} full, {c[StepKind.BLOCK]} block, "
+            f"{c[StepKind.TOKEN]} token, {c[StepKind.SKIP]} skipped - effective NFE {self.effective_nfe:.1f}"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.num_steps,
+            "blocks_per_pass": self.num_blocks,
+            "patterns": {str(r): self.pattern(r) for r in self.decisions},
+            "block_evals": round(self.block_evals, 3),
+            "block_calls": self.block_calls,
+            "effective_nfe": round(self.effective_nfe, 3),
+            "tokens_computed": self.tokens_computed,
+            "tokens_total": self.tokens_total,
+            "cache_bytes_peak": self.cache_bytes_peak,
+        }
