@@ -9,6 +9,7 @@ import torch
 from families import BUILDERS
 from xslim_core import StepKind, XSlim, XSlimConfig, record_profile
 from xslim_core.sampling import flow_sigmas, sample_euler
+from xslim_core.timing import BlockExecutions
 
 STEPS = 20
 SIGMAS = flow_sigmas(STEPS, shift=3.0)
@@ -33,31 +34,14 @@ def profile_of(fam, prompts=(1,)):
     return record_profile(fam.model, lambda: sample(fam, x, list(prompts)), SIGMAS)
 
 
-class BlockCounter:
-    """Counts real executions of each block's first attention module (independent of the engine's books)."""
-
-    def __init__(self, cache: XSlim):
-        self.rows = 0
-        self.handles = [
-            spec.attention[0][0].register_forward_hook(self._hook) for spec in cache.blocks if spec.attention
-        ]
-
-    def _hook(self, module, args, output):
-        self.rows += 1
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 def cached_sample(fam, config, profile, x, prompts, sigmas=SIGMAS):
+    """Cached sampling; also counts block executions independently of the engine's books."""
     with XSlim(fam.model, config, profile) as cache:
-        counter = BlockCounter(cache)
-        with cache.run(sigmas):
-            out = sample(fam, x, prompts, sigmas)
-            schedule = cache.schedule
-        counter.close()
-        return out, cache.stats, schedule, counter.rows
+        with BlockExecutions([spec.attention[0][0] for spec in cache.blocks]) as executed:
+            with cache.run(sigmas):
+                out = sample(fam, x, prompts, sigmas)
+                schedule = cache.schedule
+        return out, cache.stats, schedule, executed.count
 
 
 def test_caching_off_is_bitwise_identical(fam):

@@ -53,12 +53,14 @@ def test_presets_meet_their_compute_targets_on_a_u_shaped_profile_and_transfer_o
     slow = build_schedule(prof, prof.sigmas, preset_config("slow"), stacks)
     fast = build_schedule(prof, prof.sigmas, preset_config("fast"), stacks)
     assert slow.pattern[:4] == "FFFF" and slow.pattern[-1] == "F"
-    assert fast.predicted_nfe < slow.predicted_nfe < 50
-    assert slow.pattern.count(".") >= 20
-    # over sigma, 100 steps compute about as many steps as 50 did (not twice as many)
+    assert 50 / slow.predicted_nfe >= 3.2 and 50 / fast.predicted_nfe >= 4.6  # the presets' compute targets
+    assert 50 / slow.predicted_nfe < 3.6 and 50 / fast.predicted_nfe < 5.2  # ... and not far past them
+    assert {"B", "T"} <= set(slow.pattern)
+    # over sigma, 100 steps compute far fewer than twice the steps 50 did (only the forced head and tail,
+    # which are counted in steps, grow)
     fine_grid = build_schedule(prof, flow_sigmas(100, shift=3.0), preset_config("slow"), stacks)
     computed = lambda s: sum(c != "." for c in s.pattern)
-    assert computed(slow) <= computed(fine_grid) <= 1.25 * computed(slow)
+    assert computed(slow) <= computed(fine_grid) <= 1.5 * computed(slow)
 
 
 def test_profile_round_trips_through_json_and_rejects_bad_files(tmp_path):
@@ -88,6 +90,7 @@ def test_profile_round_trips_through_json_and_rejects_bad_files(tmp_path):
         (dict(block_threshold=-0.1), "block_threshold"),
         (dict(start_percent=0.8, end_percent=0.2), "start_percent < end_percent"),
         (dict(pattern="FFX."), "pattern may only use"),
+        (dict(target_speedup=0.5), "target_speedup must be >= 1"),
     ],
 )
 def test_bad_settings_are_refused_with_a_message_naming_the_problem(kwargs, message):
@@ -162,3 +165,16 @@ def test_core_packages_never_import_comfyui(package):
     code = f"import sys, {package}; bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_steps_are_found_from_timesteps_rounded_to_bfloat16():
+    from xslim_core.engine import locate_step
+
+    sigmas = flow_sigmas(50, shift=3.0)
+    eps = torch.finfo(torch.bfloat16).eps
+    for scale in (1.0, 1000.0):  # FLUX passes sigma, SD3 / HunyuanVideo pass sigma * 1000
+        for k, s in enumerate(sigmas[:-1]):
+            rounded = torch.tensor(s * scale).to(torch.bfloat16).item() / scale
+            assert locate_step(sigmas, rounded, eps) == k
+    midpoint = (sigmas[10] + sigmas[11]) / 2  # a second-order sampler's extra evaluation
+    assert locate_step(sigmas, midpoint, 0.0) is None

@@ -34,13 +34,12 @@ def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
-def locate_step(sigmas: list[float], sigma: float) -> int | None:
-    """Index of ``sigma`` among the run's step sigmas, or None (e.g. a second-order sampler's extra point)."""
-    tol = 1e-4 * max(1.0, abs(sigmas[0]))
-    for k, s in enumerate(sigmas[:-1]):
-        if abs(s - sigma) <= tol:
-            return k
-    return None
+def locate_step(sigmas: list[float], sigma: float, resolution: float = 0.0) -> int | None:
+    """Index of ``sigma`` among the run's step sigmas, or None (e.g. a second-order sampler's extra point).
+    ``resolution`` is the relative precision the timestep arrived in (bf16 pipelines round it to 1/128)."""
+    tol = max(1e-4 * max(1.0, abs(sigmas[0])), resolution * abs(sigma))
+    best = min(range(len(sigmas) - 1), key=lambda k: abs(sigmas[k] - sigma))
+    return best if abs(sigmas[best] - sigma) <= tol else None
 
 
 class _Run:
@@ -76,6 +75,7 @@ class _Run:
             self.adaptive_blocks = True
         self.profile_steps: dict[int, list] = {}  # step -> [sum step change, sum block changes, count]
         self.keeps_state = engine.recording or cfg.mode != "off"  # "off" only counts
+        self.tracks_rate = isinstance(self.controller, OnlineController)
 
     def row(self, key) -> RowState:
         return self.rows.setdefault(key, RowState())
@@ -97,10 +97,11 @@ class _CallContext:
         self.new_residuals = [dict() for _ in keys]
         self.new_kv = [dict() for _ in keys]
         self.block_change: list[float] = []
+        self.positions: dict = {}  # gathered RoPE tables / masks of this call, shared by its blocks
 
     # -- rows <-> batch ------------------------------------------------------------------------------------
     def _batch(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        return torch.cat([TensorStore.get(getattr(r, name), like) for r in self.rows], dim=0)
+        return TensorStore.batch([getattr(r, name) for r in self.rows], like)
 
     def execute(self, forward, args, kwargs):
         plan = self.plan
@@ -122,9 +123,13 @@ class _CallContext:
 
     # -- blocks ------------------------------------------------------------------------------------------
     def run_block(self, spec, forward, args, kwargs):
-        call = BoundBlock(spec, args, kwargs)
         kind, plan = self.plan.kind, self.plan
         first, last = spec.index == 0, spec.index == len(self.engine.blocks) - 1
+        if kind is StepKind.FULL and not (first or last or plan.record_blocks):
+            self.run.stats.block_evals += len(self.rows)
+            self.run.stats.block_calls += 1
+            return forward(*args, **kwargs)  # nothing to observe in the middle of a plain full step
+        call = BoundBlock(spec, args, kwargs)
         img, txt = call.img, call.txt
         if first:
             self.I, self.n_img = img, img.shape[1]
@@ -148,15 +153,15 @@ class _CallContext:
 
     def _reuse_block(self, index: int, img, txt):
         parts = [row.block_residuals[index] for row in self.rows]
-        out_img = _add(img, torch.cat([TensorStore.get(p[0], img) for p in parts]))
+        out_img = _add(img, TensorStore.batch([p[0] for p in parts], img))
         if txt is None or parts[0][1] is None:
             return out_img, txt
-        return out_img, _add(txt, torch.cat([TensorStore.get(p[1], txt) for p in parts]))
+        return out_img, _add(txt, TensorStore.batch([p[1] for p in parts], txt))
 
     def _compute_block(self, spec, call: BoundBlock, forward, img, txt):
         plan, stats = self.plan, self.run.stats
         if plan.kind is StepKind.TOKEN:
-            self.engine.adapter.gather_positions(call, self.idx, self.n_img)
+            self.engine.adapter.gather_positions(call, self.idx, self.n_img, self.positions)
         recording = plan.record_blocks
         if recording:  # blocks may update their inputs in place; keep what went in
             img, txt = img.clone(), (None if txt is None else txt.clone())
@@ -187,13 +192,13 @@ class _CallContext:
         v_txt, v_img = split_sequence(v, layout, txt_len, dim=2)
         if self.plan.kind is StepKind.TOKEN:
             index = self.idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            k_img = torch.cat([TensorStore.get(r.kv[key][0], k) for r in self.rows]).scatter(2, index, k_img)
-            v_img = torch.cat([TensorStore.get(r.kv[key][1], v) for r in self.rows]).scatter(2, index, v_img)
+            k_img = TensorStore.batch([r.kv[key][0] for r in self.rows], k).scatter(2, index, k_img)
+            v_img = TensorStore.batch([r.kv[key][1] for r in self.rows], v).scatter(2, index, v_img)
             k, v = join_sequence(k_txt, k_img, layout, 2), join_sequence(v_txt, v_img, layout, 2)
             attn_mask = widen_mask(attn_mask, layout, txt_len, self.n_img)
         if self.plan.capture_kv or self.plan.kind is StepKind.TOKEN:
             for j in range(len(self.rows)):
-                self.new_kv[j][key] = (self.store.put(k_img[j : j + 1]), self.store.put(v_img[j : j + 1]))
+                self.new_kv[j][key] = (self.store.put(k_img[j : j + 1], copy=False), self.store.put(v_img[j : j + 1], copy=False))
         return sdpa(q, k, v, attn_mask, *args, **kwargs)
 
     # -- after the call ----------------------------------------------------------------------------------
@@ -211,7 +216,7 @@ class _CallContext:
             out = self.O[j : j + 1]
             if kind is not StepKind.SKIP:
                 delta = out - self.I[j : j + 1]
-                if row.delta_last is not None:
+                if run.tracks_rate and row.delta_last is not None:  # online controller only: one host sync
                     last = TensorStore.get(row.delta_last, delta).float()
                     rel = ((delta.float() - last).abs().sum() / last.abs().sum().clamp_min(1e-12)).item()
                     row.rate = rel / max(abs(row.sigma_last - self.sigma), 1e-8)
@@ -440,7 +445,7 @@ class XSlim:
         sigma = call.sigma
         run = self._run
         if run is not None and run.shape_key == call.shape_key:
-            step = locate_step(run.sigmas, sigma)
+            step = locate_step(run.sigmas, sigma, call.time_resolution)
             if step is not None and step >= run.max_step:
                 return run, step
         sigmas = self._current_sigmas()
@@ -451,7 +456,7 @@ class XSlim:
                 "X-Slim: the sampling schedule is unknown. Wrap sampling in `with cache.run(sigmas):` or pass "
                 "sigmas=... (a list, or a callable such as lambda: pipe.scheduler.sigmas) when creating XSlim."
             )
-        step = locate_step(sigmas, sigma)
+        step = locate_step(sigmas, sigma, call.time_resolution)
         if step is None:
             return None  # not a step of this schedule (e.g. a second-order sampler's midpoint): run uncached
         self.end_run()

@@ -166,7 +166,6 @@ def build_schedule(profile: Profile | None, sigmas: list[float], config: XSlimCo
     n = len(sigmas) - 1
     if n < 1:
         raise ValueError("X-Slim: a run needs at least one step (two sigmas).")
-    num_blocks = sum(c for _, c in stacks)
     if config.mode == "off":
         kinds = [StepKind.FULL] * n
     elif config.pattern is not None:
@@ -176,18 +175,45 @@ def build_schedule(profile: Profile | None, sigmas: list[float], config: XSlimCo
     else:
         if profile is None:
             raise ValueError("X-Slim: schedule mode needs a profile or a pattern.")
-        change = resample_change(profile, sigmas)
-        eligible = eligible_steps(sigmas, config)
-        if "step" in config.levels:
-            profile_mean = float(np.mean(profile.step_change[1:])) if profile.num_steps > 1 else 0.0
-            computed = coarse_pass(change, eligible, config.warn * profile_mean)
-        else:
-            computed = [True] * n
-        partial = [k for lvl, k in (("block", StepKind.BLOCK), ("token", StepKind.TOKEN)) if lvl in config.levels]
-        kinds = fine_pass(change, computed, eligible, partial)
+        kinds = _push_then_polish(profile, sigmas, config, step_threshold(profile, config, stacks))
+    return _resolve(profile, sigmas, config, stacks, kinds)
+
+
+def step_threshold(profile: Profile, config: XSlimConfig, stacks) -> float:
+    """The early-warning line in the profile's units: ``warn`` x the mean step change, or - with
+    ``target_speedup`` - the smallest line at which the schedule on the profile's own grid is that much
+    cheaper than full sampling (found by bisection). Either way it is fixed over sigma, so a run with
+    another step count spaces its computed steps by the same amount of change."""
+    mean = float(np.mean(profile.step_change[1:])) if profile.num_steps > 1 else 0.0
+    if config.target_speedup is None:
+        return config.warn * mean
+    full = profile.num_steps * sum(c for _, c in stacks)
+
+    def speedup(threshold: float) -> float:
+        kinds = _push_then_polish(profile, profile.sigmas, config, threshold)
+        return full / max(_resolve(profile, profile.sigmas, config, stacks, kinds).predicted_block_evals, 1e-9)
+
+    lo, hi = 0.0, max(mean, 1e-12)
+    while speedup(hi) < config.target_speedup and hi < 1e6 * max(mean, 1e-12):
+        hi *= 2.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if speedup(mid) >= config.target_speedup else (mid, hi)
+    return hi
+
+
+def _push_then_polish(profile: Profile, sigmas: list[float], config: XSlimConfig, threshold: float) -> list[StepKind]:
+    change = resample_change(profile, sigmas)
+    eligible = eligible_steps(sigmas, config)
+    computed = coarse_pass(change, eligible, threshold) if "step" in config.levels else [True] * (len(sigmas) - 1)
+    partial = [k for lvl, k in (("block", StepKind.BLOCK), ("token", StepKind.TOKEN)) if lvl in config.levels]
+    return fine_pass(change, computed, eligible, partial)
+
+
+def _resolve(profile, sigmas, config, stacks, kinds: list[StepKind]) -> Schedule:
     needs_blocks = StepKind.BLOCK in kinds
     thresholds = block_thresholds(profile, config, stacks) if needs_blocks else {name: 0.0 for name, _ in stacks}
-    schedule = Schedule(sigmas, kinds, thresholds, 0.0, num_blocks)
+    schedule = Schedule(sigmas, kinds, thresholds, 0.0, sum(c for _, c in stacks))
     schedule.predicted_block_evals = _predict_cost(schedule, profile, config)
     return schedule
 

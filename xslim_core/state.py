@@ -16,15 +16,26 @@ class TensorStore:
         self.dtype = config.cache_dtype
         self.device = torch.device(config.cache_device) if config.cache_device else None
 
-    def put(self, t: torch.Tensor | None) -> torch.Tensor | None:
+    def put(self, t: torch.Tensor | None, copy: bool = True) -> torch.Tensor | None:
+        """``copy=False`` only for tensors nothing writes to later (fresh attention K/V)."""
         if t is None:
             return None
-        # A copy, so a cached row never keeps the whole batch tensor it was sliced from alive.
+        if not copy and self.dtype in (None, t.dtype) and self.device in (None, t.device):
+            return t.detach()
         return t.detach().to(device=self.device or t.device, dtype=self.dtype or t.dtype, copy=True)
 
     @staticmethod
     def get(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-        return None if t is None else t.to(device=like.device, dtype=like.dtype)
+        if t is None or (t.dtype == like.dtype and t.device == like.device):
+            return t
+        return t.to(device=like.device, dtype=like.dtype)
+
+    @staticmethod
+    def batch(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Row tensors as one batch in ``like``'s dtype and device (no copy for a single row)."""
+        if len(tensors) == 1:
+            return TensorStore.get(tensors[0], like)
+        return torch.cat([TensorStore.get(t, like) for t in tensors], dim=0)
 
 
 @dataclass

@@ -31,3 +31,25 @@ def psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
     if mse == 0:
         return float("inf")
     return 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+class BlockExecutions:
+    """Counts block forwards that really ran, by a forward hook on one submodule of each block (its first
+    attention module): independent of any cache's own bookkeeping. Each count covers the whole batch."""
+
+    def __init__(self, probes: list[torch.nn.Module]):
+        self.count = 0
+        self._handles = [m.register_forward_hook(self._hook) for m in probes]
+
+    def _hook(self, module, args, output):
+        self.count += 1
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

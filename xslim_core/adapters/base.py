@@ -81,6 +81,12 @@ class ModelCall:
         return t / self.adapter.time_scale
 
     @property
+    def time_resolution(self) -> float:
+        """Relative precision of the timestep input (its dtype's epsilon), 0 for Python numbers."""
+        t = self.arguments[self.adapter.time_arg]
+        return torch.finfo(t.dtype).eps if torch.is_tensor(t) and t.is_floating_point() else 0.0
+
+    @property
     def shape_key(self) -> tuple:
         txt = self.arguments.get(self.adapter.txt_arg) if self.adapter.txt_arg else None
         return (tuple(self.img.shape), self.img.dtype, None if txt is None else tuple(txt.shape))
@@ -146,8 +152,9 @@ class Adapter:
     def stack_sizes(self, model: nn.Module) -> list[tuple[str, int]]:
         return [(stack, len(getattr(model, attr))) for stack, attr in self.stacks]
 
-    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int) -> None:
-        """Restrict positional inputs (RoPE tables, masks) of a block call to the token subset ``idx``."""
+    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
+        """Restrict positional inputs (RoPE tables, masks) of a block call to the token subset ``idx``.
+        ``memo`` lives for one model call: blocks share their RoPE table, so it is gathered once."""
 
     def unsupported(self, call: ModelCall) -> str | None:
         """A reason this call cannot be cached (it then runs uncached), or None."""

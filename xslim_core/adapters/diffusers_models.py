@@ -37,13 +37,15 @@ class FluxAdapter(Adapter):
     unbatched_inputs = ("img_ids", "txt_ids")
     per_row_positions = True
 
-    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int) -> None:
+    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
         rope = block.arguments.get("image_rotary_emb")
         if rope is None:
             return
-        txt_len = block.txt.shape[1]
-        rows = torch.cat([torch.arange(txt_len, device=idx.device), txt_len + idx[0]])
-        block.arguments["image_rotary_emb"] = tuple(t.index_select(0, rows.to(t.device)) for t in rope)
+        if id(rope) not in memo:
+            txt_len = block.txt.shape[1]
+            rows = torch.cat([torch.arange(txt_len, device=idx.device), txt_len + idx[0]])
+            memo[id(rope)] = (rope, tuple(t.index_select(0, rows.to(t.device)) for t in rope))  # rope kept alive: id stays unique
+        block.arguments["image_rotary_emb"] = memo[id(rope)][1]
 
     def unsupported(self, call: ModelCall) -> str | None:
         if call.arguments.get("controlnet_block_samples") is not None or call.arguments.get(
@@ -64,16 +66,19 @@ class HunyuanVideoAdapter(Adapter):
     attention = {"double": (("attn", IMG_FIRST),), "single": (("attn", IMG_FIRST),)}
     per_row_positions = True
 
-    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int) -> None:
+    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
         for name in ("image_rotary_emb", "freqs_cis"):  # single blocks / double blocks
             rope = block.arguments.get(name)
             if rope is not None:
-                block.arguments[name] = tuple(t.index_select(0, idx[0].to(t.device)) for t in rope)
+                if id(rope) not in memo:
+                    memo[id(rope)] = (rope, tuple(t.index_select(0, idx[0].to(t.device)) for t in rope))
+                block.arguments[name] = memo[id(rope)][1]
         mask = block.arguments.get("attention_mask")
         if mask is not None:  # [B, 1, 1, N_img + N_txt], image first
-            n = idx.shape[1]
-            img_part = torch.ones((*mask.shape[:-1], n), dtype=mask.dtype, device=mask.device)
-            block.arguments["attention_mask"] = torch.cat([img_part, mask[..., n_img:]], dim=-1)
+            if id(mask) not in memo:
+                img_part = torch.ones((*mask.shape[:-1], idx.shape[1]), dtype=mask.dtype, device=mask.device)
+                memo[id(mask)] = (mask, torch.cat([img_part, mask[..., n_img:]], dim=-1))
+            block.arguments["attention_mask"] = memo[id(mask)][1]
 
 
 class DiTAdapter(Adapter):
