@@ -17,8 +17,7 @@ class Family:
     name: str
     model: torch.nn.Module
     latent_shape: tuple  # without batch
-    velocity: Callable  # (model, x, sigma, cond_rows) -> velocity
-    cond_rows: int  # distinct conditioning rows available (0 = uncond, 1.. = prompts)
+    velocity: Callable  # (model, x, sigma, prompt index per row) -> velocity; prompt 0 is unconditional
 
     def velocity_fn(self, prompts: list[int]):
         """Velocity for a batch whose row i uses prompt ``prompts[i]`` (CFG: uncond rows use prompt 0)."""
@@ -53,7 +52,7 @@ def sd3(num_layers: int = 8, dual: bool = False) -> Family:
         return m(hidden_states=x, encoder_hidden_states=ctx[rows], pooled_projections=pooled[rows], timestep=t,
                  return_dict=False)[0]
 
-    return Family("sd3.5" if dual else "sd3", model, (4, 16, 16), velocity, 4)
+    return Family("sd3.5" if dual else "sd3", model, (4, 16, 16), velocity)
 
 
 def flux(num_layers: int = 2, num_single: int = 6) -> Family:
@@ -76,7 +75,7 @@ def flux(num_layers: int = 2, num_single: int = 6) -> Family:
         return m(hidden_states=x, encoder_hidden_states=ctx[rows], pooled_projections=pooled[rows], timestep=t,
                  img_ids=img_ids[: x.shape[1]], txt_ids=txt_ids, return_dict=False)[0]
 
-    return Family("flux", model, (side * side, 16), velocity, 4)
+    return Family("flux", model, (side * side, 16), velocity)
 
 
 def hunyuan_video(num_layers: int = 2, num_single: int = 6) -> Family:
@@ -99,7 +98,7 @@ def hunyuan_video(num_layers: int = 2, num_single: int = 6) -> Family:
                  encoder_attention_mask=mask[rows], pooled_projections=pooled[rows],
                  guidance=torch.full((b,), 3500.0), return_dict=False)[0]
 
-    return Family("hunyuan_video", model, (4, 1, 8, 8), velocity, 4)
+    return Family("hunyuan_video", model, (4, 1, 8, 8), velocity)
 
 
 def dit(num_layers: int = 8) -> Family:
@@ -121,7 +120,7 @@ def dit(num_layers: int = 8) -> Family:
         return m(hidden_states=x, timestep=torch.full((x.shape[0],), sigma * 1000.0), class_labels=labels,
                  return_dict=False)[0]
 
-    return Family("dit", model, (4, 16, 16), velocity, 4)
+    return Family("dit", model, (4, 16, 16), velocity)
 
 
 BUILDERS = {"sd3": sd3, "sd3.5": lambda: sd3(dual=True), "flux": flux, "hunyuan_video": hunyuan_video, "dit": dit}

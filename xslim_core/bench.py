@@ -50,8 +50,8 @@ class TeacherBench:
         self.model = self.teacher.model
         self.steps = steps
         self.sigmas = flow_sigmas(steps)
-        self.num_blocks = len(self.model.transformer_blocks) + len(self.model.single_transformer_blocks)
         self.probes = [b.attn for b in list(self.model.transformer_blocks) + list(self.model.single_transformer_blocks)]
+        self.num_blocks = len(self.probes)
 
     def plain(self, steps: int, noise, labels):
         return sample_euler(self.teacher.velocity_fn(labels), noise, flow_sigmas(steps), cfg_scale=CFG)
