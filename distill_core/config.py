@@ -1,0 +1,57 @@
+"""Run configuration: one JSON file per run (stage, budget, paths) with the stage's own settings nested."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from .stage1 import Stage1Config
+from .stage2 import Stage2Config
+
+
+@dataclass
+class RunConfig:
+    run_dir: str
+    stage: str = "stage1"  # "stage1" or "stage2"
+    teacher: str | None = None  # demo teacher file; None = the shipped one
+    init_student: str | None = None  # stage2: the Stage-I 2-step student file
+    reference: str | None = None  # stage2: the 4-step Stage-I student that makes the reference images
+    iterations: int = 400
+    batch_size: int = 32  # per process
+    seed: int = 0
+    checkpoint_every: int = 50
+    preview_every: int = 100
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    max_minutes: float | None = None  # stop (with a checkpoint) after this long
+    threads: int = 2
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def __post_init__(self):
+        if self.stage not in ("stage1", "stage2"):
+            raise ValueError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
+        if isinstance(self.stage1, dict):
+            self.stage1 = Stage1Config(**self.stage1)
+        if isinstance(self.stage2, dict):
+            s2 = dict(self.stage2)
+            if "disc_blocks" in s2:
+                s2["disc_blocks"] = tuple(s2["disc_blocks"])
+            self.stage2 = Stage2Config(**s2)
+        if self.stage == "stage2" and not (self.init_student and self.reference):
+            raise ValueError("stage2 needs init_student (the Stage-I student) and reference (the 4-step Stage-I student)")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown run config keys: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str, **overrides) -> "RunConfig":
+        with open(path) as f:
+            return cls.from_dict({**json.load(f), **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))

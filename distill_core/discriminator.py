@@ -1,0 +1,77 @@
+"""Discriminator: trainable spectral-norm heads on the features of a frozen, pluggable backbone.
+
+A backbone maps clean latents (and labels) to a list of token features [B, T, C]; every level gets a
+token-wise head whose logits are averaged over tokens, plus one head on the pooled last level. The loss is
+the multi-level BCE of vision-aided GANs (real target 0.8, summed over levels).
+
+For the demo teacher the backbone is the frozen teacher itself: the image-stream outputs of a few of its
+blocks, evaluated on the sample lightly re-noised ("diffusion GAN"). It is class-aware through the teacher's
+conditioning. The metrics' Fashion-MNIST classifier is deliberately not used, so the discriminator cannot
+optimise the very feature space the evaluation measures. For SD3-class models, plug in a frozen image
+backbone on the VAE-decoded image (the reference recipe uses OpenCLIP ConvNeXt-XXL stage outputs + pooled
+embedding); only ``features`` and ``widths`` are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from .cache import model_blocks
+from .flow import renoise
+from .nets import FlowNet
+
+
+class TeacherFeatures(nn.Module):
+    """Image-stream outputs of chosen blocks of a frozen flow model at a small random noise level."""
+
+    def __init__(self, teacher: FlowNet, blocks: tuple[int, ...] = (3, 7, 11), sigma_max: float = 0.3):
+        super().__init__()
+        self.teacher, self.blocks, self.sigma_max = teacher, tuple(blocks), sigma_max
+        width = teacher.model.config.num_attention_heads * teacher.model.config.attention_head_dim
+        self.widths = [width] * len(self.blocks)
+
+    def features(self, latents: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        sigma = torch.rand(len(latents), generator=gen) * self.sigma_max
+        noisy = renoise(latents, torch.zeros_like(sigma), sigma, torch.randn(latents.shape, generator=gen))
+        found: list[torch.Tensor] = []
+        blocks = model_blocks(self.teacher.model)
+        hooks = [blocks[i].register_forward_hook(lambda _m, _a, out: found.append(out[0])) for i in self.blocks]
+        try:
+            self.teacher(noisy, sigma, labels)
+        finally:
+            for h in hooks:
+                h.remove()
+        return found
+
+
+class TokenHead(nn.Module):
+    def __init__(self, width: int, hidden: int = 128):
+        super().__init__()
+        self.fc1 = spectral_norm(nn.Linear(width, hidden))
+        self.fc2 = spectral_norm(nn.Linear(hidden, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.leaky_relu(self.fc1(tokens), 0.2)).squeeze(-1)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, backbone: TeacherFeatures):
+        super().__init__()
+        self.backbone = backbone  # frozen, not part of the trainable state
+        self.heads = nn.ModuleList(TokenHead(w) for w in backbone.widths)
+        self.pooled = TokenHead(backbone.widths[-1])
+
+    def trainable(self) -> nn.Module:
+        return nn.ModuleList([self.heads, self.pooled])
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        feats = self.backbone.features(latents, labels, gen)
+        logits = [head(f).mean(dim=1) for head, f in zip(self.heads, feats)]
+        return logits + [self.pooled(feats[-1].mean(dim=1, keepdim=True)).squeeze(1)]
+
+
+def multilevel_bce(logits: list[torch.Tensor], target: float) -> torch.Tensor:
+    return sum(F.binary_cross_entropy_with_logits(l, torch.full_like(l, target)) for l in logits)

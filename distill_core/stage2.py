@@ -1,0 +1,109 @@
+"""Stage II: inference-consistent adversarial refinement.
+
+The generator runs exactly the deployed 2-step sampler: step 1 with the full network (no grad, records the
+cached segment's delta), step 2 with the cached blocks skipped and the compensation MLP applied (with grad).
+The discriminator compares its output with a separately distilled 4-step Stage-I student's output from the
+same noise. Schedule: discriminator-only warm-up, then one generator update every ``g_every`` iterations
+(discriminator otherwise); during the compensation warm-up only the MLP is stepped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from xslim_core.demo_model.latents import LATENT_SHAPE
+
+from .cache import CacheRange, Compensation, recording, replaying
+from .discriminator import Discriminator, TeacherFeatures, multilevel_bce
+from .flow import euler, student_schedule, teacher_grid
+from .nets import FlowNet
+from .student import Student, run_student
+from .updates import Ranks, guarded_update
+
+
+@dataclass
+class Stage2Config:
+    steps: int = 2
+    shift: float = 3.0
+    cache_first: int | None = 1  # None: no cache (a plain 2-NFE student)
+    cache_last: int | None = 3
+    lr_student: float = 1e-5
+    lr_disc: float = 1e-4
+    lr_comp: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 1e-4
+    clip: float = 2.0
+    disc_warmup: int = 50  # iterations with discriminator updates only
+    comp_warmup: int = 100  # iterations (from the start) in which only the compensation MLP is stepped
+    g_every: int = 3  # after the warm-up: generator when iteration % g_every == 0, discriminator otherwise
+    real_label: float = 0.8
+    disc_blocks: tuple[int, ...] = (3, 7, 11)
+    disc_sigma_max: float = 0.3
+
+    @property
+    def cache(self) -> CacheRange | None:
+        return None if self.cache_first is None else CacheRange(self.cache_first, self.cache_last)
+
+
+class Stage2:
+    def __init__(self, cfg: Stage2Config, student: FlowNet, reference: Student, teacher: FlowNet, ranks: Ranks):
+        self.cfg, self.student, self.reference, self.ranks = cfg, student, reference, ranks
+        grid = teacher_grid(cfg.shift)
+        self.sigmas = [float(grid[i]) for i in student_schedule(cfg.steps, cfg.shift, grid)]
+        self.cache = cfg.cache
+        width = student.model.config.num_attention_heads * student.model.config.attention_head_dim
+        self.compensation = Compensation(width) if self.cache else None
+        self.disc = Discriminator(TeacherFeatures(teacher, cfg.disc_blocks, cfg.disc_sigma_max))
+        betas = (cfg.beta1, cfg.beta2)
+        self.student_params = [p for p in student.model.parameters() if p.requires_grad]
+        self.comp_params = list(self.compensation.parameters()) if self.compensation else []
+        self.disc_params = list(self.disc.trainable().parameters())
+        self.optimizers = {
+            "student": torch.optim.AdamW(self.student_params, cfg.lr_student, betas, weight_decay=cfg.weight_decay),
+            "disc": torch.optim.AdamW(self.disc_params, cfg.lr_disc, betas, weight_decay=cfg.weight_decay),
+        }
+        self.modules = {"student": student.model, "disc": self.disc.trainable()}
+        if self.compensation:
+            self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
+            self.modules["comp"] = self.compensation
+
+    def _first_step(self, z, labels):
+        """Step 1 of the deployed sampler (no grad): x after step 1 and the cached segment's delta."""
+        s0, s1 = self.sigmas[0], self.sigmas[1]
+        with torch.no_grad():
+            ctx = recording(self.student.model, self.cache) if self.cache else contextlib.nullcontext({})
+            with ctx as store:
+                v0 = self.student(z, torch.full((len(z),), s0), labels)
+            return euler(z, v0, s0, s1), dict(store)
+
+    def _last_step(self, x1, delta, labels):
+        s1 = self.sigmas[1]
+        ctx = replaying(self.student.model, self.cache, delta, self.compensation) if self.cache else contextlib.nullcontext()
+        with ctx:
+            v1 = self.student(x1, torch.full((len(x1),), s1), labels)
+        return euler(x1, v1, s1, 0.0)
+
+    def step(self, iteration: int, batch: int, gen: torch.Generator) -> dict:
+        cfg = self.cfg
+        z = torch.randn(batch, *LATENT_SHAPE, generator=gen)
+        labels = torch.randint(10, (batch,), generator=gen)
+        x1, delta = self._first_step(z, labels)
+        if iteration >= cfg.disc_warmup and iteration % cfg.g_every == 0:
+            fake = self._last_step(x1, delta, labels)
+            loss = multilevel_bce(self.disc(fake, labels, gen), cfg.real_label)
+            train_student = iteration >= cfg.comp_warmup or self.compensation is None
+            steps = [(self.student_params, self.optimizers["student"], train_student)]
+            if self.compensation:
+                steps.append((self.comp_params, self.optimizers["comp"], True))
+            norm = guarded_update(loss, steps, cfg.clip, self.ranks)
+            return {"loss_g": loss.item(), "grad_g": norm}
+        with torch.no_grad():
+            real = run_student(self.reference.net, z, labels, self.reference.sigmas)
+            fake = self._last_step(x1, delta, labels)
+        loss = multilevel_bce(self.disc(real, labels, gen), cfg.real_label) + multilevel_bce(self.disc(fake, labels, gen), 0.0)
+        norm = guarded_update(loss, [(self.disc_params, self.optimizers["disc"], True)], cfg.clip, self.ranks)
+        return {"loss_d": loss.item(), "grad_d": norm}

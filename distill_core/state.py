@@ -1,0 +1,65 @@
+"""Full training state in one safetensors file: modules, optimiser moments, counters and RNG states.
+
+Optimiser state is flattened to "optim.<name>.<param id>.<key>" tensors, its param groups go to the
+metadata as JSON; RNG states are byte tensors (torch's global one, and every rank's data generator).
+Written atomically: a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "xslim-1x-distill-state/1"
+
+
+def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{name}.{pid}.{key}"] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {f"optim.{name}.groups": json.dumps(sd["param_groups"])}
+
+
+def load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    prefix = f"optim.{name}."
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            pid, field = key[len(prefix):].split(".", 1)
+            state.setdefault(int(pid), {})[field] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"optim.{name}.groups"])})
+
+
+def save_state(path: str, modules: dict, optimizers: dict, rng: dict[str, torch.Tensor], meta: dict) -> None:
+    tensors = {f"module.{n}.{k}": v.detach().contiguous().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
+    header = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
+    for name, opt in optimizers.items():
+        t, h = optimizer_tensors(name, opt)
+        tensors.update(t)
+        header.update(h)
+    tensors.update({f"rng.{k}": v for k, v in rng.items()})
+    save_file(tensors, path + ".tmp", metadata=header)
+    os.replace(path + ".tmp", path)
+
+
+def load_state(path: str, modules: dict, optimizers: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore modules and optimisers in place; returns (rng tensors, metadata)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors training state ({err}).") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a 1.x-Distill training state (format {meta.get('format')!r}).")
+    for name, module in modules.items():
+        prefix = f"module.{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for name, opt in optimizers.items():
+        load_optimizer(name, opt, tensors, meta)
+    return {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta

@@ -1,0 +1,41 @@
+"""Command line: train one stage of 1.x-Distill; run it again to resume. Works under torchrun (gloo).
+
+    python -m distill_core.train --config run.json [--run-dir DIR] [--iterations N]
+    torchrun --nproc_per_node 2 -m distill_core.train --config run.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch.distributed as dist
+
+from .config import RunConfig
+from .runtime import run_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train one stage of 1.x-Distill (resumes from --run-dir).")
+    parser.add_argument("--config", required=True, help="run config JSON (see distill_core/configs/)")
+    parser.add_argument("--run-dir", help="override the config's run_dir")
+    parser.add_argument("--iterations", type=int, help="override the iteration budget")
+    parser.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long")
+    args = parser.parse_args(argv)
+    cfg = RunConfig.load(args.config, run_dir=args.run_dir, iterations=args.iterations, max_minutes=args.max_minutes)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    try:
+        result = run_training(cfg)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
+          + (f"; student {result['student']}" if result["student"] else ""))
+    return 0 if result["status"] != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
