@@ -5,12 +5,12 @@ Pure PyTorch: this package never imports ComfyUI. The ComfyUI nodes in ``nodes/`
 
 from .adapters import adapter_for, supported_models
 from .config import PRESETS, StepKind, XSlimConfig, preset_config
-from .engine import XSlim, record_profile, run_cached
+from .engine import XSlim, XSlimEngine, check_profile, record_profile, run_cached
 from .profile import Profile
 from .schedule import Schedule, build_schedule
 from .state import RunStats
 
 __all__ = [
-    "PRESETS", "Profile", "RunStats", "Schedule", "StepKind", "XSlim", "XSlimConfig", "adapter_for",
+    "PRESETS", "Profile", "RunStats", "Schedule", "StepKind", "XSlim", "XSlimConfig", "XSlimEngine", "check_profile", "adapter_for",
     "build_schedule", "preset_config", "record_profile", "run_cached", "supported_models",
 ]

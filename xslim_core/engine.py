@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .adapters import Adapter, BoundBlock, ModelCall, adapter_for
+from .adapters import Adapter, ModelCall, adapter_for
 from .config import StepKind, StepPlan, XSlimConfig
 from .controller import FullController, OnlineController, ScheduleController
 from .profile import Profile
@@ -129,10 +129,10 @@ class _CallContext:
             self.run.stats.block_evals += len(self.rows)
             self.run.stats.block_calls += 1
             return forward(*args, **kwargs)  # nothing to observe in the middle of a plain full step
-        call = BoundBlock(spec, args, kwargs)
+        call = spec.bind(args, kwargs)
         img, txt = call.img, call.txt
-        if first:
-            self.I, self.n_img = img, img.shape[1]
+        if first:  # a block that adds to its input in place would change I under us
+            self.I, self.n_img = (img.clone() if getattr(call, "mutates_inputs", False) else img), img.shape[1]
             if kind is StepKind.TOKEN:
                 self.idx = select_tokens(self._batch("delta_last", img), self._batch("delta_prev", img), self.engine.config.token_ratio)
                 img = call.img = gather_tokens(img, self.idx)
@@ -148,7 +148,7 @@ class _CallContext:
         if last:
             if kind is StepKind.TOKEN:
                 out_img = scatter_tokens(self._batch("last_out", out_img), self.idx, out_img)
-            self.O = out_img
+            self.O = call.image_tokens(out_img, self.n_img)
         return call.pack(out_img, out_txt)
 
     def _reuse_block(self, index: int, img, txt):
@@ -259,47 +259,32 @@ class _CallContext:
         entry[2] += w
 
 
-class XSlim:
-    """X-Slim caching on one diffusers DiT (SD3/SD3.5, FLUX, HunyuanVideo, DiT).
-
-    >>> cache = XSlim(transformer, XSlimConfig(mode="schedule"), profile)   # installs hooks
-    >>> with cache.run(sigmas):                                              # one sampling run
-    ...     latents = sample(transformer, ...)
-    >>> print(cache.stats.summary()); cache.remove()
-
-    ``sigmas`` may also be given once as a list or a callable (e.g. ``lambda: pipe.scheduler.sigmas``); a run
-    then starts by itself at the first step and restarts when the step index goes back, the step count or
-    the latent shape changes.
-    """
+class XSlimEngine:
+    """The host-agnostic engine: runs, per-row plans and the block protocol. A host (diffusers hooks below,
+    the ComfyUI layer in ``nodes/``) turns its model calls into ``dispatch`` and its block calls into
+    ``block_call``; ``blocks`` are specs whose ``bind(args, kwargs)`` exposes the image/text streams."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        adapter: Adapter,
+        blocks: list,
+        stacks: list[tuple[str, int]],
         config: XSlimConfig | None = None,
         profile: Profile | None = None,
         *,
         sigmas: Iterable[float] | Callable[[], Iterable[float]] | None = None,
-        adapter: Adapter | None = None,
         record_profile: bool = False,
+        model_name: str | None = None,
     ):
-        self.model = model
-        self.adapter = adapter or adapter_for(model)
+        self.adapter = adapter
         self.config = config or XSlimConfig()
         self.recording = record_profile
-        self.blocks = self.adapter.blocks(model)
-        self.stacks = self.adapter.stack_sizes(model)
+        self.blocks = blocks
+        self.stacks = [tuple(s) for s in stacks]
+        self.model_name = model_name or adapter.display_name
         self.layers = [(spec.index, j) for spec in self.blocks for j in range(len(spec.attention))]
-        if profile is not None:
-            if profile.family != self.adapter.family:
-                raise ValueError(
-                    f"X-Slim: this profile/preset is for {profile.family!r} models, but the model is "
-                    f"{self.adapter.display_name} ({self.adapter.family!r}). Record a profile on this model."
-                )
-            if [tuple(s) for s in profile.stacks] != self.stacks:
-                raise ValueError(
-                    f"X-Slim: the profile was recorded on blocks {profile.stacks}, this model has {self.stacks}."
-                )
-        elif self.config.mode == "schedule" and self.config.pattern is None and not record_profile:
+        check_profile(profile, adapter, self.stacks)
+        if profile is None and self.config.mode == "schedule" and self.config.pattern is None and not record_profile:
             raise ValueError(
                 "X-Slim: schedule mode needs a profile of one uncached run (xslim_core.record_profile) or a "
                 "fixed pattern; or use mode='online', which needs neither."
@@ -312,8 +297,6 @@ class XSlim:
         self._last_stats = RunStats()
         self._last_profile: Profile | None = None
         self._warned: set = set()
-        self._undo: list[Callable[[], None]] = []
-        self._install()
 
     # -- public ------------------------------------------------------------------------------------------
     @property
@@ -350,69 +333,21 @@ class XSlim:
             self._last_profile = self._build_profile(self._run) or self._last_profile
         self._run = None
 
-    def remove(self) -> None:
-        """Take every hook off the model; it is then exactly the model it was."""
-        self.end_run()
-        while self._undo:
-            self._undo.pop()()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
     def block_selector(self) -> BlockSelector:
         return BlockSelector(self.stacks, self._run.block_thresholds, self.config.protected_blocks)
 
-    # -- hooks -------------------------------------------------------------------------------------------
-    def _install(self) -> None:
-        self._wrap(self.model, self._model_forward)
-        for spec in self.blocks:
-            self._wrap(spec.module, functools.partial(self._block_forward, spec))
-            for j, (module, layout) in enumerate(spec.attention):
-                key = (spec.index, j)
-                pre = module.register_forward_pre_hook(functools.partial(self._enter_attention, (key, layout)))
-                post = module.register_forward_hook(self._leave_attention)
-                self._undo += [pre.remove, post.remove]
-
-    def _wrap(self, module: torch.nn.Module, handler) -> None:
-        original = module.forward
-
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            return handler(original, *args, **kwargs)
-
-        module.forward = forward
-        self._undo.append(lambda: module.__dict__.pop("forward", None))
-
-    def _enter_attention(self, layer, module, args):
+    # -- the two entry points of a host ------------------------------------------------------------------
+    def dispatch(self, call, forward):
+        """One model call. ``call`` gives sigma, batch, row keys and per-row argument slices (ModelCall)."""
+        everything = call.args_for(list(range(call.batch)))
         if self._call is not None:
-            self._call.layer = layer
-
-    def _leave_attention(self, module, args, output):
-        if self._call is not None:
-            self._call.layer = None
-
-    def _block_forward(self, spec, forward, *args, **kwargs):
-        if self._call is None:
-            return forward(*args, **kwargs)
-        return self._call.run_block(spec, forward, args, kwargs)
-
-    def _model_forward(self, forward, *args, **kwargs):
-        if self._call is not None:
-            return forward(*args, **kwargs)
-        call = ModelCall(self.adapter, forward, args, kwargs)
-        reason = self.adapter.unsupported(call)
-        if reason:
-            self._warn_once(f"X-Slim: this call runs uncached ({reason}).")
-            return forward(*args, **kwargs)
+            return forward(*everything[0], **everything[1])
         located = self._locate(call)
         if located is None:
-            return forward(*args, **kwargs)
+            return forward(*everything[0], **everything[1])
         run, step = located
         run.max_step = max(run.max_step, step)
-        keys = list(range(call.batch))
+        keys = call.keys
         plans = [run.controller.plan(run.row(k), step) for k in keys]
         groups = self._group(plans)
         outputs = []
@@ -422,7 +357,12 @@ class XSlim:
             outputs.append(ctx.execute(forward, args_g, kwargs_g))
         if len(groups) == 1:
             return outputs[0]
-        return ModelCall.merge(outputs, [rows for rows, _ in groups])
+        return call.merge(outputs, [rows for rows, _ in groups])
+
+    def block_call(self, spec, forward, args, kwargs):
+        if self._call is None:
+            return forward(*args, **kwargs)
+        return self._call.run_block(spec, forward, args, kwargs)
 
     def _group(self, plans: list[StepPlan]) -> list[tuple[list[int], StepPlan]]:
         """Rows with the same plan share one call; RoPE models run token subsets one row at a time."""
@@ -441,7 +381,7 @@ class XSlim:
         values = source() if callable(source) else source
         return [float(s) for s in values]
 
-    def _locate(self, call: ModelCall) -> tuple[_Run, int] | None:
+    def _locate(self, call) -> tuple[_Run, int] | None:
         sigma = call.sigma
         run = self._run
         if run is not None and run.shape_key == call.shape_key:
@@ -474,13 +414,113 @@ class XSlim:
             step_change=[s[0] / s[2] for s in ordered],
             block_change=[[b / s[2] for b in s[1]] for s in ordered],
             stacks=self.stacks,
-            meta={"model": type(self.model).__name__},
+            meta={"model": self.model_name},
         )
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(message, stacklevel=3)
+
+
+def check_profile(profile: Profile | None, adapter: Adapter, stacks: list[tuple[str, int]]) -> None:
+    """Refuse a profile recorded on another family or block layout, naming both."""
+    if profile is None:
+        return
+    if profile.family != adapter.family:
+        raise ValueError(
+            f"X-Slim: this profile/preset is for {profile.family!r} models, but the model is "
+            f"{adapter.display_name} ({adapter.family!r}). Record a profile on this model."
+        )
+    if [tuple(s) for s in profile.stacks] != [tuple(s) for s in stacks]:
+        raise ValueError(f"X-Slim: the profile was recorded on blocks {profile.stacks}, this model has {stacks}.")
+
+
+class XSlim(XSlimEngine):
+    """X-Slim caching on one diffusers DiT (SD3/SD3.5, FLUX, HunyuanVideo, DiT), through forward hooks.
+
+    >>> cache = XSlim(transformer, XSlimConfig(mode="schedule"), profile)   # installs hooks
+    >>> with cache.run(sigmas):                                              # one sampling run
+    ...     latents = sample(transformer, ...)
+    >>> print(cache.stats.summary()); cache.remove()
+
+    ``sigmas`` may also be given once as a list or a callable (e.g. ``lambda: pipe.scheduler.sigmas``); a run
+    then starts by itself at the first step and restarts when the step index goes back, the step count or
+    the latent shape changes.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: XSlimConfig | None = None,
+        profile: Profile | None = None,
+        *,
+        sigmas: Iterable[float] | Callable[[], Iterable[float]] | None = None,
+        adapter: Adapter | None = None,
+        record_profile: bool = False,
+    ):
+        self.model = model
+        adapter = adapter or adapter_for(model)
+        super().__init__(
+            adapter, adapter.blocks(model), adapter.stack_sizes(model), config, profile,
+            sigmas=sigmas, record_profile=record_profile, model_name=type(model).__name__,
+        )
+        self._undo: list[Callable[[], None]] = []
+        self._install()
+
+    def remove(self) -> None:
+        """Take every hook off the model; it is then exactly the model it was."""
+        self.end_run()
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        self._wrap(self.model, self._model_forward)
+        for spec in self.blocks:
+            self._wrap(spec.module, functools.partial(self._block_forward, spec))
+            for j, (module, layout) in enumerate(spec.attention):
+                key = (spec.index, j)
+                pre = module.register_forward_pre_hook(functools.partial(self._enter_attention, (key, layout)))
+                post = module.register_forward_hook(self._leave_attention)
+                self._undo += [pre.remove, post.remove]
+
+    def _wrap(self, module: torch.nn.Module, handler) -> None:
+        original = module.forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return handler(original, *args, **kwargs)
+
+        module.forward = forward
+        self._undo.append(lambda: module.__dict__.pop("forward", None))
+
+    def _enter_attention(self, layer, module, args):
+        if self._call is not None:
+            self._call.layer = layer
+
+    def _leave_attention(self, module, args, output):
+        if self._call is not None:
+            self._call.layer = None
+
+    def _block_forward(self, spec, forward, *args, **kwargs):
+        return self.block_call(spec, forward, args, kwargs)
+
+    def _model_forward(self, forward, *args, **kwargs):
+        if self._call is not None:
+            return forward(*args, **kwargs)
+        call = ModelCall(self.adapter, forward, args, kwargs)
+        reason = self.adapter.unsupported(call)
+        if reason:
+            self._warn_once(f"X-Slim: this call runs uncached ({reason}).")
+            return forward(*args, **kwargs)
+        return self.dispatch(call, forward)
 
 
 def record_profile(model: torch.nn.Module, sample: Callable[[], object], sigmas: Iterable[float], **kwargs) -> Profile:

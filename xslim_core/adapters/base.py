@@ -29,6 +29,9 @@ class BlockSpec:
     def __post_init__(self):
         self.signature = inspect.signature(self.module.forward)
 
+    def bind(self, args, kwargs) -> "BoundBlock":
+        return BoundBlock(self, args, kwargs)
+
 
 class BoundBlock:
     """One call of a block, with its arguments addressable by name."""
@@ -56,6 +59,10 @@ class BoundBlock:
             return out, None
         named = dict(zip(self.spec.outputs, out))
         return named["img"], named.get("txt")
+
+    def image_tokens(self, img: torch.Tensor, n_img: int) -> torch.Tensor:
+        """The image tokens of this block's image-stream output (diffusers keeps the streams apart)."""
+        return img
 
     def pack(self, img: torch.Tensor, txt: torch.Tensor | None):
         if len(self.spec.outputs) == 1:
@@ -85,6 +92,11 @@ class ModelCall:
         """Relative precision of the timestep input (its dtype's epsilon), 0 for Python numbers."""
         t = self.arguments[self.adapter.time_arg]
         return torch.finfo(t.dtype).eps if torch.is_tensor(t) and t.is_floating_point() else 0.0
+
+    @property
+    def keys(self) -> list:
+        """Cache-state key of each batch row (its index: one row = one sample of one CFG branch)."""
+        return list(range(self.batch))
 
     @property
     def shape_key(self) -> tuple:

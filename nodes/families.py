@@ -1,0 +1,122 @@
+"""ComfyUI's native DiTs as the engine sees them: one small table per family.
+
+ComfyUI runs every block of these models through ``patches_replace["dit"]`` with a dict of arguments
+(``img``, ``txt``, ...) and an ``original_block`` callable, so one block protocol serves all of them. The
+families differ only in their block lists and in where image tokens sit in the single stream. Stack names
+match the diffusers adapters, so a profile recorded in diffusers fits the same model loaded in ComfyUI.
+Nothing here imports ComfyUI: models are recognised by class name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..xslim_core.adapters import Adapter
+
+IMAGE_ONLY, TXT_FIRST, IMG_FIRST = "image", "txt_first", "img_first"
+
+
+@dataclass
+class DictBlockSpec:
+    """One block as ComfyUI patches it: ``patch`` is its key in ``patches_replace["dit"]``."""
+
+    index: int
+    stack: str
+    patch: tuple[str, int]
+    layout: str  # where the image tokens are in the block's "img" stream
+    attention: tuple = field(default=())  # token level: not reached through this seam yet
+
+    def bind(self, args, kwargs) -> "DictBlock":
+        return DictBlock(self, args[0])
+
+
+class DictBlock:
+    """One call of a patched block: its argument dict, addressable like the engine's BoundBlock."""
+
+    mutates_inputs = True  # ComfyUI blocks add residuals in place (``x += ...``)
+
+    def __init__(self, spec: DictBlockSpec, arguments: dict):
+        self.spec = spec
+        self.arguments = dict(arguments)
+
+    @property
+    def img(self) -> torch.Tensor:
+        return self.arguments["img"]
+
+    @img.setter
+    def img(self, value: torch.Tensor) -> None:
+        self.arguments["img"] = value
+
+    @property
+    def txt(self) -> torch.Tensor | None:
+        return self.arguments.get("txt")
+
+    def call(self, forward) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = forward(self.arguments)
+        return out["img"], out.get("txt")
+
+    def image_tokens(self, img: torch.Tensor, n_img: int) -> torch.Tensor:
+        if self.spec.layout == TXT_FIRST:
+            return img[:, img.shape[1] - n_img :]
+        if self.spec.layout == IMG_FIRST:
+            return img[:, :n_img]
+        return img
+
+    def pack(self, img: torch.Tensor, txt: torch.Tensor | None) -> dict:
+        return {"img": img, "txt": txt} if "txt" in self.arguments else {"img": img}
+
+
+class ComfyFamily(Adapter):
+    """A ComfyUI model family: (stack, attribute of the diffusion model, patch kind) per block stack."""
+
+    comfy_stacks: tuple[tuple[str, str, str], ...] = ()
+    single_layout = IMAGE_ONLY
+
+    def specs(self, diffusion_model) -> list[DictBlockSpec]:
+        specs = []
+        for stack, attr, kind in self.comfy_stacks:
+            layout = IMAGE_ONLY if kind == "double_block" else self.single_layout
+            for i in range(len(getattr(diffusion_model, attr))):
+                specs.append(DictBlockSpec(len(specs), stack, (kind, i), layout))
+        return specs
+
+    def stack_sizes(self, diffusion_model) -> list[tuple[str, int]]:
+        return [(stack, len(getattr(diffusion_model, attr))) for stack, attr, _ in self.comfy_stacks]
+
+
+class ComfyFlux(ComfyFamily):
+    family, display_name = "flux", "FLUX (dev, schnell, Kontext)"
+    model_classes = ("Flux",)
+    comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
+    single_layout = TXT_FIRST  # the single stream is cat(txt, img)
+
+
+class ComfyHunyuanVideo(ComfyFamily):
+    family, display_name = "hunyuan_video", "HunyuanVideo"
+    model_classes = ("HunyuanVideo",)
+    comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
+    single_layout = IMG_FIRST  # the single stream is cat(img, txt)
+
+
+class ComfySD3(ComfyFamily):
+    family, display_name = "sd3", "SD3 / SD3.5 (MMDiT)"
+    model_classes = ("MMDiT",)
+    comfy_stacks = (("joint", "joint_blocks", "double_block"),)
+
+
+FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3)
+
+
+def supported_families() -> str:
+    return ", ".join(f.display_name for f in FAMILIES)
+
+
+def family_for(diffusion_model) -> ComfyFamily | None:
+    """The family of a ComfyUI diffusion model (by its class or a base class), or None."""
+    for cls in type(diffusion_model).__mro__:
+        for family in FAMILIES:
+            if cls.__name__ in family.model_classes:
+                return family()
+    return None

@@ -1,0 +1,199 @@
+"""X-Slim inside ComfyUI, through public seams only.
+
+* ``OUTER_SAMPLE`` wrapper: one engine per sampling run (like core EasyCache), built from the diffusion
+  model the guider holds at that moment, so nothing keeps a model alive between runs; the log line and the
+  run's statistics come out here, also when the run is interrupted.
+* ``APPLY_MODEL`` wrapper: one model call; the engine plans per batch row, a row being one sample of one
+  cond entry (keyed by ComfyUI's per-cond ``uuids``), so CFG batched or split gives the same decisions.
+* ``patches_replace["dit"]`` on every block: skip, reuse a cached residual, or run the block (through any
+  ``dit`` patch that was there before ours).
+
+ComfyUI modules are imported inside functions only, when ComfyUI calls us.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..xslim_core import Profile, XSlimConfig, XSlimEngine, check_profile
+from ..xslim_core.state import RunStats
+from .families import ComfyFamily, family_for, supported_families
+
+KEY = "xslim"  # wrapper key and transformer_options entry of the settings
+RUN = "xslim_run"  # transformer_options entry of the current run's engine
+log = logging.getLogger("xslim")
+
+
+class XSlimSetupError(ValueError):
+    """Bad settings or an unsupported model: raised while the node executes, so ComfyUI shows it."""
+
+
+@dataclass
+class RunReport:
+    summary: str
+    stats: RunStats
+    pattern_rows: dict  # row key -> letters
+    sigmas: list
+    profile: Profile | None = None
+
+
+@dataclass
+class XSlimSettings:
+    """What the cache node decided; lives in the patched model's transformer_options."""
+
+    config: XSlimConfig
+    profile: Profile | None = None
+    record_profile: bool = False
+    family: str = ""
+    reports: list = field(default_factory=list)  # RunReport per finished run, newest last (kept short)
+
+    def engine_for(self, diffusion_model) -> XSlimEngine:
+        family = family_for(diffusion_model)
+        if family is None:
+            raise XSlimSetupError(unsupported_message(diffusion_model))
+        return XSlimEngine(
+            family, family.specs(diffusion_model), family.stack_sizes(diffusion_model), self.config, self.profile,
+            record_profile=self.record_profile, model_name=type(diffusion_model).__name__,
+        )
+
+    def add_report(self, report: RunReport) -> None:
+        self.reports = (self.reports + [report])[-8:]
+
+
+def unsupported_message(diffusion_model) -> str:
+    return (
+        f"X-Slim does not support {type(diffusion_model).__name__} models yet. Supported: {supported_families()}. "
+        "Remove the X-Slim node for this model; the rest of the graph works without it."
+    )
+
+
+def check_model(model_patcher, settings: XSlimSettings) -> ComfyFamily:
+    """Validate the model and the profile against it while the node runs (errors reach ComfyUI's dialog)."""
+    diffusion_model = model_patcher.get_model_object("diffusion_model")
+    family = family_for(diffusion_model)
+    if family is None:
+        raise XSlimSetupError(unsupported_message(diffusion_model))
+    try:
+        check_profile(settings.profile, family, family.stack_sizes(diffusion_model))
+    except ValueError as e:
+        raise XSlimSetupError(f"{e} (choose another profile, or 'none' for online mode)") from None
+    return family
+
+
+def install(model_patcher, settings: XSlimSettings):
+    """A clone of ``model_patcher`` with X-Slim's wrappers and block patches; the input model is untouched."""
+    from comfy.patcher_extension import WrappersMP
+
+    family = check_model(model_patcher, settings)
+    settings.family = family.family
+    m = model_patcher.clone()
+    m.model_options.setdefault("transformer_options", {})[KEY] = settings
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, apply_model_wrapper)
+    existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    for spec in family.specs(model_patcher.get_model_object("diffusion_model")):
+        kind, index = spec.patch
+        m.set_model_patch_replace(block_patch(spec, existing.get(spec.patch)), "dit", kind, index)
+    return m
+
+
+def block_patch(spec, previous):
+    """The ``dit`` patch of one block; ``previous`` is a patch that was there before ours (it keeps running)."""
+
+    def patch(args: dict, extra: dict):
+        def run_block(a):
+            return previous(a, extra) if previous is not None else extra["original_block"](a)
+
+        engine = (args.get("transformer_options") or {}).get(RUN)
+        if engine is None:
+            return run_block(args)
+        return engine.block_call(spec, run_block, (args,), {})
+
+    patch.xslim_block = spec.patch
+    return patch
+
+
+def _patches_intact(model_options: dict, engine: XSlimEngine) -> bool:
+    dit = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    return all(getattr(dit.get(spec.patch), "xslim_block", None) == spec.patch for spec in engine.blocks)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """One sampling run: a fresh engine, its schedule from the run's sigmas, a log line at the end."""
+    import comfy.model_patcher
+
+    guider = executor.class_obj
+    original_options = guider.model_options
+    settings: XSlimSettings = original_options["transformer_options"][KEY]
+    sigmas = [float(s) for s in args[3]]
+    engine = settings.engine_for(guider.model_patcher.model.diffusion_model)
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    if not _patches_intact(guider.model_options, engine):
+        log.warning("X-Slim: another node replaced some of X-Slim's block patches after the X-Slim node; this run is uncached. Put X-Slim last.")
+        return executor(*args, **kwargs)
+    guider.model_options["transformer_options"][RUN] = engine
+    finished = False
+    try:
+        with engine.run(sigmas):
+            out = executor(*args, **kwargs)
+            finished = True
+        return out
+    finally:
+        guider.model_options = original_options
+        stats = engine.stats
+        summary = stats.summary() + ("" if finished else " (run interrupted)")
+        log.info(summary)
+        print(summary)  # the console is where ComfyUI users look
+        profile = engine._last_profile if settings.record_profile else None
+        settings.add_report(RunReport(summary, stats, {r: stats.pattern(r) for r in stats.decisions}, sigmas, profile))
+
+
+class ComfyModelCall:
+    """One ``apply_model`` call as the engine sees it: sigma, rows and their keys, per-row argument slices."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+        x = args[0]
+        self.batch = x.shape[0]
+        self.options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        sigmas = self.options.get("sigmas")
+        t = sigmas if sigmas is not None else args[1]
+        self.sigma = float(t.reshape(-1)[0])
+        self.time_resolution = torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
+        self.shape_key = (tuple(x.shape[1:]), x.dtype)  # cond and uncond may differ in text length: not keyed
+        uuids = self.options.get("uuids") or [None]
+        per = max(1, self.batch // len(uuids))
+        self.keys = [(str(uuids[min(r // per, len(uuids) - 1)]), r % per) for r in range(self.batch)]
+
+    def args_for(self, rows: list[int]) -> tuple[tuple, dict]:
+        if rows == list(range(self.batch)):
+            return self.args, self.kwargs
+        index = torch.tensor(rows)
+
+        def take(v):
+            if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == self.batch:
+                return v.index_select(0, index.to(v.device))
+            return v
+
+        return tuple(take(a) for a in self.args), {k: take(v) for k, v in self.kwargs.items()}
+
+    @staticmethod
+    def merge(outputs: list, groups: list[list[int]]) -> torch.Tensor:
+        order = [r for g in groups for r in g]
+        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
+        merged = torch.cat(outputs, dim=0)
+        return merged.index_select(0, inverse.to(merged.device))
+
+
+def apply_model_wrapper(executor, *args, **kwargs):
+    call = ComfyModelCall(args, kwargs)
+    engine = call.options.get(RUN)
+    if engine is None:
+        return executor(*args, **kwargs)
+    if (args[4] if len(args) > 4 else kwargs.get("control")) is not None:
+        engine._warn_once("X-Slim: ControlNet adds to the blocks' outputs; steps with a ControlNet run uncached.")
+        return executor(*args, **kwargs)
+    return engine.dispatch(call, executor)
