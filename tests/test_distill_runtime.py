@@ -1,0 +1,133 @@
+"""1.x-Distill training runtime on a tiny random model: exact resume, stop flag and progress callback,
+the non-finite guard, SIGKILL + resume from the command line, and a 2-process gloo run under torchrun."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from distill_core.config import RunConfig
+from distill_core.runtime import METRICS_FILE, STATE_FILE, STUDENT_FILE, run_training
+from distill_core.student import load_student
+from distill_core.tiny import write_tiny_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return write_tiny_teacher(str(tmp_path_factory.mktemp("tiny") / "teacher.safetensors"))
+
+
+def _config(run_dir, teacher_path, **kw):
+    base = dict(run_dir=str(run_dir), teacher=teacher_path, iterations=4, batch_size=2, checkpoint_every=2,
+                preview_every=0, threads=1, stage1={"lr_student": 1e-3, "lr_fake": 1e-3})
+    return RunConfig(**{**base, **kw})
+
+
+def _tensors(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_resume_continues_exactly_where_it_stopped(teacher_path, tmp_path):
+    straight = run_training(_config(tmp_path / "a", teacher_path))
+    first = run_training(_config(tmp_path / "b", teacher_path, iterations=2))
+    second = run_training(_config(tmp_path / "b", teacher_path))
+    assert straight["status"] == first["status"] == second["status"] == "done"
+    assert second["message"] == "resumed from iteration 2" and second["iteration"] == 4
+    a, _ = _tensors(straight["student"])
+    b, meta = _tensors(second["student"])
+    assert meta["iterations"] == "4" and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # both optimisers, RNG and data cursor restored
+    state, smeta = _tensors(str(tmp_path / "b" / STATE_FILE))
+    assert smeta["iteration"] == "4" and any(k.startswith("optim.fake.") for k in state)
+    records = [json.loads(line) for line in open(tmp_path / "b" / METRICS_FILE)]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert {"loss_student", "loss_fake", "grad_student", "it_per_s", "eta_s"} <= set(records[-1])
+
+
+def test_stop_flag_and_progress_callback(teacher_path, tmp_path):
+    stop, seen = threading.Event(), []
+
+    def progress(record):
+        seen.append(record["iteration"])
+        stop.set()
+
+    worker_result = {}
+    worker = threading.Thread(target=lambda: worker_result.update(
+        run_training(_config(tmp_path, teacher_path, iterations=50, preview_every=1), progress, stop)))
+    worker.start()
+    worker.join(120)
+    assert worker_result["status"] == "stopped" and worker_result["iteration"] == 1 and seen == [1]
+    assert os.path.exists(tmp_path / STATE_FILE) and os.path.exists(tmp_path / "previews" / "00001.png")
+
+
+def test_non_finite_losses_are_skipped_then_stop_without_writing(tmp_path):
+    poisoned = write_tiny_teacher(str(tmp_path / "nan_teacher.safetensors"), poison=True)
+    result = run_training(_config(tmp_path / "run", poisoned, iterations=20, max_nonfinite=3))
+    assert result["status"] == "failed" and result["iteration"] == 3 and result["student"] is None
+    assert "3 consecutive non-finite" in result["message"]
+    assert not os.path.exists(tmp_path / "run" / STATE_FILE)
+    records = [json.loads(line) for line in open(tmp_path / "run" / METRICS_FILE)]
+    assert all(r["skipped"] for r in records)
+
+
+def _write_config(path, cfg: RunConfig):
+    from dataclasses import asdict
+
+    path.write_text(json.dumps(asdict(cfg)))
+    return str(path)
+
+
+def test_sigkill_then_resume_from_the_last_checkpoint(teacher_path, tmp_path):
+    run_dir = tmp_path / "run"
+    config = _write_config(tmp_path / "run.json", _config(run_dir, teacher_path, iterations=500, checkpoint_every=3))
+    cmd = [sys.executable, "-m", "distill_core.train", "--config", config]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / STATE_FILE
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "no checkpoint was written before the kill"
+    killed_at = int(_tensors(str(state))[1]["iteration"])
+    assert killed_at % 3 == 0
+    out = subprocess.run(cmd + ["--iterations", str(killed_at + 2)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resumed from iteration {killed_at}" in out.stdout
+    records = [json.loads(line) for line in open(run_dir / METRICS_FILE)]
+    assert [r["iteration"] for r in records[-2:]] == [killed_at + 1, killed_at + 2]
+    assert load_student(str(run_dir / STUDENT_FILE)).meta["iterations"] == str(killed_at + 2)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_writes_the_same_kind_of_checkpoint(teacher_path, tmp_path):
+    run_dir = tmp_path / "ddp"
+    config = _write_config(tmp_path / "ddp.json", _config(run_dir, teacher_path, iterations=2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "distill_core.train", "--config", config]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state, meta = _tensors(str(run_dir / STATE_FILE))
+    assert meta["world"] == "2" and meta["iteration"] == "2"
+    assert "rng.gen.0" in state and "rng.gen.1" in state and not torch.equal(state["rng.gen.0"], state["rng.gen.1"])
+    student = load_student(str(run_dir / STUDENT_FILE))
+    assert student.sigmas == pytest.approx([1.0, 0.75, 0.0], abs=1e-3) and student.meta["stage"] == "stage1"
+    assert any(k.startswith("module.student.") for k in state)
