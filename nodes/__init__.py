@@ -9,11 +9,13 @@ async def comfy_entrypoint():
 
     class XSlimExtension(ComfyExtension):
         async def get_node_list(self):
-            return list(node_classes())
+            return node_classes()
 
     return XSlimExtension()
 
 
-def node_classes():
-    """The pack's node classes. The cache, profile and compare nodes land with the ComfyUI-nodes issue."""
-    return ()
+def node_classes() -> list:
+    from .xslim_nodes import NODES, register_demo_model_folder
+
+    register_demo_model_folder()
+    return list(NODES)

@@ -67,10 +67,10 @@ class XSlimConfig:
         for name in ("warn", "crit"):
             if not 0.0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"X-Slim: threshold {name} must be a finite number >= 0, got {getattr(self, name)}.")
-        if self.mode == "online" and self.crit <= self.warn:
+        if self.mode == "online" and self.crit < self.warn:
             raise ValueError(
                 f"X-Slim: the critical threshold ({self.crit}) must be above the early-warning threshold "
-                f"({self.warn}); swap them or raise crit."
+                f"({self.warn}); swap them or raise crit. (Equal lines leave no refresh band: step reuse only.)"
             )
         if self.target_speedup is not None and not self.target_speedup >= 1.0:
             raise ValueError(f"X-Slim: target_speedup must be >= 1 (a compute ratio), got {self.target_speedup}.")
@@ -100,6 +100,13 @@ class XSlimConfig:
 PRESETS: dict[str, dict] = {
     "slow": dict(target_speedup=3.2, token_ratio=0.5),
     "fast": dict(target_speedup=4.6, token_ratio=0.7),
+}
+
+
+# Online presets (no profile): the two lines on the predicted relative change of the step residual.
+ONLINE_PRESETS: dict[str, dict] = {
+    "slow": dict(mode="online", warn=0.1, crit=0.3),
+    "fast": dict(mode="online", warn=0.3, crit=0.8),
 }
 
 

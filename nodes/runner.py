@@ -1,0 +1,59 @@
+"""Sampling runs made by our own nodes (profile, compare), and what they measure. ComfyUI is imported
+inside the functions, when a node runs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .host import KEY, RunReport, XSlimSettings, XSlimSetupError, install
+from .pictures import demo_decode, is_demo_latent, latent_preview
+
+
+def sample_latent(model, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                  positive, negative, progress=None) -> torch.Tensor:
+    """KSampler's sampling (same noise for the same seed), with the interrupt check on every step."""
+    import comfy.model_management
+    import comfy.sample
+
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+
+    def callback(step, x0, x, total_steps):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if progress is not None:
+            progress(step + 1, total_steps)
+
+    return comfy.sample.sample(
+        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+        noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed,
+    )
+
+
+def last_report(model) -> RunReport:
+    settings = model.model_options.get("transformer_options", {}).get(KEY)
+    if not isinstance(settings, XSlimSettings):
+        raise XSlimSetupError("X-Slim: this model has no X-Slim cache. Connect the MODEL output of the X-Slim Cache node.")
+    if not settings.reports:
+        raise XSlimSetupError("X-Slim: no sampling run has finished with this model yet. Connect the sampler's LATENT output to this node.")
+    return settings.reports[-1]
+
+
+def cached_run(model, settings: XSlimSettings | None, sample) -> tuple[torch.Tensor, float, RunReport | None]:
+    """(latent, seconds, report) of one run; ``settings`` None runs the model as it is."""
+    patched = model if settings is None else install(model, settings)
+    start = time.perf_counter()
+    out = sample(patched)
+    seconds = time.perf_counter() - start
+    return out, seconds, (settings.reports[-1] if settings is not None and settings.reports else None)
+
+
+def decode(samples: torch.Tensor, vae=None) -> torch.Tensor:
+    """IMAGE for a latent: the VAE when given, the demo model's exact decoder for its latents, else a preview."""
+    if vae is not None:
+        images = vae.decode(samples)
+        return images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
+    if is_demo_latent(samples):
+        return demo_decode(samples)
+    return latent_preview(samples)

@@ -1,0 +1,140 @@
+"""From node widgets to X-Slim settings: presets, saved profiles, and the compare node's setting lines.
+
+Profiles live in ComfyUI's user folder (``<user>/xslim/profiles/<name>.json``); the pack ships a few in
+``profiles/``. A profile turns the presets into compute targets on that model (schedule mode); without
+one the dual-threshold controller decides online.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from ..xslim_core import ONLINE_PRESETS, PRESETS, Profile, XSlimConfig
+from .host import XSlimSetupError, XSlimSettings
+
+PRESET_NAMES = ["auto", "slow", "fast", "custom"]
+NO_PROFILE = "none (online)"
+SHIPPED_PROFILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
+CACHE_DTYPES = {"same as model": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CACHE_DEVICES = {"same as model": None, "cpu": "cpu"}
+LEVELS = frozenset({"step", "block"})  # the token level is not reached through ComfyUI's seams yet
+
+
+def user_profile_dir() -> str:
+    import folder_paths
+
+    return os.path.join(folder_paths.get_user_directory(), "xslim", "profiles")
+
+
+def profile_files() -> dict[str, str]:
+    """name -> path; a user's profile of the same name wins over a shipped one."""
+    found = {}
+    for folder in (SHIPPED_PROFILES, user_profile_dir()):
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".json"):
+                    found[name[: -len(".json")]] = os.path.join(folder, name)
+    return found
+
+
+def profile_names() -> list[str]:
+    return [NO_PROFILE] + sorted(profile_files())
+
+
+def load_profile(name: str) -> Profile | None:
+    if name in (None, "", NO_PROFILE):
+        return None
+    path = profile_files().get(name)
+    if path is None:
+        raise XSlimSetupError(f"X-Slim: no profile named {name!r} (looked in {SHIPPED_PROFILES} and {user_profile_dir()}). Record one with the X-Slim Profile node.")
+    try:
+        return Profile.load(path)
+    except Exception as e:  # a damaged file must not reach the sampler
+        raise XSlimSetupError(f"X-Slim: the profile file {path} cannot be read ({e}). Record it again.") from None
+
+
+def save_profile(profile: Profile, name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\- ]{1,80}", name or ""):
+        raise XSlimSetupError(f"X-Slim: profile name {name!r} may only use letters, digits, spaces, '.', '_' and '-'.")
+    folder = user_profile_dir()
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    profile.save(path)
+    return path
+
+
+def make_settings(
+    preset: str = "auto",
+    profile: str = NO_PROFILE,
+    early_warning: float = 0.1,
+    critical: float = 0.3,
+    block_threshold: float = 0.0,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    cache_precision: str = "same as model",
+    cache_device: str = "same as model",
+) -> XSlimSettings:
+    """The cache node's widgets as settings. ``auto`` is the slow preset (the quality-first one).
+    Errors name the widget and the fix; ComfyUI shows them in its error dialog."""
+    if preset not in PRESET_NAMES:
+        raise XSlimSetupError(f"X-Slim: unknown preset {preset!r}; choose one of {PRESET_NAMES}.")
+    prof = load_profile(profile)
+    speed = "slow" if preset == "auto" else preset
+    common = dict(
+        levels=LEVELS,
+        block_threshold=block_threshold or None,
+        start_percent=start_percent,
+        end_percent=end_percent,
+        cache_dtype=CACHE_DTYPES[cache_precision],
+        cache_device=CACHE_DEVICES[cache_device],
+    )
+    if critical < early_warning:
+        raise XSlimSetupError(
+            f"X-Slim: the critical threshold ({critical}) is below the early-warning threshold ({early_warning}). "
+            "Critical must be the higher line: swap the two values."
+        )
+    try:
+        if speed == "custom":
+            mode = dict(mode="schedule", warn=early_warning) if prof else dict(mode="online", warn=early_warning, crit=critical)
+            config = XSlimConfig(**mode, **common)
+        elif prof is not None:
+            config = XSlimConfig(mode="schedule", target_speedup=PRESETS[speed]["target_speedup"], **common)
+        else:
+            config = XSlimConfig(**ONLINE_PRESETS[speed], **common)
+    except ValueError as e:
+        raise XSlimSetupError(str(e)) from None
+    return XSlimSettings(config, prof)
+
+
+def parse_setting_line(line: str) -> tuple[str, XSlimSettings | None]:
+    """One line of the compare node: ``uncached``, ``slow``, ``fast``, ``custom warn=0.2 crit=0.5``,
+    optionally with ``profile=<name>`` and ``block=<threshold>``. Returns (label, settings or None)."""
+    words = line.split()
+    if not words:
+        raise XSlimSetupError("X-Slim Compare: empty setting line.")
+    head, options = words[0].lower(), {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise XSlimSetupError(f"X-Slim Compare: {word!r} in line {line!r} is not key=value (keys: warn, crit, block, profile).")
+        options[key.lower()] = value
+    if head in ("uncached", "off", "none"):
+        return "uncached", None
+    unknown = set(options) - {"warn", "crit", "block", "profile"}
+    if unknown:
+        raise XSlimSetupError(f"X-Slim Compare: unknown key(s) {sorted(unknown)} in line {line!r}; use warn, crit, block, profile.")
+    try:
+        numbers = {k: float(options[k]) for k in ("warn", "crit", "block") if k in options}
+    except ValueError:
+        raise XSlimSetupError(f"X-Slim Compare: a threshold in line {line!r} is not a number.") from None
+    settings = make_settings(
+        preset=head,
+        profile=options.get("profile", NO_PROFILE),
+        early_warning=numbers.get("warn", 0.1),
+        critical=numbers.get("crit", max(0.3, numbers.get("warn", 0.1))),
+        block_threshold=numbers.get("block", 0.0),
+    )
+    return line.strip(), settings

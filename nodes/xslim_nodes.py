@@ -1,0 +1,246 @@
+"""The pack's ComfyUI nodes (V3 schema). Each ``execute`` is a few lines over ``settings``, ``host`` and
+``runner``, which hold the logic."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from comfy_api.latest import io
+
+from ..xslim_core.demo_model.teacher import CLASSES, classes_path, default_weights_path
+from .host import install
+from .pictures import decision_map, labelled_grid
+from .runner import cached_run, decode, last_report, sample_latent
+from .settings import CACHE_DEVICES, CACHE_DTYPES, PRESET_NAMES, make_settings, parse_setting_line, profile_names, save_profile
+
+CATEGORY = "X-Slim"
+
+
+def _sampling_inputs() -> list:
+    import comfy.samplers
+
+    return [
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+        io.Latent.Input("latent_image"),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+        io.Int.Input("steps", default=20, min=1, max=1000),
+        io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+    ]
+
+
+class XSlimCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimCache",
+            display_name="X-Slim Cache",
+            category=CATEGORY,
+            description="Training-free caching for diffusion transformers (FLUX, SD3/SD3.5, HunyuanVideo): skips whole "
+            "steps while the accumulated change is small, refreshes only the changing blocks between the two lines, "
+            "computes fully past the critical line. Put it after the model loader (and LoRA / ModelSampling nodes).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("preset", options=PRESET_NAMES, default="auto", tooltip=(
+                    "slow: about 3x fewer block evaluations, quality first. fast: about 4.6x. auto: slow. custom: your "
+                    "thresholds below. With a profile the presets hit these ratios on that model; without one the "
+                    "online controller uses fixed lines.")),
+                io.Combo.Input("profile", options=profile_names(), tooltip=(
+                    "A profile recorded on this model with X-Slim Profile (a schedule made from one uncached run). "
+                    "'none (online)': decide step by step from the predicted change.")),
+                io.Float.Input("early_warning", default=0.1, min=0.0, max=10.0, step=0.01, tooltip=(
+                    "custom only. Below this line whole steps are skipped. Online: predicted relative change of the "
+                    "step residual; with a profile: multiple of the mean step change.")),
+                io.Float.Input("critical", default=0.3, min=0.0, max=10.0, step=0.01, tooltip=(
+                    "custom, online only. Past this line a step computes fully; between the lines only the changing "
+                    "blocks are recomputed. Must not be below early_warning. 0 and 0 turn caching off.")),
+                io.Float.Input("block_threshold", default=0.0, min=0.0, max=10.0, step=0.001, tooltip=(
+                    "At a block refresh, blocks whose residual changed less than this are reused. 0: the median "
+                    "change of each block stack (from the profile, or the last full step).")),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Caching acts from this fraction of the schedule..."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="...up to this one; outside, every step computes fully."),
+                io.Combo.Input("cache_precision", options=list(CACHE_DTYPES), default="same as model", tooltip="fp16/bf16 halve the cache's memory."),
+                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="same as model", tooltip="cpu keeps the cache off the GPU (slower)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with X-Slim; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, profile, early_warning, critical, block_threshold, start_percent, end_percent,
+                cache_precision, cache_device) -> io.NodeOutput:
+        settings = make_settings(preset, profile, early_warning, critical, block_threshold, start_percent, end_percent,
+                                 cache_precision, cache_device)
+        return io.NodeOutput(install(model, settings))
+
+
+class XSlimStats(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimStats",
+            display_name="X-Slim Stats",
+            category=CATEGORY,
+            description="What X-Slim did in the last run of this model: a per-step decision map and a JSON summary.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of X-Slim Cache."),
+                io.Latent.Input("samples", tooltip="The sampler's output, so this node runs after it."),
+            ],
+            outputs=[io.Image.Output(display_name="decision_map"), io.String.Output(display_name="summary")],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, samples) -> io.NodeOutput:
+        report = last_report(model)
+        info = {"summary": report.summary, **report.stats.as_dict()}
+        return io.NodeOutput(decision_map(report.pattern_rows, report.summary), json.dumps(info, indent=1))
+
+
+class XSlimProfile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimProfile",
+            display_name="X-Slim Profile",
+            category=CATEGORY,
+            description="Samples once without caching, records how much each step and block changes, and saves it as a "
+            "profile in ComfyUI's user folder (xslim/profiles). X-Slim Cache can then select it.",
+            inputs=[io.Model.Input("model"), *_sampling_inputs(),
+                    io.String.Input("profile_name", default="my-model", tooltip="File name of the profile (letters, digits, . _ -).")],
+            outputs=[io.Latent.Output(), io.String.Output(display_name="profile_path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, profile_name) -> io.NodeOutput:
+        from ..xslim_core import XSlimConfig
+        from .host import XSlimSettings, XSlimSetupError
+
+        settings = XSlimSettings(XSlimConfig(mode="off"), record_profile=True)
+        out, _, report = cached_run(model, settings, lambda m: sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative))
+        if report is None or report.profile is None:
+            raise XSlimSetupError(
+                f"X-Slim Profile: the run did not visit every step of its schedule (sampler {sampler_name!r} evaluates "
+                "between steps). Profile with a one-evaluation-per-step sampler such as euler."
+            )
+        path = save_profile(report.profile, profile_name)
+        return io.NodeOutput({"samples": out}, path)
+
+
+DEFAULT_COMPARE = "uncached\nslow\nfast\ncustom warn=0.3 crit=0.6"
+
+
+class XSlimCompare(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimCompare",
+            display_name="X-Slim Compare",
+            category=CATEGORY,
+            description="Samples the same seed uncached and with each setting, and returns one annotated grid: effective "
+            "NFE, fewer block evaluations, time, and PSNR/SSIM against the uncached image.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model WITHOUT X-Slim (the node adds it per setting)."),
+                *_sampling_inputs(),
+                io.String.Input("settings", multiline=True, default=DEFAULT_COMPARE, tooltip=(
+                    "One setting per line: uncached | slow | fast | auto | custom warn=W crit=C, each optionally with "
+                    "profile=NAME and block=THRESHOLD.")),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the latents; without it the demo model's decoder or a latent preview is used."),
+            ],
+            outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="table")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, settings, vae=None) -> io.NodeOutput:
+        import comfy.utils
+
+        from ..xslim_core.metrics import paired_fidelity
+
+        lines = [parse_setting_line(line) for line in settings.splitlines() if line.strip()]
+        lines = [("uncached", None)] + [item for item in lines if item[1] is not None]
+        bar = comfy.utils.ProgressBar(len(lines) + 1)
+
+        def sample(m):
+            return sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative)
+
+        results = []
+        for label, s in lines:
+            results.append((label, *cached_run(model, s, sample)))
+            bar.update(1)
+        _, again, _ = cached_run(model, None, sample)  # the uncached time twice: the first run also warms up
+        bar.update(1)
+        base_time = min(results[0][2], again)
+        reference = decode(results[0][1], vae)
+        columns, labels, table = [], [], ["| setting | effective NFE | fewer blocks | time s | speed-up | PSNR dB | SSIM |", "|---|---|---|---|---|---|---|"]
+        for label, latent, seconds, report in results:
+            images = decode(latent, vae)
+            fid = paired_fidelity(images.permute(0, 3, 1, 2), reference.permute(0, 3, 1, 2))
+            nfe = report.stats.effective_nfe if report else float(steps)
+            ratio = steps / max(nfe, 1e-9)
+            psnr = "identical" if fid["psnr"] >= 100 else f"{fid['psnr']:.1f} dB"
+            columns.append(images)
+            labels.append([label, f"NFE {nfe:.1f} ({ratio:.2f}x fewer)", f"{seconds:.2f}s ({base_time / seconds:.2f}x)", f"PSNR {psnr}", f"SSIM {fid['ssim']:.3f}"])
+            table.append(f"| {label} | {nfe:.1f} | {ratio:.2f}x | {seconds:.2f} | {base_time / seconds:.2f}x | {fid['psnr']:.2f} | {fid['ssim']:.3f} |")
+        return io.NodeOutput(labelled_grid(columns, labels), "\n".join(table))
+
+
+class XSlimDemoClass(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimDemoClass",
+            display_name="X-Slim Demo Class",
+            category=f"{CATEGORY}/demo",
+            description="Conditioning for the shipped demo model (Fashion-MNIST, loads with UNETLoader as demo_teacher.safetensors).",
+            inputs=[io.Combo.Input("class_name", options=CLASSES + ["unconditional"], default=CLASSES[0],
+                                   tooltip="'unconditional' is the negative for classifier-free guidance.")],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, class_name) -> io.NodeOutput:
+        from safetensors import safe_open
+
+        index = (CLASSES + ["unconditional"]).index(class_name)
+        with safe_open(classes_path(default_weights_path()), framework="pt") as f:
+            context, pooled = f.get_tensor("context")[index : index + 1], f.get_tensor("pooled")[index : index + 1]
+        return io.NodeOutput([[context, {"pooled_output": pooled}]])
+
+
+class XSlimDemoDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimDemoDecode",
+            display_name="X-Slim Demo Decode",
+            category=f"{CATEGORY}/demo",
+            description="The demo model's exact, weight-free decoder (pixel shuffle): latent -> 28x28 image.",
+            inputs=[io.Latent.Input("samples")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples) -> io.NodeOutput:
+        from .pictures import demo_decode, is_demo_latent
+        from .host import XSlimSetupError
+
+        x = samples["samples"]
+        if not is_demo_latent(x):
+            raise XSlimSetupError(f"X-Slim Demo Decode: expected the demo model's latent [B, 16, 1, 8, 8] (EmptyHunyuanLatentVideo 64x64, length 1), got {list(x.shape)}.")
+        return io.NodeOutput(demo_decode(x))
+
+
+NODES = [XSlimCache, XSlimStats, XSlimProfile, XSlimCompare, XSlimDemoClass, XSlimDemoDecode]
+
+
+def register_demo_model_folder() -> None:
+    """Make the shipped demo model visible to UNETLoader (models/diffusion_models stays untouched)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(default_weights_path()))
+
+
+__all__ = ["NODES", "register_demo_model_folder"]
