@@ -38,6 +38,9 @@ class RunReport:
     pattern_rows: dict  # row key -> letters
     sigmas: list
     profile: Profile | None = None
+    planned: str | None = None  # schedule mode: the planned decision letters and block evaluations per row
+    predicted_block_evals: float | None = None
+    interrupted: bool = False
 
 
 @dataclass
@@ -135,11 +138,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         log.warning("X-Slim: another node replaced some of X-Slim's block patches after the X-Slim node; this run is uncached. Put X-Slim last.")
         return executor(*args, **kwargs)
     guider.model_options["transformer_options"][RUN] = engine
-    finished = False
+    finished, schedule = False, None
     try:
         with engine.run(sigmas):
             out = executor(*args, **kwargs)
-            finished = True
+            finished, schedule = True, engine.schedule
         return out
     finally:
         guider.model_options = original_options
@@ -147,8 +150,20 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         summary = stats.summary() + ("" if finished else " (run interrupted)")
         log.info(summary)
         print(summary)  # the console is where ComfyUI users look
-        profile = engine._last_profile if settings.record_profile else None
-        settings.add_report(RunReport(summary, stats, {r: stats.pattern(r) for r in stats.decisions}, sigmas, profile))
+        settings.add_report(RunReport(
+            summary, stats, {r: stats.pattern(r) for r in stats.decisions}, sigmas,
+            profile=_recorded(engine) if settings.record_profile and finished else None,
+            planned=schedule.pattern if schedule else None,
+            predicted_block_evals=schedule.predicted_block_evals if schedule else None,
+            interrupted=not finished,
+        ))
+
+
+def _recorded(engine: XSlimEngine) -> Profile | None:
+    try:
+        return engine.recorded_profile
+    except RuntimeError:  # the sampler evaluated between steps: no complete profile
+        return None
 
 
 class ComfyModelCall:

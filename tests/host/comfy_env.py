@@ -92,14 +92,16 @@ def latent_shape(family: str, batch: int = 1, side: int = 16) -> tuple:
 
 
 def sample(model, family: str, *, steps=12, cfg=2.0, batch=1, side=16, seed=0, sampler="euler", scheduler="simple",
-           positive=None, negative=None, denoise=1.0, latent=None):
+           positive=None, negative=None, denoise=1.0, latent=None, noise=None, callback=None):
     """Sampling the way KSampler does it (comfy.sample.sample), on fixed noise; returns the latent."""
     import comfy.sample
 
     shape = latent_shape(family, batch, side)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    latent = torch.zeros(shape) if latent is None else latent
+    if latent is not None:
+        shape = tuple(latent.shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if noise is None else noise
+    latent = torch.zeros(noise.shape) if latent is None else latent
     positive = positive or conditioning(family, 1)
     negative = negative or conditioning(family, 2, length=4)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               denoise=denoise, disable_pbar=True, seed=seed)
+                               denoise=denoise, disable_pbar=True, seed=seed, callback=callback)

@@ -1,12 +1,11 @@
 """The shipped demo teacher through ComfyUI's own UNETLoader (needs a ComfyUI checkout; skips without one).
 
-ComfyUI is looked for at $COMFYUI_PATH, then ~/ComfyUI. The test imports it in-process on the CPU.
+ComfyUI is found and imported by tests/host/comfy_env.py.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -14,28 +13,10 @@ import torch
 from xslim_core.demo_model import latents
 from xslim_core.demo_model.teacher import WEIGHTS_DIR, default_weights_path, load_teacher, velocity
 
-COMFY = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI")
-
-
-def import_comfy():
-    if not os.path.isdir(os.path.join(COMFY, "comfy")):
-        pytest.skip(f"no ComfyUI checkout at {COMFY} (set COMFYUI_PATH)")
-    if COMFY not in sys.path:
-        sys.path.insert(0, COMFY)
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True
-        import comfy.sd  # noqa: F401
-        import folder_paths
-    except Exception as err:  # a ComfyUI whose requirements are not installed in this environment
-        pytest.skip(f"ComfyUI at {COMFY} does not import in this environment: {err!r}")
-    return folder_paths
-
 
 @pytest.mark.skipif(not os.path.exists(default_weights_path()), reason="the demo teacher weights are not built yet")
 def test_unetloader_detects_the_demo_teacher_and_computes_what_diffusers_computes():
-    folder_paths = import_comfy()
+    import folder_paths
     import comfy.sd
 
     folder_paths.add_model_folder_path("diffusion_models", WEIGHTS_DIR)
