@@ -105,3 +105,15 @@ def sample(model, family: str, *, steps=12, cfg=2.0, batch=1, side=16, seed=0, s
     negative = negative or conditioning(family, 2, length=4)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                denoise=denoise, disable_pbar=True, seed=seed, callback=callback)
+
+
+def tiny_wan():
+    """A model family X-Slim does not cover (ComfyUI's own Wan 2.1 class), for the error path."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    cfg = sm.WAN21_T2V(dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=256, text_dim=64,
+                            num_heads=2, num_layers=2, in_dim=16, out_dim=16))
+    cfg.set_inference_dtype(torch.float32, None)
+    return comfy.model_patcher.ModelPatcher(cfg.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

@@ -1,0 +1,73 @@
+"""Bad input reaches the user as a clear message while the node runs (ComfyUI's error dialog), never as a
+crash inside the sampler; the model without the node keeps working."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_env as ce
+
+
+def xslim_cache(model, **widgets):
+    from comfyui_xslim.nodes.xslim_nodes import XSlimCache
+
+    values = dict(preset="custom", profile="none (online)", early_warning=0.1, critical=0.3, block_threshold=0.0,
+                  start_percent=0.0, end_percent=1.0, cache_precision="same as model", cache_device="same as model")
+    values.update(widgets)
+    return XSlimCache.execute(model, **values).args[0]
+
+
+def test_unsupported_model_type_names_the_model_and_the_supported_families(pack):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    wan = ce.tiny_wan()
+    with pytest.raises(XSlimSetupError, match=r"does not support WanModel.*FLUX.*HunyuanVideo.*SD3.*Remove the X-Slim node"):
+        xslim_cache(wan)
+
+
+def test_critical_below_early_warning_is_refused_with_the_fix(pack):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    with pytest.raises(XSlimSetupError, match=r"critical threshold \(0.1\) is below the early-warning threshold \(0.5\).*swap"):
+        xslim_cache(ce.tiny_model("sd3"), early_warning=0.5, critical=0.1)
+
+
+def test_profile_of_another_family_is_refused_and_the_model_still_samples(pack, user_dir):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+    from comfyui_xslim.nodes.settings import save_profile
+    from comfyui_xslim.xslim_core import Profile
+
+    flux_profile = Profile(family="flux", sigmas=[1.0, 0.5, 0.0], step_change=[0.1, 0.1], block_change=[[0.1] * 5] * 2,
+                           stacks=[("double", 2), ("single", 3)])
+    save_profile(flux_profile, "flux-profile")
+    sd3 = ce.tiny_model("sd3")
+    with pytest.raises(XSlimSetupError, match=r"profile/preset is for 'flux' models.*SD3.*choose another profile"):
+        xslim_cache(sd3, preset="fast", profile="flux-profile")
+    out = ce.sample(sd3, "sd3", steps=4)
+    assert torch.isfinite(out).all()
+
+
+def test_unknown_and_damaged_profiles_are_named(pack, user_dir):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    with pytest.raises(XSlimSetupError, match=r"no profile named 'missing'.*X-Slim Profile node"):
+        xslim_cache(ce.tiny_model("sd3"), preset="slow", profile="missing")
+    folder = user_dir / "xslim" / "profiles"
+    folder.mkdir(parents=True)
+    (folder / "broken.json").write_text("{not json")
+    with pytest.raises(XSlimSetupError, match=r"broken.json cannot be read.*Record it again"):
+        xslim_cache(ce.tiny_model("sd3"), preset="slow", profile="broken")
+
+
+def test_compare_lines_are_checked_before_any_sampling(pack):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+    from comfyui_xslim.nodes.settings import parse_setting_line
+
+    assert parse_setting_line("uncached") == ("uncached", None)
+    label, settings = parse_setting_line("custom warn=0.2 crit=0.4")
+    assert label == "custom warn=0.2 crit=0.4" and settings.config.warn == 0.2 and settings.config.crit == 0.4
+    for line, message in (("custom warn=abc", "not a number"), ("slow speed=2", "unknown key"), ("turbo", "unknown preset"),
+                          ("custom warn=0.5 crit=0.1", "below the early-warning")):
+        with pytest.raises(XSlimSetupError, match=message):
+            parse_setting_line(line)

@@ -1,0 +1,230 @@
+"""Writes the example workflows in ComfyUI's UI format (what the Templates browser lists).
+
+Run ``python workflows/build_workflows.py`` after changing a node's widgets; the host tests check every
+file against a real ComfyUI's /object_info (node types, widget order and values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+# type -> (input sockets, outputs); only the types these workflows use
+SOCKETS = {
+    "UNETLoader": ([], ["MODEL"]),
+    "CheckpointLoaderSimple": ([], ["MODEL", "CLIP", "VAE"]),
+    "DualCLIPLoader": ([], ["CLIP"]),
+    "VAELoader": ([], ["VAE"]),
+    "ModelSamplingSD3": ([("model", "MODEL")], ["MODEL"]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["CONDITIONING"]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], ["CONDITIONING"]),
+    "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], ["CONDITIONING"]),
+    "EmptySD3LatentImage": ([], ["LATENT"]),
+    "EmptyHunyuanLatentVideo": ([], ["LATENT"]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")], ["LATENT"]),
+    "BasicGuider": ([("model", "MODEL"), ("conditioning", "CONDITIONING")], ["GUIDER"]),
+    "RandomNoise": ([], ["NOISE"]),
+    "KSamplerSelect": ([], ["SAMPLER"]),
+    "BasicScheduler": ([("model", "MODEL")], ["SIGMAS"]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")], ["LATENT", "LATENT"]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ["IMAGE"]),
+    "VAEDecodeTiled": ([("samples", "LATENT"), ("vae", "VAE")], ["IMAGE"]),
+    "CreateVideo": ([("images", "IMAGE")], ["VIDEO"]),
+    "SaveVideo": ([("video", "VIDEO")], []),
+    "SaveImage": ([("images", "IMAGE")], []),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "PreviewAny": ([("source", "*")], []),
+    "XSlimCache": ([("model", "MODEL")], ["MODEL"]),
+    "XSlimStats": ([("model", "MODEL"), ("samples", "LATENT")], ["IMAGE", "STRING"]),
+    "XSlimCompare": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT"), ("vae", "VAE")], ["IMAGE", "STRING"]),
+    "XSlimDemoClass": ([], ["CONDITIONING"]),
+    "XSlimDemoDecode": ([("samples", "LATENT")], ["IMAGE"]),
+}
+CACHE_AUTO = ["auto", "none (online)", 0.1, 0.3, 0.0, 0.0, 1.0, "same as model", "same as model"]
+COMPARE_LINES = "uncached\nslow\nfast\ncustom warn=0.3 crit=0.6"
+
+
+class Workflow:
+    def __init__(self, title: str):
+        self.title, self.nodes, self.links = title, [], []
+
+    def node(self, type_: str, widgets: list, title: str | None = None) -> int:
+        sockets, outputs = SOCKETS[type_]
+        n = len(self.nodes) + 1
+        col, row = divmod(n - 1, 4)
+        self.nodes.append({
+            "id": n, "type": type_, "pos": [40 + 380 * col, 60 + 260 * row], "size": [340, 200], "flags": {},
+            "order": n - 1, "mode": 0,
+            "inputs": [{"name": name, "type": t, "link": None} for name, t in sockets],
+            "outputs": [{"name": t, "type": t, "links": [], "slot_index": i} for i, t in enumerate(outputs)],
+            "properties": {"Node name for S&R": type_}, "widgets_values": widgets,
+            **({"title": title} if title else {}),
+        })
+        return n
+
+    def link(self, src: int, slot: int, dst: int, input_name: str) -> None:
+        link_id = len(self.links) + 1
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        inp = next(i for i in target["inputs"] if i["name"] == input_name)
+        inp["link"] = link_id
+        source["outputs"][slot]["links"].append(link_id)
+        self.links.append([link_id, src, slot, dst, target["inputs"].index(inp), source["outputs"][slot]["type"]])
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.title, "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"title": self.title}}, "version": 0.4,
+        }
+
+
+def sampling_tail(w: Workflow, model: int, pos: int, neg: int, latent: int, vae: int, ksampler: list, prefix: str) -> None:
+    """KSampler -> decode -> save, plus the statistics of the cached run."""
+    ks = w.node("KSampler", ksampler)
+    for name, src in (("model", model), ("positive", pos), ("negative", neg), ("latent_image", latent)):
+        w.link(src, 0, ks, name)
+    dec = w.node("VAEDecode", [])
+    w.link(ks, 0, dec, "samples")
+    w.link(vae[0], vae[1], dec, "vae")
+    save = w.node("SaveImage", [prefix])
+    w.link(dec, 0, save, "images")
+    add_stats(w, model, ks)
+
+
+def add_stats(w: Workflow, cached: int, sampler: int) -> None:
+    stats = w.node("XSlimStats", [])
+    w.link(cached, 0, stats, "model")
+    w.link(sampler, 0, stats, "samples")
+    preview, text = w.node("PreviewImage", [], "X-Slim decision map"), w.node("PreviewAny", [], "X-Slim summary")
+    w.link(stats, 0, preview, "images")
+    w.link(stats, 1, text, "source")
+
+
+def add_compare(w: Workflow, model: int, pos: int, neg: int, latent: int, vae, settings: list, prefix: str) -> None:
+    cmp_ = w.node("XSlimCompare", settings)
+    for name, src in (("model", model), ("positive", pos), ("negative", neg), ("latent_image", latent)):
+        w.link(src, 0, cmp_, name)
+    if vae is not None:
+        w.link(vae[0], vae[1], cmp_, "vae")
+    save = w.node("SaveImage", [prefix], "comparison grid")
+    w.link(cmp_, 0, save, "images")
+    text = w.node("PreviewAny", [], "comparison table")
+    w.link(cmp_, 1, text, "source")
+
+
+def flux(compare: bool) -> Workflow:
+    w = Workflow("X-Slim FLUX.1-dev" + (" compare" if compare else ""))
+    unet = w.node("UNETLoader", ["flux1-dev.safetensors", "default"])
+    clip = w.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"])
+    text = w.node("CLIPTextEncode", ["a red fox in fresh snow, morning light, 35mm photo"])
+    w.link(clip, 0, text, "clip")
+    pos = w.node("FluxGuidance", [3.5])
+    w.link(text, 0, pos, "conditioning")
+    neg = w.node("ConditioningZeroOut", [])
+    w.link(text, 0, neg, "conditioning")
+    latent = w.node("EmptySD3LatentImage", [1024, 1024, 1])
+    vae = w.node("VAELoader", ["ae.safetensors"])
+    if compare:
+        add_compare(w, unet, pos, neg, latent, (vae, 0), [0, "fixed", 20, 1.0, "euler", "simple", COMPARE_LINES], "xslim_flux_compare")
+        return w
+    cache = w.node("XSlimCache", CACHE_AUTO)
+    w.link(unet, 0, cache, "model")
+    sampling_tail(w, cache, pos, neg, latent, (vae, 0), [0, "randomize", 20, 1.0, "euler", "simple", 1.0], "xslim_flux")
+    return w
+
+
+def sd35(compare: bool) -> Workflow:
+    w = Workflow("X-Slim SD3.5" + (" compare" if compare else ""))
+    ckpt = w.node("CheckpointLoaderSimple", ["sd3.5_large_fp8_scaled.safetensors"])
+    shift = w.node("ModelSamplingSD3", [3.0])
+    w.link(ckpt, 0, shift, "model")
+    pos = w.node("CLIPTextEncode", ["a lighthouse on a cliff at dusk, oil painting"])
+    neg = w.node("CLIPTextEncode", ["blurry, low quality"])
+    w.link(ckpt, 1, pos, "clip")
+    w.link(ckpt, 1, neg, "clip")
+    latent = w.node("EmptySD3LatentImage", [1024, 1024, 1])
+    if compare:
+        add_compare(w, shift, pos, neg, latent, (ckpt, 2), [0, "fixed", 28, 4.5, "euler", "sgm_uniform", COMPARE_LINES], "xslim_sd35_compare")
+        return w
+    cache = w.node("XSlimCache", CACHE_AUTO)
+    w.link(shift, 0, cache, "model")
+    sampling_tail(w, cache, pos, neg, latent, (ckpt, 2), [0, "randomize", 28, 4.5, "euler", "sgm_uniform", 1.0], "xslim_sd35")
+    return w
+
+
+def hunyuan_video(compare: bool) -> Workflow:
+    w = Workflow("X-Slim HunyuanVideo text-to-video" + (" compare" if compare else ""))
+    unet = w.node("UNETLoader", ["hunyuan_video_t2v_720p_bf16.safetensors", "default"])
+    shift = w.node("ModelSamplingSD3", [7.0])
+    w.link(unet, 0, shift, "model")
+    clip = w.node("DualCLIPLoader", ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors", "hunyuan_video", "default"])
+    text = w.node("CLIPTextEncode", ["a paper boat drifting down a rainy street, cinematic"])
+    w.link(clip, 0, text, "clip")
+    pos = w.node("FluxGuidance", [6.0])
+    w.link(text, 0, pos, "conditioning")
+    vae = w.node("VAELoader", ["hunyuan_video_vae_bf16.safetensors"])
+    if compare:  # short clip: every setting samples and decodes it once
+        latent = w.node("EmptyHunyuanLatentVideo", [848, 480, 25, 1])
+        neg = w.node("ConditioningZeroOut", [])
+        w.link(text, 0, neg, "conditioning")
+        add_compare(w, shift, pos, neg, latent, (vae, 0), [0, "fixed", 20, 1.0, "euler", "simple", COMPARE_LINES], "xslim_hunyuan_compare")
+        return w
+    latent = w.node("EmptyHunyuanLatentVideo", [848, 480, 73, 1])
+    cache = w.node("XSlimCache", CACHE_AUTO)
+    w.link(shift, 0, cache, "model")
+    guider = w.node("BasicGuider", [])
+    w.link(cache, 0, guider, "model")
+    w.link(pos, 0, guider, "conditioning")
+    noise, sampler = w.node("RandomNoise", [0, "randomize"]), w.node("KSamplerSelect", ["euler"])
+    sigmas = w.node("BasicScheduler", ["simple", 20, 1.0])
+    w.link(shift, 0, sigmas, "model")
+    sca = w.node("SamplerCustomAdvanced", [])
+    for name, src in (("noise", noise), ("guider", guider), ("sampler", sampler), ("sigmas", sigmas), ("latent_image", latent)):
+        w.link(src, 0, sca, name)
+    dec = w.node("VAEDecodeTiled", [256, 64, 64, 8])
+    w.link(sca, 0, dec, "samples")
+    w.link(vae, 0, dec, "vae")
+    video = w.node("CreateVideo", [24.0])
+    w.link(dec, 0, video, "images")
+    save = w.node("SaveVideo", ["video/xslim_hunyuan", "auto", "auto"])
+    w.link(video, 0, save, "video")
+    add_stats(w, cache, sca)
+    return w
+
+
+def demo_cpu() -> Workflow:
+    """The shipped demo model (Fashion-MNIST, HunyuanVideo architecture): runs on any CPU in about a minute."""
+    w = Workflow("X-Slim demo on CPU (no GPU needed)")
+    unet = w.node("UNETLoader", ["demo_teacher.safetensors", "default"])
+    shift = w.node("ModelSamplingSD3", [1.0])
+    w.link(unet, 0, shift, "model")
+    pos, neg = w.node("XSlimDemoClass", ["Sneaker"]), w.node("XSlimDemoClass", ["unconditional"])
+    latent = w.node("EmptyHunyuanLatentVideo", [64, 64, 1, 4])
+    cache = w.node("XSlimCache", ["slow", "demo_teacher", 0.1, 0.3, 0.0, 0.0, 1.0, "same as model", "same as model"])
+    w.link(shift, 0, cache, "model")
+    ks = w.node("KSampler", [0, "fixed", 30, 3.0, "euler", "simple", 1.0])
+    for name, src in (("model", cache), ("positive", pos), ("negative", neg), ("latent_image", latent)):
+        w.link(src, 0, ks, name)
+    dec = w.node("XSlimDemoDecode", [])
+    w.link(ks, 0, dec, "samples")
+    save = w.node("SaveImage", ["xslim_demo"])
+    w.link(dec, 0, save, "images")
+    add_stats(w, cache, ks)
+    add_compare(w, shift, pos, neg, latent, None, [0, "fixed", 30, 3.0, "euler", "simple",
+                                                 "uncached\nslow profile=demo_teacher\nfast profile=demo_teacher\nslow\nfast"], "xslim_demo_compare")
+    return w
+
+
+WORKFLOWS = {
+    "xslim_demo_cpu.json": demo_cpu(),
+    "xslim_flux_dev.json": flux(False), "xslim_flux_dev_compare.json": flux(True),
+    "xslim_sd35.json": sd35(False), "xslim_sd35_compare.json": sd35(True),
+    "xslim_hunyuan_video_t2v.json": hunyuan_video(False), "xslim_hunyuan_video_t2v_compare.json": hunyuan_video(True),
+}
+
+if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, workflow in WORKFLOWS.items():
+        with open(os.path.join(here, name), "w") as f:
+            json.dump(workflow.to_json(), f, indent=1)
+        print("wrote", name)
