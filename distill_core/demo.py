@@ -16,23 +16,29 @@ import sys
 import time
 from dataclasses import asdict
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from .config import RunConfig
 from .runtime import STUDENT_FILE, run_training
 
-STAGE1_ITERATIONS, STAGE2_ITERATIONS, BATCH = 300, 300, 16
+# Scaled to two CPU cores: batch 16, a few hundred iterations, learning rates raised over the SD3 recipe.
+STAGE1_ITERATIONS, STAGE2_ITERATIONS, BATCH = 400, 600, 16
+STAGE1 = {"lr_student": 4e-5, "lr_fake": 3.2e-4}
+STAGE2 = {"lr_student": 2e-5, "disc_warmup": 50, "comp_warmup": 150}
 
 
 def demo_runs(out: str) -> list[RunConfig]:
     """The run configs in dependency order (Stage II reads the Stage-I student files)."""
     def s1(name, **stage1):
         return RunConfig(run_dir=os.path.join(out, name), stage="stage1", iterations=STAGE1_ITERATIONS, batch_size=BATCH,
-                         stage1=stage1)
+                         stage1={**STAGE1, **stage1})
 
     def s2(name, first, last):
         return RunConfig(run_dir=os.path.join(out, name), stage="stage2", iterations=STAGE2_ITERATIONS, batch_size=BATCH,
                          init_student=os.path.join(out, "stage1_n2", STUDENT_FILE),
                          reference=os.path.join(out, "stage1_n4", STUDENT_FILE),
-                         stage2={"cache_first": first, "cache_last": last})
+                         stage2={**STAGE2, "cache_first": first, "cache_last": last})
 
     return [
         s1("stage1_n2", steps=2),
@@ -44,17 +50,47 @@ def demo_runs(out: str) -> list[RunConfig]:
     ]
 
 
+def finished(cfg: RunConfig) -> bool:
+    """A run is finished when its exported student has the full iteration budget (a stopped run exports too)."""
+    path = os.path.join(cfg.run_dir, STUDENT_FILE)
+    if not os.path.exists(path):
+        return False
+    with safe_open(path, framework="pt") as f:
+        return int((f.metadata() or {}).get("iterations", -1)) >= cfg.iterations
+
+
+SHIPPED = {"stage2_c175": "student_1x_175.safetensors", "stage2_c167": "student_1x_167.safetensors"}
+
+
+def ship(out: str, weights_dir: str) -> None:
+    """Copy the 1.x students into the package as fp16 (half the size; the sampler computes in fp32)."""
+    os.makedirs(weights_dir, exist_ok=True)
+    for run, name in SHIPPED.items():
+        src = os.path.join(out, run, STUDENT_FILE)
+        with safe_open(src, framework="pt") as f:
+            tensors = {k: f.get_tensor(k).half() for k in f.keys()}
+            meta = dict(f.metadata() or {})
+        dst = os.path.join(weights_dir, name)
+        save_file(tensors, dst + ".tmp", metadata={**meta, "dtype": "float16"})
+        os.replace(dst + ".tmp", dst)
+        print(f"[demo] shipped {src} -> {dst}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/work/runs/distill/demo")
     parser.add_argument("--only", nargs="*", help="run only these names")
+    parser.add_argument("--ship", action="store_true", help="copy the finished 1.x students to distill_core/weights (fp16)")
     args = parser.parse_args(argv)
+    if args.ship:
+        ship(args.out, os.path.join(os.path.dirname(__file__), "weights"))
+        return 0
     start = time.time()
     for cfg in demo_runs(args.out):
         name = os.path.basename(cfg.run_dir)
         if args.only and name not in args.only:
             continue
-        if os.path.exists(os.path.join(cfg.run_dir, STUDENT_FILE)):
+        if finished(cfg):
             print(f"[demo] {name}: done already")
             continue
         os.makedirs(cfg.run_dir, exist_ok=True)

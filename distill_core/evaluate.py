@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from xslim_core.demo_model.classifier import load_classifier
 from xslim_core.demo_model.grid import class_noise, images_to_grid
@@ -51,15 +52,25 @@ def find_student(runs: str, run_name: str, shipped: str | None) -> str | None:
     return None
 
 
-def teacher_rows(teacher, noise, labels, guidance: float) -> list[tuple[str, str, float, torch.Tensor]]:
+TEACHER_SETTINGS = ((50, "cfg"), (4, "cfg"), (2, "cfg"), (2, None))
+
+
+def teacher_rows(teacher, noise, labels, guidance: float, cache_path: str | None) -> list[tuple[str, str, float, torch.Tensor]]:
+    """Teacher baselines; their latents are kept in ``cache_path`` (same noise, same settings) across runs."""
+    cached = load_file(cache_path) if cache_path and os.path.exists(cache_path) else {}
     fn = teacher.velocity_fn(labels)
     rows = []
-    for steps, cfg in ((50, guidance), (4, guidance), (2, guidance), (2, None)):
-        t0 = time.time()
-        latents = sample_euler(fn, noise, flow_sigmas(steps), cfg_scale=cfg)
-        name = f"teacher {steps} steps" + (f", CFG {cfg:g}" if cfg else ", no CFG")
-        rows.append((name, f"teacher{steps}" + ("cfg" if cfg else ""), steps * (2 if cfg else 1), latents))
-        print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+    for steps, cfg in TEACHER_SETTINGS:
+        key = f"teacher{steps}" + (cfg or "")
+        scale = guidance if cfg else None
+        if key not in cached:
+            t0 = time.time()
+            cached[key] = sample_euler(fn, noise, flow_sigmas(steps), cfg_scale=scale)
+            print(f"  {key}: {time.time() - t0:.0f} s", flush=True)
+        name = f"teacher {steps} steps" + (f", CFG {guidance:g}" if cfg else ", no CFG")
+        rows.append((name, key, steps * (2 if cfg else 1), cached[key]))
+    if cache_path:
+        save_file({k: v.contiguous() for k, v in cached.items()}, cache_path)
     return rows
 
 
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     metric = DistributionMetrics(classifier, reference)
     noise, labels = class_noise(args.images // 10, seed=args.seed)
     print(f"Evaluating on {len(labels)} images (seed {args.seed})", flush=True)
-    rows = teacher_rows(teacher, noise, labels, args.guidance)
+    cache_path = os.path.join(args.runs, f"teacher_rows_{len(labels)}_{args.seed}_{args.guidance:g}.safetensors")
+    rows = teacher_rows(teacher, noise, labels, args.guidance, cache_path if os.path.isdir(args.runs) else None)
     for name, run_name, shipped, cache in STUDENT_ROWS:
         path = find_student(args.runs, run_name, shipped)
         if path is None:
