@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/work/runs/distill/demo")
     parser.add_argument("--only", nargs="*", help="run only these names")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 shares a busy 2-core machine better)")
     parser.add_argument("--ship", action="store_true", help="copy the finished 1.x students to distill_core/weights (fp16)")
     args = parser.parse_args(argv)
     if args.ship:
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         name = os.path.basename(cfg.run_dir)
         if args.only and name not in args.only:
             continue
+        cfg.threads = args.threads
         if finished(cfg):
             print(f"[demo] {name}: done already")
             continue

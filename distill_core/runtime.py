@@ -109,8 +109,7 @@ class Run:
     def sample(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         t = self.task
         with torch.no_grad():
-            cache = getattr(t, "cache", None)
-            return run_student(t.student, noise, labels, t.sigmas, cache, getattr(t, "compensation", None))
+            return run_student(t.student, noise, labels, t.sigmas, t.cache, t.compensation)
 
     def preview(self) -> None:
         noise, labels = class_noise(4, seed=1234)
@@ -120,8 +119,7 @@ class Run:
 
     def export(self) -> str:
         t, path = self.task, os.path.join(self.cfg.run_dir, STUDENT_FILE)
-        save_student(path, t.student, t.sigmas, self.cfg.stage1.shift if self.cfg.stage == "stage1" else self.cfg.stage2.shift,
-                     getattr(t, "cache", None), getattr(t, "compensation", None), self.base,
+        save_student(path, t.student, t.sigmas, t.cfg.shift, t.cache, t.compensation, self.base,
                      extra={"stage": self.cfg.stage, "iterations": self.iteration})
         return path
 

@@ -45,6 +45,8 @@ def pseudo_huber_dmd_loss(x_hat: torch.Tensor, target: torch.Tensor, normaliser:
 
 
 class Stage1:
+    cache = compensation = None  # the Stage-I student runs every step in full
+
     def __init__(self, cfg: Stage1Config, student: FlowNet, fake: FlowNet, teacher: FlowNet, ranks: Ranks):
         self.cfg, self.student, self.fake, self.teacher, self.ranks = cfg, student, fake, teacher, ranks
         self.grid = teacher_grid(cfg.shift)
