@@ -43,6 +43,7 @@ class Stage2Config:
     real_label: float = 0.8
     disc_blocks: tuple[int, ...] = (3, 7, 11)
     disc_sigma_max: float = 0.3
+    output_weight: float = 0.0  # optional MSE of the cached step's output against the full step's (0 as released)
 
     @property
     def cache(self) -> CacheRange | None:
@@ -95,6 +96,10 @@ class Stage2:
         if iteration >= cfg.disc_warmup and iteration % cfg.g_every == 0:
             fake = self._last_step(x1, delta, labels)
             loss = multilevel_bce(self.disc(fake, labels, gen), cfg.real_label)
+            if cfg.output_weight and self.cache:
+                with torch.no_grad():
+                    full = euler(x1, self.student(x1, torch.full((batch,), self.sigmas[1]), labels), self.sigmas[1], 0.0)
+                loss = loss + cfg.output_weight * torch.nn.functional.mse_loss(fake, full)
             train_student = iteration >= cfg.comp_warmup or self.compensation is None
             steps = [(self.student_params, self.optimizers["student"], train_student)]
             if self.compensation:
