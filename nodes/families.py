@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..xslim_core.adapters import Adapter
-
-IMAGE_ONLY, TXT_FIRST, IMG_FIRST = "image", "txt_first", "img_first"
+from ..xslim_core.tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST
 
 
 @dataclass
@@ -26,7 +25,7 @@ class DictBlockSpec:
     stack: str
     patch: tuple[str, int]
     layout: str  # where the image tokens are in the block's "img" stream
-    attention: tuple = field(default=())  # token level: not reached through this seam yet
+    attention: tuple = field(default=())  # token layout of each attention call the block makes, in order
 
     def bind(self, args, kwargs) -> "DictBlock":
         return DictBlock(self, args[0])
@@ -64,6 +63,13 @@ class DictBlock:
             return img[:, :n_img]
         return img
 
+    def with_image_tokens(self, img: torch.Tensor, tokens: torch.Tensor, n_img: int) -> torch.Tensor:
+        if self.spec.layout == TXT_FIRST:
+            return torch.cat([img[:, : img.shape[1] - n_img], tokens], dim=1)
+        if self.spec.layout == IMG_FIRST:
+            return torch.cat([tokens, img[:, n_img:]], dim=1)
+        return tokens
+
     def pack(self, img: torch.Tensor, txt: torch.Tensor | None) -> dict:
         return {"img": img, "txt": txt} if "txt" in self.arguments else {"img": img}
 
@@ -72,38 +78,62 @@ class ComfyFamily(Adapter):
     """A ComfyUI model family: (stack, attribute of the diffusion model, patch kind) per block stack."""
 
     comfy_stacks: tuple[tuple[str, str, str], ...] = ()
-    single_layout = IMAGE_ONLY
+    single_layout = IMG_ONLY  # image tokens in the single stream
+    attention_layout = IMG_ONLY  # image tokens in the joint attention sequence
 
     def specs(self, diffusion_model) -> list[DictBlockSpec]:
         specs = []
         for stack, attr, kind in self.comfy_stacks:
-            layout = IMAGE_ONLY if kind == "double_block" else self.single_layout
-            for i in range(len(getattr(diffusion_model, attr))):
-                specs.append(DictBlockSpec(len(specs), stack, (kind, i), layout))
+            layout = IMG_ONLY if kind == "double_block" else self.single_layout
+            for i, block in enumerate(getattr(diffusion_model, attr)):
+                specs.append(DictBlockSpec(len(specs), stack, (kind, i), layout, self.block_attention(block)))
         return specs
+
+    def block_attention(self, block) -> tuple[str, ...]:
+        return (self.attention_layout,)
 
     def stack_sizes(self, diffusion_model) -> list[tuple[str, int]]:
         return [(stack, len(getattr(diffusion_model, attr))) for stack, attr, _ in self.comfy_stacks]
+
+    def gather_positions(self, block: DictBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
+        """RoPE families: keep the text rows and each sample's own image rows of the table ``pe``
+        ([B, 1, N, D/2, 2, 2]); ComfyUI's table has a batch dimension, so rows need no separate calls."""
+        pe = block.arguments.get("pe")
+        if pe is None:
+            return
+        if id(pe) not in memo:
+            n_txt = pe.shape[2] - n_img
+            txt = torch.arange(n_txt, device=idx.device).expand(idx.shape[0], -1)
+            rows = torch.cat([txt, idx + n_txt], 1) if self.attention_layout == TXT_FIRST else torch.cat([idx, txt + n_img], 1)
+            table = pe.expand(idx.shape[0], *pe.shape[1:]) if pe.shape[0] != idx.shape[0] else pe
+            index = rows.to(pe.device).view(rows.shape[0], 1, -1, *([1] * (pe.ndim - 3))).expand(-1, pe.shape[1], -1, *pe.shape[3:])
+            memo[id(pe)] = (pe, table.gather(2, index))  # pe kept alive: its id stays unique
+        block.arguments["pe"] = memo[id(pe)][1]
 
 
 class ComfyFlux(ComfyFamily):
     family, display_name = "flux", "FLUX (dev, schnell, Kontext)"
     model_classes = ("Flux",)
     comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
-    single_layout = TXT_FIRST  # the single stream is cat(txt, img)
+    single_layout = attention_layout = TXT_FIRST  # sequences are cat(txt, img)
 
 
 class ComfyHunyuanVideo(ComfyFamily):
     family, display_name = "hunyuan_video", "HunyuanVideo"
     model_classes = ("HunyuanVideo",)
     comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
-    single_layout = IMG_FIRST  # the single stream is cat(img, txt)
+    single_layout = attention_layout = IMG_FIRST  # sequences are cat(img, txt)
 
 
 class ComfySD3(ComfyFamily):
     family, display_name = "sd3", "SD3 / SD3.5 (MMDiT)"
     model_classes = ("MMDiT",)
     comfy_stacks = (("joint", "joint_blocks", "double_block"),)
+    attention_layout = TXT_FIRST  # joint attention over cat(context, x)
+
+    def block_attention(self, block) -> tuple[str, ...]:
+        extra = getattr(block.x_block, "x_block_self_attn", False)  # SD3.5: a second, image-only attention
+        return (TXT_FIRST, IMG_ONLY) if extra else (TXT_FIRST,)
 
 
 FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3)

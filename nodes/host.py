@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..xslim_core import Profile, XSlimConfig, XSlimEngine, check_profile
+from ..xslim_core import Profile, StepKind, XSlimConfig, XSlimEngine, check_profile
 from ..xslim_core.state import RunStats
 from .families import ComfyFamily, family_for, supported_families
 
@@ -59,7 +59,7 @@ class XSlimSettings:
             raise XSlimSetupError(unsupported_message(diffusion_model))
         return XSlimEngine(
             family, family.specs(diffusion_model), family.stack_sizes(diffusion_model), self.config, self.profile,
-            record_profile=self.record_profile, model_name=type(diffusion_model).__name__,
+            record_profile=self.record_profile, model_name=type(diffusion_model).__name__, attention_seam="host",
         )
 
     def add_report(self, report: RunReport) -> None:
@@ -96,6 +96,8 @@ def install(model_patcher, settings: XSlimSettings):
     m.model_options.setdefault("transformer_options", {})[KEY] = settings
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, apply_model_wrapper)
+    options = m.model_options["transformer_options"]
+    options["optimized_attention_override"] = attention_override(options.get("optimized_attention_override"))
     existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for spec in family.specs(model_patcher.get_model_object("diffusion_model")):
         kind, index = spec.patch
@@ -113,10 +115,42 @@ def block_patch(spec, previous):
         engine = (args.get("transformer_options") or {}).get(RUN)
         if engine is None:
             return run_block(args)
+        ctx = engine._call
+        if ctx is not None and (ctx.plan.kind is StepKind.TOKEN or ctx.plan.capture_kv):
+            ctx.pending = [((spec.index, j), layout) for j, layout in enumerate(spec.attention)]
         return engine.block_call(spec, run_block, (args,), {})
 
     patch.xslim_block = spec.patch
     return patch
+
+
+ATTENTION_ARGS = ("heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
+def attention_override(previous):
+    """ComfyUI's attention override: hands the attention calls of a block that X-Slim watches (token refresh,
+    K/V capture) to the engine as [B, heads, N, head_dim] tensors; any earlier override keeps running."""
+
+    def override(func, *args, **kwargs):
+        def attention(*a, **k):
+            return previous(func, *a, **k) if previous is not None else func(*a, **k)
+
+        engine = (kwargs.get("transformer_options") or {}).get(RUN)
+        ctx = engine._call if engine is not None else None
+        if ctx is None or not ctx.pending:
+            return attention(*args, **kwargs)
+        q, k, v = args[:3]
+        named = {**dict(zip(ATTENTION_ARGS, args[3:])), **kwargs}
+        heads, mask = named.pop("heads"), named.pop("mask", None)
+        if not named.pop("skip_reshape", False):  # [B, N, heads * head_dim] -> [B, heads, N, head_dim]
+            q, k, v = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        ctx.layer = ctx.pending.pop(0)
+        try:
+            return ctx.attend(lambda q_, k_, v_, m_=None: attention(q_, k_, v_, heads, mask=m_, skip_reshape=True, **named), q, k, v, mask)
+        finally:
+            ctx.layer = None
+
+    return override
 
 
 def _patches_intact(model_options: dict, engine: XSlimEngine) -> bool:

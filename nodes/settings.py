@@ -20,7 +20,6 @@ NO_PROFILE = "none (online)"
 SHIPPED_PROFILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
 CACHE_DTYPES = {"same as model": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CACHE_DEVICES = {"same as model": None, "cpu": "cpu"}
-LEVELS = frozenset({"step", "block"})  # the token level is not reached through ComfyUI's seams yet
 
 
 def user_profile_dir() -> str:
@@ -72,6 +71,7 @@ def make_settings(
     early_warning: float = 0.1,
     critical: float = 0.3,
     block_threshold: float = 0.0,
+    token_ratio: float = 0.5,
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     cache_precision: str = "same as model",
@@ -84,7 +84,6 @@ def make_settings(
     prof = load_profile(profile)
     speed = "slow" if preset == "auto" else preset
     common = dict(
-        levels=LEVELS,
         block_threshold=block_threshold or None,
         start_percent=start_percent,
         end_percent=end_percent,
@@ -99,11 +98,11 @@ def make_settings(
     try:
         if speed == "custom":
             mode = dict(mode="schedule", warn=early_warning) if prof else dict(mode="online", warn=early_warning, crit=critical)
-            config = XSlimConfig(**mode, **common)
+            config = XSlimConfig(**mode, token_ratio=token_ratio, **common)
         elif prof is not None:
-            config = XSlimConfig(mode="schedule", target_speedup=PRESETS[speed]["target_speedup"], **common)
+            config = XSlimConfig(mode="schedule", **PRESETS[speed], **common)
         else:
-            config = XSlimConfig(**ONLINE_PRESETS[speed], **common)
+            config = XSlimConfig(**ONLINE_PRESETS[speed], token_ratio=PRESETS[speed]["token_ratio"], **common)
     except ValueError as e:
         raise XSlimSetupError(str(e)) from None
     return XSlimSettings(config, prof)
@@ -111,7 +110,8 @@ def make_settings(
 
 def parse_setting_line(line: str) -> tuple[str, XSlimSettings | None]:
     """One line of the compare node: ``uncached``, ``slow``, ``fast``, ``custom warn=0.2 crit=0.5``,
-    optionally with ``profile=<name>`` and ``block=<threshold>``. Returns (label, settings or None)."""
+    optionally with ``profile=<name>``, ``block=<threshold>`` and ``ratio=<token ratio>``.
+    Returns (label, settings or None)."""
     words = line.split()
     if not words:
         raise XSlimSetupError("X-Slim Compare: empty setting line.")
@@ -119,15 +119,15 @@ def parse_setting_line(line: str) -> tuple[str, XSlimSettings | None]:
     for word in words[1:]:
         key, sep, value = word.partition("=")
         if not sep:
-            raise XSlimSetupError(f"X-Slim Compare: {word!r} in line {line!r} is not key=value (keys: warn, crit, block, profile).")
+            raise XSlimSetupError(f"X-Slim Compare: {word!r} in line {line!r} is not key=value (keys: warn, crit, block, ratio, profile).")
         options[key.lower()] = value
     if head in ("uncached", "off", "none"):
         return "uncached", None
-    unknown = set(options) - {"warn", "crit", "block", "profile"}
+    unknown = set(options) - {"warn", "crit", "block", "ratio", "profile"}
     if unknown:
-        raise XSlimSetupError(f"X-Slim Compare: unknown key(s) {sorted(unknown)} in line {line!r}; use warn, crit, block, profile.")
+        raise XSlimSetupError(f"X-Slim Compare: unknown key(s) {sorted(unknown)} in line {line!r}; use warn, crit, block, ratio, profile.")
     try:
-        numbers = {k: float(options[k]) for k in ("warn", "crit", "block") if k in options}
+        numbers = {k: float(options[k]) for k in ("warn", "crit", "block", "ratio") if k in options}
     except ValueError:
         raise XSlimSetupError(f"X-Slim Compare: a threshold in line {line!r} is not a number.") from None
     settings = make_settings(
@@ -136,5 +136,6 @@ def parse_setting_line(line: str) -> tuple[str, XSlimSettings | None]:
         early_warning=numbers.get("warn", 0.1),
         critical=numbers.get("crit", max(0.3, numbers.get("warn", 0.1))),
         block_threshold=numbers.get("block", 0.0),
+        token_ratio=numbers.get("ratio", 0.5),
     )
     return line.strip(), settings

@@ -45,7 +45,7 @@ class XSlimCache(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("preset", options=PRESET_NAMES, default="auto", tooltip=(
-                    "slow: about 3x fewer block evaluations, quality first. fast: about 4.6x. auto: slow. custom: your "
+                    "slow: about 3.2x fewer block evaluations, quality first. fast: about 4.6x. auto: slow. custom: your "
                     "thresholds below. With a profile the presets hit these ratios on that model; without one the "
                     "online controller uses fixed lines.")),
                 io.Combo.Input("profile", options=profile_names(), tooltip=(
@@ -60,6 +60,9 @@ class XSlimCache(io.ComfyNode):
                 io.Float.Input("block_threshold", default=0.0, min=0.0, max=10.0, step=0.001, tooltip=(
                     "At a block refresh, blocks whose residual changed less than this are reused. 0: the median "
                     "change of each block stack (from the profile, or the last full step).")),
+                io.Float.Input("token_ratio", default=0.5, min=0.05, max=1.0, step=0.05, tooltip=(
+                    "custom only. At a token refresh, this fraction of the image tokens (those that changed most) is "
+                    "recomputed; the rest keep their last output and attend with cached keys/values.")),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Caching acts from this fraction of the schedule..."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="...up to this one; outside, every step computes fully."),
                 io.Combo.Input("cache_precision", options=list(CACHE_DTYPES), default="same as model", tooltip="fp16/bf16 halve the cache's memory."),
@@ -69,10 +72,10 @@ class XSlimCache(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, preset, profile, early_warning, critical, block_threshold, start_percent, end_percent,
-                cache_precision, cache_device) -> io.NodeOutput:
-        settings = make_settings(preset, profile, early_warning, critical, block_threshold, start_percent, end_percent,
-                                 cache_precision, cache_device)
+    def execute(cls, model, preset, profile, early_warning, critical, block_threshold, token_ratio, start_percent,
+                end_percent, cache_precision, cache_device) -> io.NodeOutput:
+        settings = make_settings(preset, profile, early_warning, critical, block_threshold, token_ratio, start_percent,
+                                 end_percent, cache_precision, cache_device)
         return io.NodeOutput(install(model, settings))
 
 
@@ -147,7 +150,7 @@ class XSlimCompare(io.ComfyNode):
                 *_sampling_inputs(),
                 io.String.Input("settings", multiline=True, default=DEFAULT_COMPARE, tooltip=(
                     "One setting per line: uncached | slow | fast | auto | custom warn=W crit=C, each optionally with "
-                    "profile=NAME and block=THRESHOLD.")),
+                    "profile=NAME, block=THRESHOLD and ratio=TOKEN_RATIO.")),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the latents; without it the demo model's decoder or a latent preview is used."),
             ],
             outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="table")],

@@ -40,7 +40,7 @@ SOCKETS = {
     "XSlimDemoClass": ([], ["CONDITIONING"]),
     "XSlimDemoDecode": ([("samples", "LATENT")], ["IMAGE"]),
 }
-CACHE_AUTO = ["auto", "none (online)", 0.1, 0.3, 0.0, 0.0, 1.0, "same as model", "same as model"]
+CACHE_AUTO = ["auto", "none (online)", 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model"]
 COMPARE_LINES = "uncached\nslow\nfast\ncustom warn=0.3 crit=0.6"
 
 
@@ -200,7 +200,7 @@ def demo_cpu() -> Workflow:
     w.link(unet, 0, shift, "model")
     pos, neg = w.node("XSlimDemoClass", ["Sneaker"]), w.node("XSlimDemoClass", ["unconditional"])
     latent = w.node("EmptyHunyuanLatentVideo", [64, 64, 1, 4])
-    cache = w.node("XSlimCache", ["slow", "demo_teacher", 0.1, 0.3, 0.0, 0.0, 1.0, "same as model", "same as model"])
+    cache = w.node("XSlimCache", ["slow", "demo_teacher", 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model"])
     w.link(shift, 0, cache, "model")
     ks = w.node("KSampler", [0, "fixed", 30, 3.0, "euler", "simple", 1.0])
     for name, src in (("model", cache), ("positive", pos), ("negative", neg), ("latent_image", latent)):

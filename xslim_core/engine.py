@@ -22,7 +22,7 @@ from .controller import FullController, OnlineController, ScheduleController
 from .profile import Profile
 from .schedule import BlockSelector, block_thresholds, build_schedule
 from .state import RowState, RunStats, TensorStore
-from .tokens import gather_tokens, intercept_sdpa, join_sequence, scatter_tokens, select_tokens, split_sequence, widen_mask
+from .tokens import IMG_ONLY, gather_tokens, intercept_sdpa, join_sequence, scatter_tokens, select_tokens, split_sequence, widen_mask
 
 FP16_MAX = 65504.0
 
@@ -90,8 +90,8 @@ class _CallContext:
         self.store = engine.store
         self.I = self.O = self.idx = None
         self.n_img = 0
-        self.txt_len = 0
         self.layer = None  # (key, layout) of the attention module running now
+        self.pending: list = []  # host seam: (key, layout) of the attention calls the running block will make
         self.layers_seen: set = set()
         self.selectors = [engine.block_selector() for _ in keys] if plan.record_blocks else None
         self.new_residuals = [dict() for _ in keys]
@@ -105,7 +105,7 @@ class _CallContext:
 
     def execute(self, forward, args, kwargs):
         plan = self.plan
-        needs_attention = plan.kind is StepKind.TOKEN or plan.capture_kv
+        needs_attention = (plan.kind is StepKind.TOKEN or plan.capture_kv) and self.engine.attention_seam == "sdpa"
         self.engine._call = self
         try:
             with intercept_sdpa(self.attend) if needs_attention else contextlib.nullcontext():
@@ -146,9 +146,12 @@ class _CallContext:
             out_img, out_txt = self._compute_block(spec, call, forward, img, txt)
 
         if last:
-            if kind is StepKind.TOKEN:
-                out_img = scatter_tokens(self._batch("last_out", out_img), self.idx, out_img)
-            self.O = call.image_tokens(out_img, self.n_img)
+            if kind is StepKind.TOKEN:  # back to full length: reused tokens keep their last output
+                n_now = self.idx.shape[1]
+                self.O = scatter_tokens(self._batch("last_out", out_img), self.idx, call.image_tokens(out_img, n_now))
+                out_img = call.with_image_tokens(out_img, self.O, n_now)
+            else:
+                self.O = call.image_tokens(out_img, self.n_img)
         return call.pack(out_img, out_txt)
 
     def _reuse_block(self, index: int, img, txt):
@@ -165,9 +168,8 @@ class _CallContext:
         recording = plan.record_blocks
         if recording:  # blocks may update their inputs in place; keep what went in
             img, txt = img.clone(), (None if txt is None else txt.clone())
-        self.txt_len = 0 if txt is None else txt.shape[1]
         out_img, out_txt = call.call(forward)
-        fraction = img.shape[1] / self.n_img if plan.kind is StepKind.TOKEN else 1.0
+        fraction = self.idx.shape[1] / self.n_img if plan.kind is StepKind.TOKEN else 1.0
         stats.block_evals += len(self.rows) * fraction
         stats.block_calls += 1
         if recording:
@@ -187,7 +189,8 @@ class _CallContext:
             return sdpa(q, k, v, attn_mask, *args, **kwargs)
         key, layout = layer
         self.layers_seen.add(key)
-        txt_len = self.txt_len
+        n_now = self.idx.shape[1] if self.plan.kind is StepKind.TOKEN else self.n_img
+        txt_len = 0 if layout == IMG_ONLY else k.shape[2] - n_now  # the rest of the joint sequence is text
         k_txt, k_img = split_sequence(k, layout, txt_len, dim=2)
         v_txt, v_img = split_sequence(v, layout, txt_len, dim=2)
         if self.plan.kind is StepKind.TOKEN:
@@ -275,7 +278,10 @@ class XSlimEngine:
         sigmas: Iterable[float] | Callable[[], Iterable[float]] | None = None,
         record_profile: bool = False,
         model_name: str | None = None,
+        attention_seam: str = "sdpa",
     ):
+        # "sdpa": the engine routes torch's SDPA itself (diffusers); "host": the host calls attend() (ComfyUI)
+        self.attention_seam = attention_seam
         self.adapter = adapter
         self.config = config or XSlimConfig()
         self.recording = record_profile

@@ -13,7 +13,7 @@ def xslim_cache(model, **widgets):
     from comfyui_xslim.nodes.xslim_nodes import XSlimCache
 
     values = dict(preset="custom", profile="none (online)", early_warning=0.1, critical=0.3, block_threshold=0.0,
-                  start_percent=0.0, end_percent=1.0, cache_precision="same as model", cache_device="same as model")
+                  token_ratio=0.5, start_percent=0.0, end_percent=1.0, cache_precision="same as model", cache_device="same as model")
     values.update(widgets)
     return XSlimCache.execute(model, **values).args[0]
 

@@ -23,7 +23,7 @@ def nodes_module():
 
 def cache(model, preset="custom", profile="none (online)", warn=0.1, crit=0.3, block=0.0):
     node = nodes_module().XSlimCache
-    return node.execute(model, preset, profile, warn, crit, block, 0.0, 1.0, "same as model", "same as model").args[0]
+    return node.execute(model, preset, profile, warn, crit, block, 0.5, 0.0, 1.0, "same as model", "same as model").args[0]
 
 
 def report_of(model):
@@ -171,3 +171,23 @@ def _with_patch(model, patch):
     m = model.clone()
     m.set_model_patch_replace(patch, "dit", "double_block", 0)
     return m
+
+
+def test_token_refresh_runs_through_the_attention_override(family_model):
+    from comfyui_xslim.nodes.host import XSlimSettings, install
+    from comfyui_xslim.xslim_core import XSlimConfig
+
+    fam, model = family_model
+    pattern = "FFFFTFTTFTFF"
+    reference = run(model, fam)
+    every_token = install(model, XSlimSettings(XSlimConfig(pattern=pattern, token_ratio=1.0)))
+    torch.testing.assert_close(run(every_token, fam), reference, rtol=1e-4, atol=1e-4)  # all tokens: the full result
+    half = install(model, XSlimSettings(XSlimConfig(pattern=pattern, token_ratio=0.5)))
+    out = run(half, fam)
+    report = report_of(half)
+    assert set(report.pattern_rows.values()) == {pattern} == {report.planned}
+    assert report.stats.block_evals / report.stats.num_rows == pytest.approx(report.predicted_block_evals)
+    assert report.stats.tokens_computed < report.stats.tokens_total
+    skipped = run(install(model, XSlimSettings(XSlimConfig(pattern=pattern.replace("T", ".")))), fam)
+    assert not torch.equal(out, skipped)  # half the tokens really were recomputed
+    assert (out - reference).abs().mean() < 0.01 * reference.abs().mean()

@@ -64,6 +64,10 @@ class BoundBlock:
         """The image tokens of this block's image-stream output (diffusers keeps the streams apart)."""
         return img
 
+    def with_image_tokens(self, img: torch.Tensor, tokens: torch.Tensor, n_img: int) -> torch.Tensor:
+        """The image-stream output with its ``n_img`` image tokens replaced by ``tokens``."""
+        return tokens
+
     def pack(self, img: torch.Tensor, txt: torch.Tensor | None):
         if len(self.spec.outputs) == 1:
             return img
