@@ -24,6 +24,7 @@ from .families import ComfyFamily, family_for, supported_families
 
 KEY = "xslim"  # wrapper key and transformer_options entry of the settings
 RUN = "xslim_run"  # transformer_options entry of the current run's engine
+BRANCHES = {0: "cond", 1: "uncond"}
 log = logging.getLogger("xslim")
 
 
@@ -214,8 +215,11 @@ class ComfyModelCall:
         self.time_resolution = torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
         self.shape_key = (tuple(x.shape[1:]), x.dtype)  # cond and uncond may differ in text length: not keyed
         uuids = self.options.get("uuids") or [None]
+        branches = self.options.get("cond_or_uncond") or [0] * len(uuids)
         per = max(1, self.batch // len(uuids))
-        self.keys = [(str(uuids[min(r // per, len(uuids) - 1)]), r % per) for r in range(self.batch)]
+        chunk = [min(r // per, len(uuids) - 1) for r in range(self.batch)]
+        # (CFG branch, cond entry, sample): ComfyUI may batch or split cond and uncond; the keys stay the same
+        self.keys = [(BRANCHES.get(branches[c], "cond"), str(uuids[c]), r % per) for r, c in zip(range(self.batch), chunk)]
 
     def args_for(self, rows: list[int]) -> tuple[tuple, dict]:
         if rows == list(range(self.batch)):

@@ -27,9 +27,10 @@ def decision_map(patterns: dict, title: str, cell: int = 14) -> torch.Tensor:
     draw.text((4, 4), title, fill="black")
     for step in range(0, steps, 5):
         draw.text((label_w + step * cell, top - 12), str(step), fill="gray")
-    for r, (_, pattern) in enumerate(rows):
+    for r, (key, pattern) in enumerate(rows):
         y = top + r * cell
-        draw.text((4, y + 1), f"row {r}", fill="black")
+        label = f"{key[0]} {key[-1]}" if isinstance(key, tuple) and isinstance(key[0], str) else f"row {r}"
+        draw.text((4, y + 1), label, fill="black")
         for s, letter in enumerate(pattern):
             x = label_w + s * cell
             draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=COLOURS.get(letter, (255, 255, 255)))

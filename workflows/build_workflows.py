@@ -202,7 +202,7 @@ def demo_cpu() -> Workflow:
     latent = w.node("EmptyHunyuanLatentVideo", [64, 64, 1, 4])
     cache = w.node("XSlimCache", ["slow", "demo_teacher", 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model"])
     w.link(shift, 0, cache, "model")
-    ks = w.node("KSampler", [0, "fixed", 30, 3.0, "euler", "simple", 1.0])
+    ks = w.node("KSampler", [0, "fixed", 50, 3.0, "euler", "simple", 1.0])
     for name, src in (("model", cache), ("positive", pos), ("negative", neg), ("latent_image", latent)):
         w.link(src, 0, ks, name)
     dec = w.node("XSlimDemoDecode", [])
@@ -210,7 +210,7 @@ def demo_cpu() -> Workflow:
     save = w.node("SaveImage", ["xslim_demo"])
     w.link(dec, 0, save, "images")
     add_stats(w, cache, ks)
-    add_compare(w, shift, pos, neg, latent, None, [0, "fixed", 30, 3.0, "euler", "simple",
+    add_compare(w, shift, pos, neg, latent, None, [0, "fixed", 50, 3.0, "euler", "simple",
                                                  "uncached\nslow profile=demo_teacher\nfast profile=demo_teacher\nslow\nfast"], "xslim_demo_compare")
     return w
 

@@ -96,11 +96,11 @@ def test_batch_of_two_equals_each_sample_alone(family_model):
     cached = cache(model, warn=0.2, crit=0.5)
     both = run(cached, fam, batch=2, noise=noise)
     rows = report_of(cached).pattern_rows
-    assert len(rows) == 4 and len({k[0] for k in rows}) == 2  # 2 samples x (cond, uncond)
+    assert len(rows) == 4 and {k[0] for k in rows} == {"cond", "uncond"} and {k[2] for k in rows} == {0, 1}
     for i in range(2):
         alone = run(cached, fam, noise=noise[i : i + 1])
         torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-4, atol=1e-4)
-        assert sorted(report_of(cached).pattern_rows.values()) == sorted(v for k, v in rows.items() if k[1] == i)
+        assert sorted(report_of(cached).pattern_rows.values()) == sorted(v for k, v in rows.items() if k[2] == i)
 
 
 def test_second_pass_new_resolution_and_step_count_and_an_interrupted_run(family_model):

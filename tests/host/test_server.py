@@ -180,13 +180,17 @@ def test_the_demo_workflow_runs_over_http_and_produces_the_comparison_grid(serve
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     table = next(out["text"] for out in result["outputs"].values() if "text" in out and "| setting |" in str(out["text"]))
     rows = [line for line in "".join(table).splitlines() if line.startswith("| ") and "setting" not in line]
-    assert len(rows) == 5 and rows[0].startswith("| uncached | 30.0 |")
+    assert len(rows) == 5 and rows[0].startswith("| uncached | 50.0 | 1.00x |") and "| 1.00x | 100.00 |" in rows[0]
     target = os.environ.get("XSLIM_SAVE_DEMO_GRID")
     if target:  # how docs/comfyui/ gets its picture: the grid this very test produced
         with open(target, "wb") as f:
             f.write(png)
         with open(os.path.splitext(target)[0] + ".md", "w") as f:
             f.write("".join(table) + "\n")
+        stats_preview = next(n for n, p in prompt.items() if p["class_type"] == "PreviewImage")
+        decisions = saved[stats_preview][0]
+        with open(os.path.join(os.path.dirname(target), "decision_map.png"), "wb") as f:
+            f.write(server.get(f"/view?filename={decisions['filename']}&subfolder={decisions['subfolder']}&type={decisions['type']}"))
 
 
 def test_thresholds_in_the_wrong_order_reach_the_error_dialog_and_the_graph_without_the_node_runs(server):
