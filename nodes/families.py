@@ -78,6 +78,7 @@ class ComfyFamily(Adapter):
     """A ComfyUI model family: (stack, attribute of the diffusion model, patch kind) per block stack."""
 
     comfy_stacks: tuple[tuple[str, str, str], ...] = ()
+    token_level = True
     single_layout = IMG_ONLY  # image tokens in the single stream
     attention_layout = IMG_ONLY  # image tokens in the joint attention sequence
 
@@ -136,7 +137,20 @@ class ComfySD3(ComfyFamily):
         return (TXT_FIRST, IMG_ONLY) if extra else (TXT_FIRST,)
 
 
-FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3)
+class ComfyWan(ComfyFamily):
+    """Wan 2.1/2.2: one stack of image-only blocks (text enters by cross-attention); ComfyUI patches them as
+    ``double_block``. No token level: Wan 2.2's per-token timestep modulation cannot follow a token subset."""
+
+    family, display_name = "wan", "Wan 2.1 / 2.2"
+    model_classes = ("WanModel",)
+    comfy_stacks = (("main", "blocks", "double_block"),)
+    token_level = False
+
+    def block_attention(self, block) -> tuple[str, ...]:
+        return ()
+
+
+FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3, ComfyWan)
 
 
 def supported_families() -> str:

@@ -58,8 +58,9 @@ class XSlimSettings:
         family = family_for(diffusion_model)
         if family is None:
             raise XSlimSetupError(unsupported_message(diffusion_model))
+        config = self.config if family.token_level else self.config.with_(levels=self.config.levels - {"token"})
         return XSlimEngine(
-            family, family.specs(diffusion_model), family.stack_sizes(diffusion_model), self.config, self.profile,
+            family, family.specs(diffusion_model), family.stack_sizes(diffusion_model), config, self.profile,
             record_profile=self.record_profile, model_name=type(diffusion_model).__name__, attention_seam="host",
         )
 

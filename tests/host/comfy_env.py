@@ -53,12 +53,15 @@ TINY = {
                         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}},
                         num_patches=1024, pos_embed_max_size=32, pos_embed_scaling_factor=None, qk_norm="rms",
                         x_block_self_attn_layers=[], input_size=None)),
+    "wan": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=256, text_dim=64,
+                              num_heads=2, num_layers=4, in_dim=16, out_dim=16)),
     "hunyuan_video": ("HunyuanVideo", dict(image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2],
                                            vec_in_dim=768, context_in_dim=64, hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=2,
                                            depth_single_blocks=3, axes_dim=[16, 56, 56], theta=256, qkv_bias=True,
                                            guidance_embed=False, byt5=False, meanflow=False)),
 }
-POOLED = {"flux": 32, "sd3": 64, "hunyuan_video": 768}
+POOLED = {"flux": 32, "sd3": 64, "hunyuan_video": 768, "wan": 0}
+VIDEO = ("hunyuan_video", "wan")
 
 
 def tiny_model(family: str, seed: int = 0):
@@ -81,14 +84,14 @@ def tiny_model(family: str, seed: int = 0):
 
 def conditioning(family: str, seed: int, length: int = 6):
     g = torch.Generator().manual_seed(seed)
-    extra = {"pooled_output": torch.randn(1, POOLED[family], generator=g)}
+    extra = {"pooled_output": torch.randn(1, POOLED[family], generator=g)} if POOLED[family] else {}
     if family == "flux":
         extra["guidance"] = 3.5
     return [[torch.randn(1, length, 64, generator=g), extra]]
 
 
 def latent_shape(family: str, batch: int = 1, side: int = 16) -> tuple:
-    return (batch, 16, 1, side, side) if family == "hunyuan_video" else (batch, 16, side, side)
+    return (batch, 16, 1, side, side) if family in VIDEO else (batch, 16, side, side)
 
 
 def sample(model, family: str, *, steps=12, cfg=2.0, batch=1, side=16, seed=0, sampler="euler", scheduler="simple",
@@ -107,13 +110,13 @@ def sample(model, family: str, *, steps=12, cfg=2.0, batch=1, side=16, seed=0, s
                                denoise=denoise, disable_pbar=True, seed=seed, callback=callback)
 
 
-def tiny_wan():
-    """A model family X-Slim does not cover (ComfyUI's own Wan 2.1 class), for the error path."""
+def tiny_lumina2():
+    """A model family X-Slim does not cover (ComfyUI's own Lumina 2 class), for the error path."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
 
-    cfg = sm.WAN21_T2V(dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=256, text_dim=64,
-                            num_heads=2, num_layers=2, in_dim=16, out_dim=16))
+    cfg = sm.Lumina2(dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+                          n_heads=2, n_kv_heads=2, multiple_of=16, cap_feat_dim=64, axes_dims=[8, 12, 12], axes_lens=[1, 64, 64]))
     cfg.set_inference_dtype(torch.float32, None)
     return comfy.model_patcher.ModelPatcher(cfg.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

@@ -21,9 +21,9 @@ def xslim_cache(model, **widgets):
 def test_unsupported_model_type_names_the_model_and_the_supported_families(pack):
     from comfyui_xslim.nodes.host import XSlimSetupError
 
-    wan = ce.tiny_wan()
-    with pytest.raises(XSlimSetupError, match=r"does not support WanModel.*FLUX.*HunyuanVideo.*SD3.*Remove the X-Slim node"):
-        xslim_cache(wan)
+    lumina = ce.tiny_lumina2()
+    with pytest.raises(XSlimSetupError, match=r"does not support NextDiT.*FLUX.*HunyuanVideo.*SD3.*Wan.*Remove the X-Slim node"):
+        xslim_cache(lumina)
 
 
 def test_critical_below_early_warning_is_refused_with_the_fix(pack):
