@@ -117,7 +117,7 @@ def block_patch(spec, previous):
         engine = (args.get("transformer_options") or {}).get(RUN)
         if engine is None:
             return run_block(args)
-        ctx = engine._call
+        ctx = engine.current_call
         if ctx is not None and (ctx.plan.kind is StepKind.TOKEN or ctx.plan.capture_kv):
             ctx.pending = [((spec.index, j), layout) for j, layout in enumerate(spec.attention)]
         return engine.block_call(spec, run_block, (args,), {})
@@ -138,7 +138,7 @@ def attention_override(previous):
             return previous(func, *a, **k) if previous is not None else func(*a, **k)
 
         engine = (kwargs.get("transformer_options") or {}).get(RUN)
-        ctx = engine._call if engine is not None else None
+        ctx = engine.current_call if engine is not None else None
         if ctx is None or not ctx.pending:
             return attention(*args, **kwargs)
         q, k, v = args[:3]
@@ -248,6 +248,6 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if engine is None:
         return executor(*args, **kwargs)
     if (args[4] if len(args) > 4 else kwargs.get("control")) is not None:
-        engine._warn_once("X-Slim: ControlNet adds to the blocks' outputs; steps with a ControlNet run uncached.")
+        engine.warn_once("X-Slim: ControlNet adds to the blocks' outputs; steps with a ControlNet run uncached.")
         return executor(*args, **kwargs)
     return engine.dispatch(call, executor)

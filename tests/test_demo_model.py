@@ -109,3 +109,15 @@ def test_shipped_teacher_draws_recognisable_classes():
         clf, _ = load_classifier()
         accuracy = (clf.logits(images).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.7  # a sanity bound at 20 steps; the 50-step figures come from the benchmark
+
+
+@pytest.mark.skipif(not os.path.exists(SHIPPED), reason="the demo teacher weights are not built yet")
+def test_teacher_evaluation_prints_one_row_per_cfg_scale(capsys):
+    from xslim_core.demo_model import evaluate
+
+    evaluate.main(["--images", "10", "--steps", "3", "--cfg", "1.5", "3"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| teacher")]
+    assert [line.split("|")[1].strip() for line in lines] == ["teacher 3 steps, CFG 1.5", "teacher 3 steps, CFG 3"]
+    for line in lines:
+        accuracy, fd = (float(v) for v in line.split("|")[2:4])
+        assert 0.0 <= accuracy <= 1.0 and fd > 0

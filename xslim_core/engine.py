@@ -339,6 +339,11 @@ class XSlimEngine:
             self._last_profile = self._build_profile(self._run) or self._last_profile
         self._run = None
 
+    @property
+    def current_call(self) -> "_CallContext | None":
+        """The model call being carried out now (a host uses it to route that call's attention)."""
+        return self._call
+
     def block_selector(self) -> BlockSelector:
         return BlockSelector(self.stacks, self._run.block_thresholds, self.config.protected_blocks)
 
@@ -423,7 +428,7 @@ class XSlimEngine:
             meta={"model": self.model_name},
         )
 
-    def _warn_once(self, message: str) -> None:
+    def warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(message, stacklevel=3)
@@ -524,7 +529,7 @@ class XSlim(XSlimEngine):
         call = ModelCall(self.adapter, forward, args, kwargs)
         reason = self.adapter.unsupported(call)
         if reason:
-            self._warn_once(f"X-Slim: this call runs uncached ({reason}).")
+            self.warn_once(f"X-Slim: this call runs uncached ({reason}).")
             return forward(*args, **kwargs)
         return self.dispatch(call, forward)
 
