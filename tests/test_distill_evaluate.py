@@ -23,3 +23,26 @@ def test_targets_are_judged_from_the_measured_numbers():
     assert any("guidance control" in l and l.endswith("**PASS**") for l in lines)
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| 1.x 1.75 | 1.75 | 44.00 | 0.830 | 0.3700 |" in table
+
+
+def test_shipped_students_load_against_the_shipped_teacher_and_draw_their_classes():
+    import os
+
+    import pytest
+    import torch
+
+    from distill_core.student import file_hash, load_student
+    from xslim_core.demo_model.classifier import load_classifier
+    from xslim_core.demo_model.grid import class_noise
+    from xslim_core.demo_model.latents import latent_to_image
+    from xslim_core.demo_model.teacher import default_weights_path
+
+    weights = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill_core", "weights")
+    classifier, _ = load_classifier()
+    noise, labels = class_noise(3, seed=5)
+    for name, nfe in (("student_1x_175.safetensors", 1.75), ("student_1x_167.safetensors", 1 + 8 / 12)):
+        student = load_student(os.path.join(weights, name), base_hash=file_hash(default_weights_path()))
+        assert student.effective_nfe == pytest.approx(nfe) and student.sigmas == pytest.approx([1.0, 0.75, 0.0], abs=1e-3)
+        with torch.no_grad():
+            predicted = classifier.logits(latent_to_image(student.sample(noise, labels))).argmax(1)
+        assert (predicted == labels).float().mean() >= 0.6  # random weights give ~0.1
