@@ -37,10 +37,11 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=200, help="samples in all (a multiple of 10)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--classifier", default=None, help="classifier file (default: the shipped one)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     teacher = load_teacher()
-    classifier, reference = load_classifier()
+    classifier, reference = load_classifier(args.classifier)
     metrics = DistributionMetrics(classifier, reference)
     rows = []
     try:
