@@ -12,7 +12,7 @@ HOST_STAMP := $(HOST_VENV)/.installed
 COMFYUI_PATH ?= /work/ComfyUI
 export COMFYUI_PATH
 
-.PHONY: demo test core-test host-test bench clean
+.PHONY: demo test core-test host-test bench distill-demo distill-eval clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ host-test:
 
 bench: $(STAMP)
 	$(PY) -m xslim_core.bench
+
+distill-demo: $(STAMP)
+	$(PY) -m distill_core.demo --out runs/distill
+
+distill-eval: $(STAMP)
+	$(PY) -m distill_core.evaluate --runs runs/distill
 
 clean:
 	rm -rf $(VENV) $(HOST_VENV)
