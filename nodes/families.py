@@ -150,7 +150,20 @@ class ComfyWan(ComfyFamily):
         return ()
 
 
-FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3, ComfyWan)
+class ComfyQwenImage(ComfyFamily):
+    """Qwen-Image (and its Edit variants): one stack of double-stream blocks, patched as ``double_block``.
+    Step and block levels; its token level is not checked against ComfyUI's Qwen RoPE layout yet."""
+
+    family, display_name = "qwen_image", "Qwen-Image"
+    model_classes = ("QwenImageTransformer2DModel",)
+    comfy_stacks = (("main", "transformer_blocks", "double_block"),)
+    token_level = False
+
+    def block_attention(self, block) -> tuple[str, ...]:
+        return ()
+
+
+FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3, ComfyWan, ComfyQwenImage)
 
 
 def supported_families() -> str:

@@ -55,13 +55,16 @@ TINY = {
                         x_block_self_attn_layers=[], input_size=None)),
     "wan": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=256, text_dim=64,
                               num_heads=2, num_layers=4, in_dim=16, out_dim=16)),
+    "qwen_image": ("QwenImage", dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=4,
+                                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                                     axes_dims_rope=[8, 12, 12])),
     "hunyuan_video": ("HunyuanVideo", dict(image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2],
                                            vec_in_dim=768, context_in_dim=64, hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=2,
                                            depth_single_blocks=3, axes_dim=[16, 56, 56], theta=256, qkv_bias=True,
                                            guidance_embed=False, byt5=False, meanflow=False)),
 }
-POOLED = {"flux": 32, "sd3": 64, "hunyuan_video": 768, "wan": 0}
-VIDEO = ("hunyuan_video", "wan")
+POOLED = {"flux": 32, "sd3": 64, "hunyuan_video": 768, "wan": 0, "qwen_image": 0}
+VIDEO = ("hunyuan_video", "wan", "qwen_image")  # 5-D latents [B, C, T, H, W]
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -1,4 +1,4 @@
-"""The X-Slim Cache node on ComfyUI's own FLUX, SD3, HunyuanVideo and Wan classes (tiny, random weights),
+"""The X-Slim Cache node on ComfyUI's own FLUX, SD3, HunyuanVideo, Wan and Qwen-Image classes (tiny, random weights),
 sampled through comfy.sample.sample as KSampler does."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 import comfy_env as ce
 
-FAMILIES = ["flux", "sd3", "hunyuan_video", "wan"]
-SIDE = {"flux": 16, "sd3": 16, "hunyuan_video": 8, "wan": 8}
+FAMILIES = ["flux", "sd3", "hunyuan_video", "wan", "qwen_image"]
+SIDE = {"flux": 16, "sd3": 16, "hunyuan_video": 8, "wan": 8, "qwen_image": 8}
 STEPS = 12
 
 
@@ -178,8 +178,10 @@ def test_token_refresh_runs_through_the_attention_override(family_model):
     from comfyui_xslim.xslim_core import XSlimConfig
 
     fam, model = family_model
-    if fam == "wan":
-        pytest.skip("Wan has no token level (per-token timestep modulation in Wan 2.2)")
+    from comfyui_xslim.nodes.families import family_for
+
+    if not family_for(model.get_model_object("diffusion_model")).token_level:
+        pytest.skip(f"{fam}: the token level is off for this family in ComfyUI")
     pattern = "FFFFTFTTFTFF"
     reference = run(model, fam)
     every_token = install(model, XSlimSettings(XSlimConfig(pattern=pattern, token_ratio=1.0)))
