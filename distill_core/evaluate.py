@@ -35,11 +35,11 @@ SHIPPED = os.path.join(os.path.dirname(__file__), "weights")
 STUDENT_ROWS = [
     ("plain DMD 2-step (CFG at all levels)", "dmd_plain", None, None),
     ("Stage I only, 2-step", "stage1_n2", None, None),
-    ("Stage I, 2-step + plain cache reuse [1..3]", "stage1_n2", None, CacheRange(1, 3)),
+    ("Stage I, 2-step + plain cache reuse [6..8]", "stage1_n2", None, CacheRange(6, 8)),
     ("Stage I only, 4-step (Stage-II reference)", "stage1_n4", None, None),
     ("Stage I+II, 2-step, no cache", "stage2_full", None, None),
-    ("1.x: Stage I+II, cache [1..3] + comp.", "stage2_c175", "student_1x_175.safetensors", None),
-    ("1.x: Stage I+II, cache [1..4] + comp.", "stage2_c167", "student_1x_167.safetensors", None),
+    ("1.x: Stage I+II, cache [6..8] + comp.", "stage2_c175", "student_1x_175.safetensors", None),
+    ("1.x: Stage I+II, cache [4..7] + comp.", "stage2_c167", "student_1x_167.safetensors", None),
 ]
 
 
