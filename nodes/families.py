@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..xslim_core.adapters import Adapter
-from ..xslim_core.tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST
+from ..xslim_core.tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST, join_sequence, split_sequence
 
 
 @dataclass
@@ -57,18 +57,11 @@ class DictBlock:
         return out["img"], out.get("txt")
 
     def image_tokens(self, img: torch.Tensor, n_img: int) -> torch.Tensor:
-        if self.spec.layout == TXT_FIRST:
-            return img[:, img.shape[1] - n_img :]
-        if self.spec.layout == IMG_FIRST:
-            return img[:, :n_img]
-        return img
+        return split_sequence(img, self.spec.layout, img.shape[1] - n_img, dim=1)[1]
 
     def with_image_tokens(self, img: torch.Tensor, tokens: torch.Tensor, n_img: int) -> torch.Tensor:
-        if self.spec.layout == TXT_FIRST:
-            return torch.cat([img[:, : img.shape[1] - n_img], tokens], dim=1)
-        if self.spec.layout == IMG_FIRST:
-            return torch.cat([tokens, img[:, n_img:]], dim=1)
-        return tokens
+        txt, _ = split_sequence(img, self.spec.layout, img.shape[1] - n_img, dim=1)
+        return join_sequence(txt, tokens, self.spec.layout, dim=1)
 
     def pack(self, img: torch.Tensor, txt: torch.Tensor | None) -> dict:
         return {"img": img, "txt": txt} if "txt" in self.arguments else {"img": img}
@@ -91,7 +84,8 @@ class ComfyFamily(Adapter):
         return specs
 
     def block_attention(self, block) -> tuple[str, ...]:
-        return (self.attention_layout,)
+        """Token layout of each attention call of ``block``; none where the token level is off."""
+        return (self.attention_layout,) if self.token_level else ()
 
     def stack_sizes(self, diffusion_model) -> list[tuple[str, int]]:
         return [(stack, len(getattr(diffusion_model, attr))) for stack, attr, _ in self.comfy_stacks]
@@ -146,9 +140,6 @@ class ComfyWan(ComfyFamily):
     comfy_stacks = (("main", "blocks", "double_block"),)
     token_level = False
 
-    def block_attention(self, block) -> tuple[str, ...]:
-        return ()
-
 
 class ComfyQwenImage(ComfyFamily):
     """Qwen-Image (and its Edit variants): one stack of double-stream blocks, patched as ``double_block``.
@@ -158,9 +149,6 @@ class ComfyQwenImage(ComfyFamily):
     model_classes = ("QwenImageTransformer2DModel",)
     comfy_stacks = (("main", "transformer_blocks", "double_block"),)
     token_level = False
-
-    def block_attention(self, block) -> tuple[str, ...]:
-        return ()
 
 
 FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3, ComfyWan, ComfyQwenImage)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..xslim_core import Profile, StepKind, XSlimConfig, XSlimEngine, check_profile
+from ..xslim_core.adapters.base import merge_rows, take_rows
 from ..xslim_core.state import RunStats
 from .families import ComfyFamily, family_for, supported_families
 
@@ -51,7 +52,6 @@ class XSlimSettings:
     config: XSlimConfig
     profile: Profile | None = None
     record_profile: bool = False
-    family: str = ""
     reports: list = field(default_factory=list)  # RunReport per finished run, newest last (kept short)
 
     def engine_for(self, diffusion_model) -> XSlimEngine:
@@ -93,7 +93,6 @@ def install(model_patcher, settings: XSlimSettings):
     from comfy.patcher_extension import WrappersMP
 
     family = check_model(model_patcher, settings)
-    settings.family = family.family
     m = model_patcher.clone()
     m.model_options.setdefault("transformer_options", {})[KEY] = settings
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
@@ -226,20 +225,10 @@ class ComfyModelCall:
         if rows == list(range(self.batch)):
             return self.args, self.kwargs
         index = torch.tensor(rows)
+        return (tuple(take_rows(a, index, self.batch) for a in self.args),
+                {k: take_rows(v, index, self.batch) for k, v in self.kwargs.items()})
 
-        def take(v):
-            if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == self.batch:
-                return v.index_select(0, index.to(v.device))
-            return v
-
-        return tuple(take(a) for a in self.args), {k: take(v) for k, v in self.kwargs.items()}
-
-    @staticmethod
-    def merge(outputs: list, groups: list[list[int]]) -> torch.Tensor:
-        order = [r for g in groups for r in g]
-        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
-        merged = torch.cat(outputs, dim=0)
-        return merged.index_select(0, inverse.to(merged.device))
+    merge = staticmethod(merge_rows)
 
 
 def apply_model_wrapper(executor, *args, **kwargs):

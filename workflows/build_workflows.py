@@ -112,6 +112,19 @@ def add_compare(w: Workflow, model: int, pos: int, neg: int, latent: int, vae, s
     w.link(cmp_, 1, text, "source")
 
 
+def cached_or_compared(w: Workflow, compare: bool, model: int, pos: int, neg: int, latent: int, vae, sampling: list,
+                       prefix: str) -> Workflow:
+    """The two variants of an image workflow: X-Slim Cache -> KSampler, or X-Slim Compare on the same settings.
+    ``sampling`` is [steps, cfg, sampler, scheduler]."""
+    if compare:
+        add_compare(w, model, pos, neg, latent, vae, [0, "fixed", *sampling, COMPARE_LINES], f"{prefix}_compare")
+        return w
+    cache = w.node("XSlimCache", CACHE_AUTO)
+    w.link(model, 0, cache, "model")
+    sampling_tail(w, cache, pos, neg, latent, vae, [0, "randomize", *sampling, 1.0], prefix)
+    return w
+
+
 def flux(compare: bool) -> Workflow:
     w = Workflow("X-Slim FLUX.1-dev" + (" compare" if compare else ""))
     unet = w.node("UNETLoader", ["flux1-dev.safetensors", "default"])
@@ -124,13 +137,7 @@ def flux(compare: bool) -> Workflow:
     w.link(text, 0, neg, "conditioning")
     latent = w.node("EmptySD3LatentImage", [1024, 1024, 1])
     vae = w.node("VAELoader", ["ae.safetensors"])
-    if compare:
-        add_compare(w, unet, pos, neg, latent, (vae, 0), [0, "fixed", 20, 1.0, "euler", "simple", COMPARE_LINES], "xslim_flux_compare")
-        return w
-    cache = w.node("XSlimCache", CACHE_AUTO)
-    w.link(unet, 0, cache, "model")
-    sampling_tail(w, cache, pos, neg, latent, (vae, 0), [0, "randomize", 20, 1.0, "euler", "simple", 1.0], "xslim_flux")
-    return w
+    return cached_or_compared(w, compare, unet, pos, neg, latent, (vae, 0), [20, 1.0, "euler", "simple"], "xslim_flux")
 
 
 def sd35(compare: bool) -> Workflow:
@@ -143,13 +150,7 @@ def sd35(compare: bool) -> Workflow:
     w.link(ckpt, 1, pos, "clip")
     w.link(ckpt, 1, neg, "clip")
     latent = w.node("EmptySD3LatentImage", [1024, 1024, 1])
-    if compare:
-        add_compare(w, shift, pos, neg, latent, (ckpt, 2), [0, "fixed", 28, 4.5, "euler", "sgm_uniform", COMPARE_LINES], "xslim_sd35_compare")
-        return w
-    cache = w.node("XSlimCache", CACHE_AUTO)
-    w.link(shift, 0, cache, "model")
-    sampling_tail(w, cache, pos, neg, latent, (ckpt, 2), [0, "randomize", 28, 4.5, "euler", "sgm_uniform", 1.0], "xslim_sd35")
-    return w
+    return cached_or_compared(w, compare, shift, pos, neg, latent, (ckpt, 2), [28, 4.5, "euler", "sgm_uniform"], "xslim_sd35")
 
 
 def hunyuan_video(compare: bool) -> Workflow:

@@ -67,22 +67,26 @@ POOLED = {"flux": 32, "sd3": 64, "hunyuan_video": 768, "wan": 0, "qwen_image": 0
 VIDEO = ("hunyuan_video", "wan", "qwen_image")  # 5-D latents [B, C, T, H, W]
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A ModelPatcher around ComfyUI's own model class for ``family``, with random weights (buffers too)."""
+def native_model(config_class: str, unet_config: dict):
+    """A ModelPatcher around the model that ComfyUI's ``supported_models.<config_class>`` builds, in fp32."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
 
-    name, unet_config = TINY[family]
-    cfg = getattr(sm, name)(dict(unet_config))
+    cfg = getattr(sm, config_class)(dict(unet_config))
     cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({})
+    return comfy.model_patcher.ModelPatcher(cfg.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def tiny_model(family: str, seed: int = 0):
+    """ComfyUI's own model class for ``family``, tiny, with random weights (buffers too)."""
+    patcher = native_model(*TINY[family])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for key, t in model.diffusion_model.state_dict().items():
+        for key, t in patcher.model.diffusion_model.state_dict().items():
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g) * (0.02 if t.ndim > 1 else 0.1) + (1.0 if "norm" in key or "scale" in key else 0.0) * (t.ndim == 1))
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return patcher
 
 
 def conditioning(family: str, seed: int, length: int = 6):
@@ -115,11 +119,6 @@ def sample(model, family: str, *, steps=12, cfg=2.0, batch=1, side=16, seed=0, s
 
 def tiny_lumina2():
     """A model family X-Slim does not cover (ComfyUI's own Lumina 2 class), for the error path."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-
-    cfg = sm.Lumina2(dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
-                          n_heads=2, n_kv_heads=2, multiple_of=16, cap_feat_dim=64, axes_dims=[8, 12, 12], axes_lens=[1, 64, 64]))
-    cfg.set_inference_dtype(torch.float32, None)
-    return comfy.model_patcher.ModelPatcher(cfg.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return native_model("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2,
+                                        n_refiner_layers=1, n_heads=2, n_kv_heads=2, multiple_of=16, cap_feat_dim=64,
+                                        axes_dims=[8, 12, 12], axes_lens=[1, 64, 64]))

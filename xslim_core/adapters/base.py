@@ -110,24 +110,34 @@ class ModelCall:
     def args_for(self, rows: list[int]) -> tuple[tuple, dict]:
         if rows == list(range(self.batch)):
             return self._bound.args, self._bound.kwargs
-        index = torch.tensor(rows, device=self.img.device)
+        index = torch.tensor(rows)
         sliced = inspect.BoundArguments(self._bound.signature, dict(self.arguments))
         for name, value in self.arguments.items():
-            if name in self.adapter.unbatched_inputs or not torch.is_tensor(value):
-                continue
-            if value.ndim >= 1 and value.shape[0] == self.batch:
-                sliced.arguments[name] = value.index_select(0, index.to(value.device))
+            if name not in self.adapter.unbatched_inputs:
+                sliced.arguments[name] = take_rows(value, index, self.batch)
         return sliced.args, sliced.kwargs
 
     @staticmethod
     def merge(outputs: list, groups: list[list[int]]):
         """Put the outputs of row groups back into the original batch order, in the model's output type."""
-        order = [r for g in groups for r in g]
-        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
-        samples = [o.sample if hasattr(o, "sample") else o[0] for o in outputs]
-        merged = torch.cat(samples, dim=0).index_select(0, inverse.to(samples[0].device))
+        merged = merge_rows([o.sample if hasattr(o, "sample") else o[0] for o in outputs], groups)
         first = outputs[0]
         return type(first)(sample=merged) if hasattr(first, "sample") else (merged,)
+
+
+def take_rows(value, index: torch.Tensor, batch: int):
+    """``value``'s rows ``index`` when it is a tensor with the batch as its first dimension, else ``value``."""
+    if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == batch:
+        return value.index_select(0, index.to(value.device))
+    return value
+
+
+def merge_rows(outputs: list[torch.Tensor], groups: list[list[int]]) -> torch.Tensor:
+    """The outputs of row groups, concatenated and put back into the original batch order."""
+    order = [r for g in groups for r in g]
+    inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
+    merged = torch.cat(outputs, dim=0)
+    return merged.index_select(0, inverse.to(merged.device))
 
 
 class Adapter:
