@@ -14,7 +14,8 @@ class RunConfig:
     run_dir: str
     stage: str = "stage1"  # "stage1" or "stage2"
     teacher: str | None = None  # demo teacher file; None = the shipped one
-    init_student: str | None = None  # stage2: the Stage-I 2-step student file
+    init_student: str | None = None  # stage2: the Stage-I 2-step student file; stage1: optional starting student
+    init_fake: str | None = None  # stage1: optional training state (state.safetensors) whose fake score to start from
     reference: str | None = None  # stage2: the 4-step Stage-I student that makes the reference images
     iterations: int = 400
     batch_size: int = 32  # per process

@@ -2,9 +2,10 @@
 
     python -m distill_core.demo --out /work/runs/distill/demo      # then: python -m distill_core.evaluate
 
-Runs: plain DMD (CFG at every noise level), Stage I with guidance control at 2 and 4 steps, then Stage II from
-the 2-step Stage-I student with no cache (2 NFE) and with 3 or 4 of 12 blocks cached (1.75 / 1.67 NFE).
-Running it again skips finished runs and resumes an interrupted one.
+Runs: plain DMD (CFG at every noise level), Stage I with guidance control at 2 and 4 steps, Distill-Cache
+co-training (a short Stage-I fine-tune of the 2-step student through its deployed cached sampler, 3 or 4 of 12
+blocks cached: 1.75 / 1.67 NFE), then Stage II from the 2-step student with no cache (2 NFE) and from each
+co-trained 1.x student. Running it again skips finished runs and resumes an interrupted one.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import RunConfig
-from .runtime import STUDENT_FILE, run_training
+from .runtime import STATE_FILE, STUDENT_FILE, run_training
 
 # Scaled to two CPU cores: batch 16, a few hundred iterations, learning rates raised over the SD3 recipe.
-STAGE1_ITERATIONS, STAGE2_ITERATIONS, BATCH = 400, 300, 16
+STAGE1_ITERATIONS, COTRAIN_ITERATIONS, STAGE2_ITERATIONS, BATCH = 400, 150, 300, 16
+# Cached ranges from a plain-reuse scan of the 2-step Stage-I student (docs/DISTILL.md): the first blocks after
+# the input carry most of the step-to-step change on this model, blocks 4..6 the least.
+CACHE_175, CACHE_167 = (4, 6), (4, 7)
+# Co-training guides a little harder than Stage I (teacher CFG 2.25 instead of 2): the cached step costs about
+# one accuracy point, the stronger guidance buys it back with diversity the co-training has restored.
+COTRAIN_GUIDANCE = 2.25
 STAGE1 = {"lr_student": 4e-5, "lr_fake": 3.2e-4}
 # Stage II: a low generator lr and a nearly clean discriminator input; with lr 2e-5 and D noise up to 0.3 the
 # generator drifted into a grey, checkered background that the discriminator could not see through the noise.
@@ -34,26 +41,34 @@ STAGE2 = {"lr_student": 5e-6, "lr_disc": 2e-4, "lr_comp": 3e-4, "output_weight":
 
 
 def demo_runs(out: str) -> list[RunConfig]:
-    """The run configs in dependency order (Stage II reads the Stage-I student files)."""
+    """The run configs in dependency order (later runs read earlier runs' files)."""
+    def path(name, file=STUDENT_FILE):
+        return os.path.join(out, name, file)
+
     def s1(name, **stage1):
         return RunConfig(run_dir=os.path.join(out, name), stage="stage1", iterations=STAGE1_ITERATIONS, batch_size=BATCH,
                          stage1={**STAGE1, **stage1})
 
-    def s2(name, first, last):
+    def cotrain(name, cache):  # continues stage1_n2 (student and fake score) with the cache in the loop
+        return RunConfig(run_dir=os.path.join(out, name), stage="stage1", iterations=COTRAIN_ITERATIONS, batch_size=BATCH,
+                         init_student=path("stage1_n2"), init_fake=path("stage1_n2", STATE_FILE),
+                         stage1={**STAGE1, "steps": 2, "guidance_scale": COTRAIN_GUIDANCE,
+                                 "cache_first": cache[0], "cache_last": cache[1]})
+
+    def s2(name, init, cache):
         return RunConfig(run_dir=os.path.join(out, name), stage="stage2", iterations=STAGE2_ITERATIONS, batch_size=BATCH,
-                         init_student=os.path.join(out, "stage1_n2", STUDENT_FILE),
-                         reference=os.path.join(out, "stage1_n4", STUDENT_FILE),
-                         stage2={**STAGE2, "cache_first": first, "cache_last": last})
+                         init_student=path(init), reference=path("stage1_n4"),
+                         stage2={**STAGE2, "cache_first": cache and cache[0], "cache_last": cache and cache[1]})
 
     return [
         s1("stage1_n2", steps=2),
         s1("dmd_plain", steps=2, guidance_switch=1.0),
         s1("stage1_n4", steps=4),
-        s2("stage2_full", None, None),
-        # cached ranges chosen by a plain-reuse scan of the 2-step Stage-I student (docs/DISTILL.md): the first
-        # blocks after the input carry most of the step-to-step change on this model, the middle ones least
-        s2("stage2_c175", 6, 8),
-        s2("stage2_c167", 4, 7),
+        cotrain("cotrain_c175", CACHE_175),
+        cotrain("cotrain_c167", CACHE_167),
+        s2("stage2_full", "stage1_n2", None),
+        s2("stage2_c175", "cotrain_c175", CACHE_175),
+        s2("stage2_c167", "cotrain_c167", CACHE_167),
     ]
 
 

@@ -35,12 +35,15 @@ SHIPPED = os.path.join(os.path.dirname(__file__), "weights")
 STUDENT_ROWS = [
     ("plain DMD 2-step (CFG at all levels)", "dmd_plain", None, None),
     ("Stage I only, 2-step", "stage1_n2", None, None),
-    ("Stage I, 2-step + plain cache reuse [6..8]", "stage1_n2", None, CacheRange(6, 8)),
+    ("Stage I, 2-step + plain cache reuse [4..6]", "stage1_n2", None, CacheRange(4, 6)),
     ("Stage I only, 4-step (Stage-II reference)", "stage1_n4", None, None),
     ("Stage I+II, 2-step, no cache", "stage2_full", None, None),
-    ("1.x: Stage I+II, cache [6..8] + comp.", "stage2_c175", "student_1x_175.safetensors", None),
-    ("1.x: Stage I+II, cache [4..7] + comp.", "stage2_c167", "student_1x_167.safetensors", None),
+    ("Stage I + cache co-training [4..6] + comp. (before Stage II)", "cotrain_c175", None, None),
+    ("Stage I + cache co-training [4..7] + comp. (before Stage II)", "cotrain_c167", None, None),
+    ("1.x: Stage I + co-training + Stage II, cache [4..6] + comp.", "stage2_c175", "student_1x_175.safetensors", None),
+    ("1.x: Stage I + co-training + Stage II, cache [4..7] + comp.", "stage2_c167", "student_1x_167.safetensors", None),
 ]
+ONE_X_KEYS = ("cotrain_c175", "cotrain_c167", "stage2_c175", "stage2_c167")
 
 
 def find_student(runs: str, run_name: str, shipped: str | None) -> str | None:
@@ -93,7 +96,7 @@ def check_targets(results: list[dict]) -> list[str]:
     by = {r["key"]: r for r in results}
     ref, t2s = by.get("teacher50cfg"), [by[k] for k in ("teacher2cfg", "teacher2") if k in by]
     lines = []
-    for key in ("stage2_c175", "stage2_c167"):
+    for key in ONE_X_KEYS:
         s = by.get(key)
         if not (s and ref):
             continue

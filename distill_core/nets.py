@@ -25,6 +25,10 @@ class FlowNet(nn.Module):
         return velocity(self.model, self.conditioner, x, sigma, labels)
 
     @property
+    def width(self) -> int:
+        return self.model.config.num_attention_heads * self.model.config.attention_head_dim
+
+    @property
     def null_class(self) -> int:
         return self.conditioner.null_class
 

@@ -27,7 +27,7 @@ from .config import RunConfig
 from .nets import frozen_teacher, trainable_copy
 from .stage1 import Stage1
 from .stage2 import Stage2
-from .state import load_state, save_state
+from .state import load_module, load_state, save_state
 from .student import file_hash, load_student, run_student, save_student
 from .updates import Ranks
 
@@ -43,13 +43,20 @@ def build_task(cfg: RunConfig, ranks: Ranks):
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     frozen = frozen_teacher(teacher)
     if cfg.stage == "stage1":
-        task = Stage1(cfg.stage1, trainable_copy(teacher), trainable_copy(teacher), frozen, ranks)
+        student, fake = trainable_copy(teacher), trainable_copy(teacher)
+        if cfg.init_student:  # e.g. Distill-Cache co-training as a fine-tune of a finished Stage-I run
+            student.model.load_state_dict(load_student(cfg.init_student, base_hash=base["hash"]).net.model.state_dict())
+        if cfg.init_fake:
+            fake.model.load_state_dict(load_module(cfg.init_fake, "fake"))
+        task = Stage1(cfg.stage1, student, fake, frozen, ranks)
     else:
         init = load_student(cfg.init_student, base_hash=base["hash"])
         student = trainable_copy(teacher)
         student.model.load_state_dict(init.net.model.state_dict())
         reference = load_student(cfg.reference, base_hash=base["hash"])
         task = Stage2(cfg.stage2, student, reference, frozen, ranks)
+        if init.compensation is not None and init.cache == task.cache:  # co-trained in Stage I: continue from it
+            task.compensation.load_state_dict(init.compensation.state_dict())
     return task, base
 
 

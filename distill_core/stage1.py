@@ -4,6 +4,11 @@ Per iteration: backward-simulate the student's N-step trajectory (no grad); upda
 re-noised points inside a random window (uniform noise level); update the student by the window-wise DMD
 target with the teacher's CFG only below the switch level, a pseudo-Huber loss and a per-sample normaliser.
 Plain DMD (no guidance control) is the same with the switch at 1, i.e. CFG at every noise level.
+
+Distill-Cache co-training (``cache_first``/``cache_last`` set): the simulated trajectory is the deployed 1.x
+sampler (last step with the cached block segment replaced by the compensation MLP), and the student update in
+the last window goes through that cached step, so student and compensation learn together what the sampler
+will actually run.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import torch.nn.functional as F
 
 from xslim_core.demo_model.latents import LATENT_SHAPE
 
+from .cache import CacheRange, Compensation, replaying
 from .flow import euler, expand, renoise, student_schedule, teacher_grid
 from .importance import importance_weights, sample_in_windows
 from .nets import FlowNet, guided_real_velocity
+from .student import trajectory
 from .updates import Ranks, guarded_update
 
 
@@ -37,6 +44,13 @@ class Stage1Config:
     clip_student: float = 2.0
     clip_fake: float = 1.0
     huber_c: float = 4e-3
+    cache_first: int | None = None  # a cached block range for Distill-Cache co-training (None: every step full)
+    cache_last: int | None = None
+    lr_comp: float = 3e-4
+
+    @property
+    def cache(self) -> CacheRange | None:
+        return None if self.cache_first is None else CacheRange(self.cache_first, self.cache_last)
 
 
 def pseudo_huber_dmd_loss(x_hat: torch.Tensor, target: torch.Tensor, normaliser: torch.Tensor, c: float) -> torch.Tensor:
@@ -45,8 +59,6 @@ def pseudo_huber_dmd_loss(x_hat: torch.Tensor, target: torch.Tensor, normaliser:
 
 
 class Stage1:
-    cache = compensation = None  # the Stage-I student runs every step in full
-
     def __init__(self, cfg: Stage1Config, student: FlowNet, fake: FlowNet, teacher: FlowNet, ranks: Ranks):
         self.cfg, self.student, self.fake, self.teacher, self.ranks = cfg, student, fake, teacher, ranks
         self.grid = teacher_grid(cfg.shift)
@@ -61,16 +73,37 @@ class Stage1:
             "fake": torch.optim.AdamW(self.fake_params, cfg.lr_fake, betas, weight_decay=cfg.weight_decay),
         }
         self.modules = {"student": student.model, "fake": fake.model}
+        self.cache = cfg.cache
+        self.compensation = Compensation(student.width) if self.cache else None
+        if self.compensation:
+            self.comp_params = list(self.compensation.parameters())
+            self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
+            self.modules["comp"] = self.compensation
 
     @torch.no_grad()
-    def simulate(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student's own trajectory from noise: states [N+1, B, ...] and velocities [N, B, ...]."""
-        xs, vs = [z], []
-        for s, s_next in zip(self.sigmas[:-1], self.sigmas[1:]):
-            v = self.student(xs[-1], torch.full((len(z),), s), labels)
-            vs.append(v)
-            xs.append(euler(xs[-1], v, s, s_next))
-        return torch.stack(xs), torch.stack(vs)
+    def simulate(self, z: torch.Tensor, labels: torch.Tensor):
+        """The student's own (deployed) trajectory from noise: states [N+1, B, ...], velocities [N, B, ...] and
+        the cached segment's delta (None without a cache)."""
+        xs, vs, delta = trajectory(self.student, z, labels, self.sigmas, self.cache, self.compensation)
+        return torch.stack(xs), torch.stack(vs), delta
+
+    def _student_velocity(self, x, sigma, labels, k, delta):
+        """The student's velocity as the deployed sampler computes it: rows in the last window replay the cache."""
+        cached = (k == self.cfg.steps - 1) if self.cache else torch.zeros_like(k, dtype=torch.bool)
+        if not bool(cached.any()):
+            return self.student(x, sigma, labels)
+        parts, order = [], []
+        for mask in (~cached, cached):
+            rows = mask.nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            if mask is cached:
+                with replaying(self.student.model, self.cache, {n: d[rows] for n, d in delta.items()}, self.compensation):
+                    parts.append(self.student(x[rows], sigma[rows], labels[rows]))
+            else:
+                parts.append(self.student(x[rows], sigma[rows], labels[rows]))
+            order.append(rows)
+        return torch.cat(parts)[torch.cat(order).argsort()]
 
     def _windows(self, n: int, gen: torch.Generator, weights):
         k = torch.randint(self.cfg.steps, (n,), generator=gen)
@@ -89,10 +122,10 @@ class Stage1:
         norm = guarded_update(loss, [(self.fake_params, self.optimizers["fake"], True)], self.cfg.clip_fake, self.ranks)
         return {"loss_fake": loss.item(), "grad_fake": norm}
 
-    def student_step(self, xs, labels, gen) -> dict:
+    def student_step(self, xs, labels, gen, delta=None) -> dict:
         cfg, rows = self.cfg, torch.arange(len(labels))
         k, sigma, s_start, s_end = self._windows(len(labels), gen, self.weights)
-        x_hat = euler(xs[k, rows], self.student(xs[k, rows], s_start, labels), s_start, s_end)
+        x_hat = euler(xs[k, rows], self._student_velocity(xs[k, rows], s_start, labels, k, delta), s_start, s_end)
         with torch.no_grad():
             x_sigma = renoise(x_hat, s_end, sigma, torch.randn(x_hat.shape, generator=gen))
             v_real = guided_real_velocity(self.teacher, x_sigma, sigma, labels, cfg.guidance_scale, cfg.guidance_switch)
@@ -101,16 +134,19 @@ class Stage1:
             target = x_hat + x_real - x_fake
             normaliser = (x_hat - x_real).abs().mean(dim=tuple(range(1, x_hat.dim())), keepdim=True).clamp_min(1e-6)
         loss = pseudo_huber_dmd_loss(x_hat, target, normaliser, cfg.huber_c)
-        norm = guarded_update(loss, [(self.student_params, self.optimizers["student"], True)], cfg.clip_student, self.ranks)
+        steps = [(self.student_params, self.optimizers["student"], True)]
+        if self.compensation:
+            steps.append((self.comp_params, self.optimizers["comp"], True))
+        norm = guarded_update(loss, steps, cfg.clip_student, self.ranks)
         guided = (sigma <= cfg.guidance_switch).float().mean().item()
         return {"loss_student": loss.item(), "grad_student": norm, "cfg_fraction": guided}
 
     def step(self, iteration: int, batch: int, gen: torch.Generator) -> dict:
         z = torch.randn(batch, *LATENT_SHAPE, generator=gen)
         labels = torch.randint(10, (batch,), generator=gen)
-        xs, vs = self.simulate(z, labels)
+        xs, vs, delta = self.simulate(z, labels)
         metrics = {}
         for _ in range(self.cfg.fake_updates):
             metrics.update(self.fake_step(xs, vs, labels, gen))
-        metrics.update(self.student_step(xs, labels, gen))
+        metrics.update(self.student_step(xs, labels, gen, delta))
         return metrics

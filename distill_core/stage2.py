@@ -56,8 +56,7 @@ class Stage2:
         grid = teacher_grid(cfg.shift)
         self.sigmas = [float(grid[i]) for i in student_schedule(cfg.steps, cfg.shift, grid)]
         self.cache = cfg.cache
-        width = student.model.config.num_attention_heads * student.model.config.attention_head_dim
-        self.compensation = Compensation(width) if self.cache else None
+        self.compensation = Compensation(student.width) if self.cache else None
         self.disc = Discriminator(TeacherFeatures(teacher, cfg.disc_blocks, cfg.disc_sigma_max))
         betas = (cfg.beta1, cfg.beta2)
         self.student_params = [p for p in student.model.parameters() if p.requires_grad]

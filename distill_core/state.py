@@ -48,6 +48,18 @@ def save_state(path: str, modules: dict, optimizers: dict, rng: dict[str, torch.
     os.replace(path + ".tmp", path)
 
 
+def load_module(path: str, name: str) -> dict[str, torch.Tensor]:
+    """One module's weights from a training state file (e.g. a finished run's fake score)."""
+    prefix = f"module.{name}."
+    with safe_open(path, framework="pt") as f:
+        if (f.metadata() or {}).get("format") != FORMAT:
+            raise ValueError(f"{path} is not a 1.x-Distill training state.")
+        found = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not found:
+        raise ValueError(f"{path} holds no {name!r} module.")
+    return found
+
+
 def load_state(path: str, modules: dict, optimizers: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Restore modules and optimisers in place; returns (rng tensors, metadata)."""
     try:

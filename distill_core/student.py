@@ -57,8 +57,15 @@ def run_student(net: FlowNet, noise: torch.Tensor, labels: torch.Tensor, sigmas:
                 cache: CacheRange | None = None, compensation: Compensation | None = None) -> torch.Tensor:
     """Euler over the student's sigmas, no CFG; with ``cache`` the last step reuses the previous step's block
     delta (through ``compensation``). Differentiable: callers choose grad or no_grad."""
-    x, delta, last = noise, None, len(sigmas) - 2
+    return trajectory(net, noise, labels, sigmas, cache, compensation)[0][-1]
+
+
+def trajectory(net: FlowNet, noise: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
+               cache: CacheRange | None = None, compensation: Compensation | None = None):
+    """The deployed sampler's states [x_0..x_N], velocities [v_0..v_N-1] and the recorded block delta (or None)."""
+    xs, vs, delta, last = [noise], [], None, len(sigmas) - 2
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x = xs[-1]
         sigma = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
         if cache is not None and i == last and delta is not None:
             with replaying(net.model, cache, delta, compensation):
@@ -69,8 +76,9 @@ def run_student(net: FlowNet, noise: torch.Tensor, labels: torch.Tensor, sigmas:
             delta = dict(store)
         else:
             v = net(x, sigma, labels)
-        x = euler(x, v, s, s_next)
-    return x
+        vs.append(v)
+        xs.append(euler(x, v, s, s_next))
+    return xs, vs, delta
 
 
 def save_student(path: str, net: FlowNet, sigmas: list[float], shift: float, cache: CacheRange | None,

@@ -205,8 +205,30 @@ def test_stage1_step_updates_student_and_fake_score(tiny):
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert _changed(s_before, stage.student.model) and _changed(f_before, stage.fake.model)
     assert not _changed(teacher_before, teacher.model)
-    xs, vs = stage.simulate(*_inputs())
-    assert xs.shape[0] == 3 and vs.shape[0] == 2
+    xs, vs, delta = stage.simulate(*_inputs())
+    assert xs.shape[0] == 3 and vs.shape[0] == 2 and delta is None
+
+
+def test_stage1_cache_cotraining_trains_the_deployed_cached_sampler(tiny):
+    """With a cached range, Stage I simulates exactly the 1.x sampler and steps student and compensation together."""
+    _, teacher = tiny
+    cfg = Stage1Config(lr_student=1e-3, lr_fake=1e-3, lr_comp=1e-2, cache_first=1, cache_last=2)
+    stage = Stage1(cfg, trainable_copy(teacher), trainable_copy(teacher), frozen_teacher(teacher), Ranks())
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        stage.step(i, 4, gen)
+    assert any(p.abs().sum() > 0 for p in stage.compensation.img.fc2.parameters())  # left its zero init
+    z, labels = _inputs()
+    xs, vs, delta = stage.simulate(z, labels)
+    with torch.no_grad():
+        deployed = run_student(stage.student, z, labels, stage.sigmas, stage.cache, stage.compensation)
+        uncached = run_student(stage.student, z, labels, stage.sigmas)
+        # the student update's velocity for rows in the last window is the cached step's, for the first the full one
+        k = torch.tensor([0, 1, 1, 0])
+        rows = torch.arange(4)
+        v = stage._student_velocity(xs[k, rows], torch.tensor(stage.sigmas)[k], labels, k, delta)
+    assert torch.allclose(xs[-1], deployed, atol=1e-6) and not torch.allclose(deployed, uncached, atol=1e-4)
+    assert torch.allclose(v, vs[k, rows], atol=1e-5)
 
 
 def test_stage2_schedule_warms_up_discriminator_then_compensation_then_student(tiny, tmp_path):

@@ -55,6 +55,34 @@ def test_resume_continues_exactly_where_it_stopped(teacher_path, tmp_path):
     assert {"loss_student", "loss_fake", "grad_student", "it_per_s", "eta_s"} <= set(records[-1])
 
 
+def test_cache_cotraining_fine_tune_starts_from_a_finished_stage1_run(teacher_path, tmp_path):
+    """Distill-Cache co-training as a fine-tune: student and fake score start from the finished run, the exported
+    1.x student carries the cached range and its compensation, and Stage II continues from that compensation."""
+    base = run_training(_config(tmp_path / "base", teacher_path, iterations=2))
+    tuned = _config(tmp_path / "tuned", teacher_path, iterations=0, init_student=base["student"],
+                    init_fake=str(tmp_path / "base" / STATE_FILE),
+                    stage1={"lr_student": 1e-3, "lr_fake": 1e-3, "cache_first": 1, "cache_last": 2})
+    start = run_training(tuned)  # zero iterations: exports exactly the starting point
+    a, _ = _tensors(base["student"])
+    b, meta = _tensors(start["student"])
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
+    base_state, _ = _tensors(str(tmp_path / "base" / STATE_FILE))
+    tuned_state, _ = _tensors(str(tmp_path / "tuned" / STATE_FILE))
+    assert all(torch.equal(base_state[k], tuned_state[k]) for k in base_state if k.startswith("module.fake."))
+    assert json.loads(meta["cached_blocks"]) == [1, 2] and meta["effective_nfe"] == "1.3333"  # 2 of the 3 blocks
+    tuned.iterations = 2
+    trained_path = run_training(tuned)["student"]
+    trained = load_student(trained_path)
+    assert any(p.abs().sum() > 0 for p in trained.compensation.img.fc2.parameters())
+    stage2 = _config(tmp_path / "stage2", teacher_path, stage="stage2", iterations=0, init_student=trained_path,
+                     reference=base["student"], stage2={"cache_first": 1, "cache_last": 2, "disc_blocks": [0, 2]})
+    c, _ = _tensors(trained_path)
+    d, _ = _tensors(run_training(stage2)["student"])
+    assert all(torch.equal(c[k], d[k]) for k in c if k.startswith("comp."))
+    with pytest.raises(ValueError, match="not a 1.x-Distill training state"):
+        run_training(_config(tmp_path / "bad", teacher_path, init_student=base["student"], init_fake=base["student"]))
+
+
 def test_stop_flag_and_progress_callback(teacher_path, tmp_path):
     stop, seen = threading.Event(), []
 
