@@ -137,6 +137,11 @@ def test_sigkill_then_resume_from_the_last_checkpoint(teacher_path, tmp_path):
     records = [json.loads(line) for line in open(run_dir / METRICS_FILE)]
     assert [r["iteration"] for r in records[-2:]] == [killed_at + 1, killed_at + 2]
     assert load_student(str(run_dir / STUDENT_FILE)).meta["iterations"] == str(killed_at + 2)
+    # the same figures as a run that was never killed
+    straight = run_training(_config(tmp_path / "straight", teacher_path, iterations=killed_at + 2, checkpoint_every=3))
+    a, _ = _tensors(straight["student"])
+    b, _ = _tensors(str(run_dir / STUDENT_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _free_port():
