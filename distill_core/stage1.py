@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from xslim_core.adapters.base import merge_rows
 from xslim_core.demo_model.latents import LATENT_SHAPE
 
 from .cache import CacheRange, Compensation, replaying
@@ -89,21 +90,16 @@ class Stage1:
 
     def _student_velocity(self, x, sigma, labels, k, delta):
         """The student's velocity as the deployed sampler computes it: rows in the last window replay the cache."""
-        cached = (k == self.cfg.steps - 1) if self.cache else torch.zeros_like(k, dtype=torch.bool)
-        if not bool(cached.any()):
+        cached = k == self.cfg.steps - 1
+        if self.cache is None or not bool(cached.any()):
             return self.student(x, sigma, labels)
-        parts, order = [], []
-        for mask in (~cached, cached):
-            rows = mask.nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            if mask is cached:
-                with replaying(self.student.model, self.cache, {n: d[rows] for n, d in delta.items()}, self.compensation):
-                    parts.append(self.student(x[rows], sigma[rows], labels[rows]))
-            else:
-                parts.append(self.student(x[rows], sigma[rows], labels[rows]))
-            order.append(rows)
-        return torch.cat(parts)[torch.cat(order).argsort()]
+        full, rows = (~cached).nonzero().flatten(), cached.nonzero().flatten()
+        with replaying(self.student.model, self.cache, {n: d[rows] for n, d in delta.items()}, self.compensation):
+            v_cached = self.student(x[rows], sigma[rows], labels[rows])
+        if len(full) == 0:
+            return v_cached
+        v_full = self.student(x[full], sigma[full], labels[full])
+        return merge_rows([v_full, v_cached], [full.tolist(), rows.tolist()])
 
     def _windows(self, n: int, gen: torch.Generator, weights):
         k = torch.randint(self.cfg.steps, (n,), generator=gen)

@@ -48,30 +48,36 @@ def save_state(path: str, modules: dict, optimizers: dict, rng: dict[str, torch.
     os.replace(path + ".tmp", path)
 
 
+def read_state(path: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors whose names start with ``prefix`` and the metadata of a training state file (checked)."""
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as err:  # safetensors raises several types for a foreign or damaged header
+        raise ValueError(f"{path} is not a readable safetensors training state ({err}).") from None
+    with handle as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a 1.x-Distill training state (format {meta.get('format')!r}).")
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}, meta
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_module(path: str, name: str) -> dict[str, torch.Tensor]:
     """One module's weights from a training state file (e.g. a finished run's fake score)."""
-    prefix = f"module.{name}."
-    with safe_open(path, framework="pt") as f:
-        if (f.metadata() or {}).get("format") != FORMAT:
-            raise ValueError(f"{path} is not a 1.x-Distill training state.")
-        found = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    if not found:
+    tensors, _ = read_state(path, f"module.{name}.")
+    if not tensors:
         raise ValueError(f"{path} holds no {name!r} module.")
-    return found
+    return _under(tensors, f"module.{name}.")
 
 
 def load_state(path: str, modules: dict, optimizers: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Restore modules and optimisers in place; returns (rng tensors, metadata)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable safetensors training state ({err}).") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a 1.x-Distill training state (format {meta.get('format')!r}).")
+    tensors, meta = read_state(path)
     for name, module in modules.items():
-        prefix = f"module.{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        module.load_state_dict(_under(tensors, f"module.{name}."))
     for name, opt in optimizers.items():
         load_optimizer(name, opt, tensors, meta)
-    return {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta
+    return _under(tensors, "rng."), meta
