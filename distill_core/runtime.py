@@ -28,7 +28,7 @@ from .nets import frozen_teacher, trainable_copy
 from .stage1 import Stage1
 from .stage2 import Stage2
 from .state import load_module, load_state, save_state
-from .student import file_hash, load_student, run_student, save_student
+from .student import file_hash, file_signature, load_student, run_student, save_student
 from .updates import Ranks
 
 STATE_FILE, STUDENT_FILE, METRICS_FILE = "state.safetensors", "student.safetensors", "metrics.jsonl"
@@ -39,7 +39,7 @@ def build_task(cfg: RunConfig, ranks: Ranks):
     teacher_path = cfg.teacher or default_weights_path()
     teacher = load_teacher(teacher_path)
     base = {"family": teacher.meta.get("family", "unknown"), "hash": file_hash(teacher_path),
-            "architecture": teacher.meta["architecture"]}
+            "architecture": teacher.meta["architecture"], "signature": file_signature(teacher_path)}
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     frozen = frozen_teacher(teacher)
     if cfg.stage == "stage1":

@@ -63,6 +63,18 @@ class DictBlock:
         txt, _ = split_sequence(img, self.spec.layout, img.shape[1] - n_img, dim=1)
         return join_sequence(txt, tokens, self.spec.layout, dim=1)
 
+    def streams(self, img: torch.Tensor, txt: torch.Tensor | None, n_img: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image tokens, text tokens): a single-stream block carries both in ``img``, in its layout."""
+        if txt is not None or self.spec.layout == IMG_ONLY:
+            return img, txt
+        text, image = split_sequence(img, self.spec.layout, img.shape[1] - n_img, dim=1)
+        return image, text
+
+    def join_streams(self, image: torch.Tensor, text: torch.Tensor | None, n_img: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if "txt" in self.arguments or self.spec.layout == IMG_ONLY or text is None:
+            return image, text
+        return join_sequence(text, image, self.spec.layout, dim=1), None
+
     def pack(self, img: torch.Tensor, txt: torch.Tensor | None) -> dict:
         return {"img": img, "txt": txt} if "txt" in self.arguments else {"img": img}
 

@@ -53,6 +53,8 @@ class XSlimSettings:
     profile: Profile | None = None
     record_profile: bool = False
     reports: list = field(default_factory=list)  # RunReport per finished run, newest last (kept short)
+    segment_transform: object = None  # segment mode (a 1.x student): the compensation of the reused blocks
+    role = "an X-Slim cache"  # what the node that made these settings does, for messages
 
     def engine_for(self, diffusion_model) -> XSlimEngine:
         family = family_for(diffusion_model)
@@ -62,7 +64,11 @@ class XSlimSettings:
         return XSlimEngine(
             family, family.specs(diffusion_model), family.stack_sizes(diffusion_model), config, self.profile,
             record_profile=self.record_profile, model_name=type(diffusion_model).__name__, attention_seam="host",
+            segment_transform=self.segment_transform,
         )
+
+    def summary(self, stats: RunStats) -> str:
+        return stats.summary()
 
     def add_report(self, report: RunReport) -> None:
         self.reports = (self.reports + [report])[-8:]
@@ -93,6 +99,12 @@ def install(model_patcher, settings: XSlimSettings):
     from comfy.patcher_extension import WrappersMP
 
     family = check_model(model_patcher, settings)
+    previous = model_patcher.model_options.get("transformer_options", {}).get(KEY)
+    if previous is not None and previous.role != settings.role:
+        raise XSlimSetupError(
+            f"This model already carries {previous.role}; it cannot also take {settings.role}. A 1.x student "
+            "already reuses blocks at its cached step: use either the student or X-Slim Cache on the base model."
+        )
     m = model_patcher.clone()
     m.model_options.setdefault("transformer_options", {})[KEY] = settings
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
@@ -182,7 +194,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         guider.model_options = original_options
         stats = engine.stats
-        summary = stats.summary() + ("" if finished else " (run interrupted)")
+        summary = settings.summary(stats) + ("" if finished else " (run interrupted)")
         log.info(summary)
         print(summary)  # the console is where ComfyUI users look
         settings.add_report(RunReport(

@@ -3,6 +3,8 @@ Images are ComfyUI IMAGE tensors ([N, H, W, 3], float in [0, 1]); nothing here i
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -64,7 +66,10 @@ def labelled_grid(columns: list[torch.Tensor], labels: list[list[str]], min_widt
     pix = [(c.clamp(0, 1) * 255).round().byte().cpu().numpy() for c in columns]
     n, h, w = pix[0].shape[0], pix[0].shape[1], pix[0].shape[2]
     zoom = max(1, min_width // w)
-    col_w, text_h = w * zoom, 14 * max(len(lines) for lines in labels) + 6
+    col_w = w * zoom
+    # long lines wrap to the column (the default font is about 6 px a character) instead of running over the next
+    labels = [[part for line in lines for part in (textwrap.wrap(line, max(8, col_w // 6)) or [""])] for lines in labels]
+    text_h = 14 * max(len(lines) for lines in labels) + 6
     img = Image.new("RGB", (len(columns) * (col_w + 6), text_h + n * h * zoom), "white")
     draw = ImageDraw.Draw(img)
     for c, (batch, lines) in enumerate(zip(pix, labels)):

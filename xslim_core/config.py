@@ -18,7 +18,7 @@ class StepKind(str, enum.Enum):
 
 
 LEVELS = frozenset({"step", "block", "token"})
-MODES = ("schedule", "online", "off")
+MODES = ("schedule", "online", "off", "segment")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class XSlimConfig:
         extrapolated in sigma from the last two computed steps. err < ``warn`` skips, ``warn`` <= err < ``crit``
         refreshes blocks or tokens, err >= ``crit`` computes fully.
       * ``"off"`` - every step computes fully; outputs equal the model's own forward.
+      * ``"segment"`` - a 1.x-step student's sampler: every step computes fully except the last, where the
+        blocks ``segment`` = (first, last) reuse the delta (output of ``last`` - input of ``first``) that the
+        step before recorded, through the engine's ``segment_transform`` (a learned compensation).
     """
 
     mode: str = "schedule"
@@ -52,6 +55,7 @@ class XSlimConfig:
     pattern: str | None = None  # schedule: a fixed per-step plan in letters (F B T .), used instead of a profile
     cache_dtype: torch.dtype | None = None  # e.g. torch.float16 / bfloat16 to halve cache memory
     cache_device: str | None = None  # e.g. "cpu" to keep caches off the GPU
+    segment: tuple[int, int] | None = None  # segment mode: first and last (inclusive) block of the reused range
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -85,6 +89,14 @@ class XSlimConfig:
                 raise ValueError(
                     f"X-Slim: pattern may only use F (full), B (block), T (token) and . (skip); got {sorted(bad)}."
                 )
+        if self.mode == "segment" or self.segment is not None:
+            seg = self.segment
+            if self.mode != "segment" or seg is None or len(seg) != 2 or not 0 <= int(seg[0]) <= int(seg[1]):
+                raise ValueError(
+                    f"X-Slim: segment mode needs segment=(first, last) with 0 <= first <= last (block indices), "
+                    f"and a segment only works in segment mode; got mode={self.mode!r}, segment={seg!r}."
+                )
+            object.__setattr__(self, "segment", (int(seg[0]), int(seg[1])))
         if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
             raise ValueError(
                 f"X-Slim: need 0 <= start_percent < end_percent <= 1, got {self.start_percent} and {self.end_percent}."
@@ -124,3 +136,4 @@ class StepPlan:
     skip_blocks: frozenset = field(default_factory=frozenset)  # BLOCK: block indices that reuse residuals
     record_blocks: bool = False  # FULL: score blocks and keep residuals for a coming block refresh
     capture_kv: bool = False  # FULL/BLOCK: keep image K/V of every attention layer for a coming token refresh
+    segment: tuple[int, int] | None = None  # FULL: record this block range's delta; BLOCK: reuse it instead

@@ -82,6 +82,21 @@ class OnlineController:
         return options[0]
 
 
+class SegmentController:
+    """A 1.x-step student's plan: full steps; the step before the last records the delta of the block range
+    ``segment``, the last step reuses it for those blocks and computes the rest."""
+
+    def __init__(self, segment: tuple[int, int], num_steps: int):
+        self.segment = segment
+        self.blocks = frozenset(range(segment[0], segment[1] + 1))
+        self.num_steps = num_steps
+
+    def plan(self, row: RowState, step: int) -> StepPlan:
+        if step == self.num_steps - 1 and row.segment_delta is not None:
+            return StepPlan(StepKind.BLOCK, skip_blocks=self.blocks, segment=self.segment)
+        return StepPlan(StepKind.FULL, segment=self.segment if step == self.num_steps - 2 else None)
+
+
 class FullController:
     """Computes every step; used for mode "off" and for profiling."""
 

@@ -18,7 +18,7 @@ import torch
 
 from .adapters import Adapter, ModelCall, adapter_for
 from .config import StepKind, StepPlan, XSlimConfig
-from .controller import FullController, OnlineController, ScheduleController
+from .controller import FullController, OnlineController, ScheduleController, SegmentController
 from .profile import Profile
 from .schedule import BlockSelector, block_thresholds, build_schedule
 from .state import RowState, RunStats, TensorStore
@@ -55,6 +55,8 @@ class _Run:
         self.schedule = None
         if engine.recording or cfg.mode == "off":
             self.controller = FullController(record=engine.recording)
+        elif cfg.mode == "segment":
+            self.controller = SegmentController(cfg.segment, len(sigmas) - 1)
         elif cfg.mode == "schedule":
             self.schedule = build_schedule(engine.profile, sigmas, cfg, engine.stacks)
             self.controller = ScheduleController(self.schedule, layers)
@@ -98,6 +100,8 @@ class _CallContext:
         self.new_kv = [dict() for _ in keys]
         self.block_change: list[float] = []
         self.positions: dict = {}  # gathered RoPE tables / masks of this call, shared by its blocks
+        self.segment_in = None  # segment mode: the streams that entered the recorded block range
+        self.new_segment: list = [None] * len(keys)
 
     # -- rows <-> batch ------------------------------------------------------------------------------------
     def _batch(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -125,7 +129,9 @@ class _CallContext:
     def run_block(self, spec, forward, args, kwargs):
         kind, plan = self.plan.kind, self.plan
         first, last = spec.index == 0, spec.index == len(self.engine.blocks) - 1
-        if kind is StepKind.FULL and not (first or last or plan.record_blocks):
+        seg = plan.segment
+        in_segment = seg is not None and seg[0] <= spec.index <= seg[1]
+        if kind is StepKind.FULL and not (first or last or plan.record_blocks or in_segment):
             self.run.stats.block_evals += len(self.rows)
             self.run.stats.block_calls += 1
             return forward(*args, **kwargs)  # nothing to observe in the middle of a plain full step
@@ -140,10 +146,16 @@ class _CallContext:
         if kind is StepKind.SKIP:
             out_img = _add(img, self._batch("delta_last", img)) if first else img
             out_txt = txt
+        elif kind is StepKind.BLOCK and in_segment:
+            out_img, out_txt = self._reuse_segment(call, img, txt) if spec.index == seg[0] else (img, txt)
         elif kind is StepKind.BLOCK and spec.index in plan.skip_blocks:
             out_img, out_txt = self._reuse_block(spec.index, img, txt)
         else:
+            if in_segment and spec.index == seg[0]:  # blocks may add to their inputs in place: copy
+                self.segment_in = tuple(None if t is None else t.clone() for t in call.streams(img, txt, self.n_img))
             out_img, out_txt = self._compute_block(spec, call, forward, img, txt)
+            if in_segment and spec.index == seg[1]:
+                self._record_segment(call, out_img, out_txt)
 
         if last:
             if kind is StepKind.TOKEN:  # back to full length: reused tokens keep their last output
@@ -160,6 +172,24 @@ class _CallContext:
         if txt is None or parts[0][1] is None:
             return out_img, txt
         return out_img, _add(txt, TensorStore.batch([p[1] for p in parts], txt))
+
+    def _record_segment(self, call, out_img, out_txt) -> None:
+        """Segment mode, the step before the last: keep each row's delta over the block range."""
+        outs = call.streams(out_img, out_txt, self.n_img)
+        delta = [None if o is None or i is None else o - i for o, i in zip(outs, self.segment_in)]
+        for j in range(len(self.rows)):
+            self.new_segment[j] = tuple(None if d is None else self.store.put(d[j : j + 1]) for d in delta)
+        self.segment_in = None
+
+    def _reuse_segment(self, call, img, txt):
+        """Segment mode, the last step: the range's output is its input plus the (transformed) recorded delta."""
+        image, text = call.streams(img, txt, self.n_img)
+        d_img = TensorStore.batch([r.segment_delta[0] for r in self.rows], image)
+        d_txt = None if text is None or self.rows[0].segment_delta[1] is None else TensorStore.batch([r.segment_delta[1] for r in self.rows], text)
+        transform = self.engine.segment_transform
+        if transform is not None:
+            d_img, d_txt = transform(d_img, d_txt)
+        return call.join_streams(_add(image, d_img), text if d_txt is None else _add(text, d_txt), self.n_img)
 
     def _compute_block(self, spec, call: BoundBlock, forward, img, txt):
         plan, stats = self.plan, self.run.stats
@@ -232,6 +262,8 @@ class _CallContext:
                 row.refreshes_in_row += 1
                 row.last_partial = kind
             elif kind is StepKind.FULL:
+                if plan.segment is not None:
+                    row.segment_delta = self.new_segment[j]
                 row.refreshes_in_row, row.last_partial = 0, None
                 row.block_residuals = self.new_residuals[j] if plan.record_blocks else {}
                 row.skip_blocks = frozenset(self.new_residuals[j]) if plan.record_blocks else None
@@ -279,9 +311,12 @@ class XSlimEngine:
         record_profile: bool = False,
         model_name: str | None = None,
         attention_seam: str = "sdpa",
+        segment_transform: Callable | None = None,
     ):
         # "sdpa": the engine routes torch's SDPA itself (diffusers); "host": the host calls attend() (ComfyUI)
         self.attention_seam = attention_seam
+        # segment mode: (image delta, text delta | None) -> the same, e.g. a 1.x student's compensation module
+        self.segment_transform = segment_transform
         self.adapter = adapter
         self.config = config or XSlimConfig()
         self.recording = record_profile
@@ -289,6 +324,9 @@ class XSlimEngine:
         self.stacks = [tuple(s) for s in stacks]
         self.model_name = model_name or adapter.display_name
         self.layers = [(spec.index, j) for spec in self.blocks for j in range(len(spec.attention))]
+        if self.config.segment is not None and self.config.segment[1] >= len(self.blocks):
+            first, last = self.config.segment
+            raise ValueError(f"X-Slim: the reused block range {first}..{last} lies outside this model's {len(self.blocks)} blocks (0..{len(self.blocks) - 1}).")
         check_profile(profile, adapter, self.stacks)
         if profile is None and self.config.mode == "schedule" and self.config.pattern is None and not record_profile:
             raise ValueError(
@@ -469,12 +507,14 @@ class XSlim(XSlimEngine):
         sigmas: Iterable[float] | Callable[[], Iterable[float]] | None = None,
         adapter: Adapter | None = None,
         record_profile: bool = False,
+        segment_transform: Callable | None = None,
     ):
         self.model = model
         adapter = adapter or adapter_for(model)
         super().__init__(
             adapter, adapter.blocks(model), adapter.stack_sizes(model), config, profile,
             sigmas=sigmas, record_profile=record_profile, model_name=type(model).__name__,
+            segment_transform=segment_transform,
         )
         self._undo: list[Callable[[], None]] = []
         self._install()

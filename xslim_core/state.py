@@ -52,11 +52,12 @@ class RowState:
     rate: float | None = None  # relative L1 change of the step residual per unit sigma (online controller)
     last_partial: StepKind | None = None
     kv: dict = field(default_factory=dict)  # attention layer -> (K, V) of image tokens, [1, H, N, Dh]
+    segment_delta: tuple | None = None  # segment mode: (image, text | None) delta of the block range
     skips_in_row: int = 0
     refreshes_in_row: int = 0
 
     def nbytes(self) -> int:
-        tensors = [self.delta_last, self.delta_prev, self.last_out]
+        tensors = [self.delta_last, self.delta_prev, self.last_out, *(self.segment_delta or ())]
         for img, txt in self.block_residuals.values():
             tensors += [img, txt]
         for k, v in self.kv.values():

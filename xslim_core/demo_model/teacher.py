@@ -79,7 +79,7 @@ LINEAR = (("weight", "weight"), ("bias", "bias"))
 SCALE = (("weight", "scale"),)
 
 
-def _key_rules(refiners: int, doubles: int, singles: int) -> list[tuple[str, tuple[str, ...], tuple, bool]]:
+def key_rules(refiners: int, doubles: int, singles: int) -> list[tuple[str, tuple[str, ...], tuple, bool]]:
     """(ComfyUI prefix, diffusers prefixes concatenated on dim 0, suffix pairs, swap halves)."""
     r = [
         ("img_in.proj", ("x_embedder.proj",), LINEAR, False),
@@ -142,7 +142,7 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rules_for(architecture: dict):
-    return _key_rules(architecture["num_refiner_layers"], architecture["num_layers"], architecture["num_single_layers"])
+    return key_rules(architecture["num_refiner_layers"], architecture["num_layers"], architecture["num_single_layers"])
 
 
 def to_comfy(state: dict[str, torch.Tensor], architecture: dict) -> dict[str, torch.Tensor]:

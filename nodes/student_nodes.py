@@ -1,0 +1,198 @@
+"""The 1.x-step student nodes (V3 schema): load a student onto its base model, its sigmas and sampler for
+SamplerCustomAdvanced, a one-node KSampler, and a side-by-side comparison with the teacher."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from comfy_api.latest import io
+
+from .host import XSlimSettings, XSlimSetupError
+from .pictures import labelled_grid
+from .runner import cached_run, decode, sample_latent
+from .settings import parse_setting_line
+from .student import BASE_CHECKS, load_student_model, register_students_folder, student_names, student_settings
+from .student_sampling import demo_class_accuracy, run_student, student_sampler
+
+CATEGORY = "X-Slim/1.x student"
+NEGATIVE_TOOLTIP = ("Ignored: the student was distilled with guidance built in and samples at CFG 1, so it never "
+                    "evaluates a negative prompt. Accepted so existing graphs can be rewired without changes.")
+
+
+class LoadStudent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimStudentLoader",
+            display_name="Load 1.x Student",
+            category=CATEGORY,
+            description="Applies a 1.x-Distill student (from models/students) to its base model: the student's weights "
+            "as weight patches (LoRAs loaded before stay applied) and its cached second step with the learned "
+            "compensation. The base model is checked first; the input model is not modified.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the student was distilled from (after any LoRA nodes)."),
+                io.Combo.Input("student_name", options=student_names(), tooltip="A student file from models/students (the shipped demo students are listed too)."),
+                io.Combo.Input("base_check", options=BASE_CHECKS, default=BASE_CHECKS[0], tooltip=(
+                    "strict: the model must hold the weights the student was distilled from (fp32/fp16/bf16 copies pass). "
+                    "trust: skip the weights check, for a base you know is the same weights quantised (fp8) or converted. "
+                    "Family, blocks and shapes are always checked.")),
+            ],
+            outputs=[io.Model.Output(tooltip="The student. Sample it with 1.x Student KSampler, or 1.x Student Sampler + Sigmas.")],
+        )
+
+    @classmethod
+    def execute(cls, model, student_name, base_check) -> io.NodeOutput:
+        import folder_paths
+
+        register_students_folder()
+        path = folder_paths.get_full_path("students", student_name)
+        if path is None:
+            raise XSlimSetupError(f"Load 1.x Student: no student file {student_name!r} in {folder_paths.get_folder_paths('students')}.")
+        student, header = load_student_model(model, path, base_check)
+        return io.NodeOutput(student, ui={"text": [f"{student_name}: {header.describe()}"]})
+
+
+class StudentSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimStudentSigmas",
+            display_name="1.x Student Sigmas",
+            category=CATEGORY,
+            description="The noise levels the student was distilled for, read from its file (its shift is already applied).",
+            inputs=[io.Model.Input("model", tooltip="The MODEL output of Load 1.x Student.")],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        return io.NodeOutput(torch.tensor(student_settings(model).header.sigmas, dtype=torch.float32))
+
+
+class StudentSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimStudentSampler",
+            display_name="1.x Student Sampler",
+            category=CATEGORY,
+            description="The student's deterministic Euler sampler (as in training), for SamplerCustomAdvanced with CFG 1 "
+            "(CFGGuider at cfg 1 or BasicGuider) and 1.x Student Sigmas. The cached second step needs no setting: the "
+            "student model carries it.",
+            inputs=[],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(student_sampler())
+
+
+class StudentKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimStudentKSampler",
+            display_name="1.x Student KSampler",
+            category=CATEGORY,
+            description="Samples a 1.x student in one node: its own sigmas, Euler, CFG 1, the cached second step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of Load 1.x Student."),
+                io.Conditioning.Input("positive"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Conditioning.Input("negative", optional=True, tooltip=NEGATIVE_TOOLTIP),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent_image, seed, negative=None) -> io.NodeOutput:
+        return io.NodeOutput({"samples": run_student(model, positive, latent_image, seed)})
+
+
+DEFAULT_XSLIM = "fast"
+
+
+class StudentCompare(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="XSlimStudentCompare",
+            display_name="1.x Student Compare",
+            category=CATEGORY,
+            description="The same seed from the teacher at N steps, the teacher with X-Slim, and the student, in one "
+            "annotated grid: network evaluations per image (counted, CFG included), time per image, and for the demo "
+            "model the classifier's accuracy on the prompted class. PSNR against the teacher is not shown: a distilled "
+            "student draws its own sample, so pixel distance would mislead.",
+            inputs=[
+                io.Model.Input("teacher", tooltip="The base model WITHOUT X-Slim or a student."),
+                io.Model.Input("student", tooltip="The MODEL output of Load 1.x Student (on the same base)."),
+                io.Model.Input("student_2", optional=True, tooltip="A second student of the same base (e.g. another cached range), as one more column."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative", tooltip="The teacher's negative (CFG); the student ignores it."),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("teacher_steps", default=50, min=1, max=1000),
+                io.Float.Input("teacher_cfg", default=2.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+                io.String.Input("xslim", default=DEFAULT_XSLIM, tooltip=(
+                    "The teacher-with-X-Slim column, one X-Slim Compare setting line (slow, fast, custom warn=.. crit=.., "
+                    "profile=NAME); empty for none.")),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the latents; without it the demo model's decoder or a latent preview is used."),
+            ],
+            outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="table")],
+        )
+
+    @classmethod
+    def execute(cls, teacher, student, positive, negative, latent_image, seed, teacher_steps, teacher_cfg,
+                sampler_name, scheduler, xslim, student_2=None, vae=None) -> io.NodeOutput:
+        import comfy.utils
+
+        from ..xslim_core import XSlimConfig
+
+        students = [student] + ([student_2] if student_2 is not None else [])
+        for s in students:
+            student_settings(s)  # a clear message when a student input is not a student
+        batch = latent_image["samples"].shape[0]
+        columns = [(f"teacher {teacher_steps} steps, CFG {teacher_cfg:g}", XSlimSettings(XSlimConfig(mode="off")))]
+        if xslim.strip():
+            label, settings = parse_setting_line(xslim)
+            if settings is not None:
+                columns.append((f"teacher + X-Slim {label}", settings))
+        bar = comfy.utils.ProgressBar(len(columns) + len(students))
+
+        def teacher_run(m):
+            return sample_latent(m, latent_image, seed, teacher_steps, teacher_cfg, sampler_name, scheduler, positive, negative)
+
+        results = []
+        for label, settings in columns:  # X-Slim mode "off" only counts the evaluations
+            latent, seconds, report = cached_run(teacher, settings, teacher_run)
+            results.append((label, latent, seconds, report.stats))
+            bar.update(1)
+        for s in students:
+            run_student(s, positive, latent_image, seed)  # warm-up: ComfyUI applies the student's weight patches once
+            start = time.perf_counter()
+            latent = run_student(s, positive, latent_image, seed)
+            seconds = time.perf_counter() - start
+            results.append((f"1.x student {os.path.splitext(student_settings(s).name)[0]}", latent, seconds, student_settings(s).reports[-1].stats))
+            bar.update(1)
+        images = [decode(latent, vae) for _, latent, _, _ in results]
+        accuracy = demo_class_accuracy(images, latent_image["samples"], positive)
+        labels, table = [], ["| column | network evaluations per image | time per image s (one run) | class accuracy |", "|---|---|---|---|"]
+        for k, (label, _, seconds, stats) in enumerate(results):
+            nfe = stats.block_evals / max(1, stats.num_blocks) / batch
+            acc = "" if accuracy is None else f"{accuracy[k][0]}/{accuracy[k][1]}"
+            labels.append([label, f"NFE {nfe:.2f} per image", f"{seconds / batch:.3f}s per image"] + ([f"class accuracy {acc}"] if acc else []))
+            table.append(f"| {label} | {nfe:.2f} | {seconds / batch:.3f} | {acc or 'n/a'} |")
+        return io.NodeOutput(labelled_grid(images, labels), "\n".join(table))
+
+
+NODES = [LoadStudent, StudentSigmas, StudentSampler, StudentKSampler, StudentCompare]
+
+__all__ = ["NODES"]
