@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+try:
+    from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
+except ImportError:  # run from the repository root, where distill_core is a top-level package
+    from xslim_core.hooks import wrap_forward
+
 BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
 
@@ -78,13 +83,16 @@ class Compensation(nn.Module):
 
 @contextmanager
 def _patched(blocks_and_forwards):
+    """Each block's forward routed through ``forward(inner, ...)`` (``inner``: what the block's forward was,
+    including another party's hooks), restored exactly afterwards (``xslim_core.hooks``)."""
+    undo = []
     try:
         for block, forward in blocks_and_forwards:
-            block.forward = forward
+            undo.append(wrap_forward(block, forward))
         yield
     finally:
-        for block, _ in blocks_and_forwards:
-            del block.forward
+        for u in reversed(undo):
+            u()
 
 
 @contextmanager
@@ -95,15 +103,15 @@ def recording(model: nn.Module, cache: CacheRange):
     first, last = blocks[cache.first], blocks[cache.last]
     store: dict[str, torch.Tensor] = {}
 
-    def first_forward(img, txt, *args, **kwargs):
+    def first_forward(inner, img, txt, *args, **kwargs):
         store["img_in"], store["txt_in"] = img, txt
-        return type(first).forward(first, img, txt, *args, **kwargs)
+        return inner(img, txt, *args, **kwargs)
 
-    def last_forward(img, txt, *args, **kwargs):
+    def last_forward(inner, img, txt, *args, **kwargs):
         if first is not last:
-            img, txt = type(last).forward(last, img, txt, *args, **kwargs)
+            img, txt = inner(img, txt, *args, **kwargs)
         else:
-            img, txt = first_forward(img, txt, *args, **kwargs)
+            img, txt = first_forward(inner, img, txt, *args, **kwargs)
         store["img"], store["txt"] = img - store.pop("img_in"), txt - store.pop("txt_in")
         return img, txt
 
@@ -120,10 +128,10 @@ def replaying(model: nn.Module, cache: CacheRange, delta: dict[str, torch.Tensor
     comp_img = compensation.img if compensation is not None else (lambda d: d)
     comp_txt = compensation.txt if compensation is not None else (lambda d: d)
 
-    def first_forward(img, txt, *args, **kwargs):
+    def first_forward(inner, img, txt, *args, **kwargs):
         return img + comp_img(delta["img"]), txt + comp_txt(delta["txt"])
 
-    def skipped(img, txt, *args, **kwargs):
+    def skipped(inner, img, txt, *args, **kwargs):
         return img, txt
 
     patches = [(blocks[cache.first], first_forward)]

@@ -9,6 +9,24 @@ from .stage1 import Stage1Config
 from .stage2 import Stage2Config
 
 
+# field -> smallest accepted value (0 iterations: export the starting point; preview_every 0: no previews)
+MINIMUM = {"iterations": 0, "batch_size": 1, "checkpoint_every": 1, "preview_every": 0, "max_nonfinite": 1, "threads": 1}
+
+
+def _check_run_fields(cfg) -> None:
+    for name, low in MINIMUM.items():
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"run config: {name} must be a whole number >= {low}, got {value!r} ({type(value).__name__}).")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ValueError(f"run config: seed must be a whole number, got {cfg.seed!r}.")
+    if cfg.max_minutes is not None and not (isinstance(cfg.max_minutes, (int, float)) and not isinstance(cfg.max_minutes, bool) and cfg.max_minutes > 0):
+        raise ValueError(f"run config: max_minutes must be a number > 0 or null (no limit), got {cfg.max_minutes!r}.")
+    for name in ("run_dir",):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            raise ValueError(f"run config: {name} must be a folder path, got {getattr(cfg, name)!r}.")
+
+
 @dataclass
 class RunConfig:
     run_dir: str
@@ -29,6 +47,7 @@ class RunConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def __post_init__(self):
+        _check_run_fields(self)
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
         if isinstance(self.stage1, dict):

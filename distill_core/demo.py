@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import RunConfig
+from .files import save_atomic
 from .runtime import STATE_FILE, STUDENT_FILE, run_training
 
 # Scaled to two CPU cores: batch 16, a few hundred iterations, learning rates raised over the SD3 recipe.
@@ -84,17 +84,20 @@ def finished(cfg: RunConfig) -> bool:
 SHIPPED = {"stage2_c175": "student_1x_175.safetensors", "stage2_c167": "student_1x_167.safetensors"}
 
 
-def ship(out: str, weights_dir: str) -> None:
-    """Copy the 1.x students into the package as fp16 (half the size; the sampler computes in fp32)."""
+def ship(out: str, weights_dir: str, overwrite: bool = False) -> None:
+    """Copy the 1.x students into the package as fp16 (half the size; the sampler computes in fp32). The
+    shipped files are replaced only with ``overwrite`` (--ship --overwrite): they are what the docs measured."""
     os.makedirs(weights_dir, exist_ok=True)
+    existing = [name for name in SHIPPED.values() if os.path.exists(os.path.join(weights_dir, name))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already in {weights_dir}; add --overwrite to replace the shipped students.")
     for run, name in SHIPPED.items():
         src = os.path.join(out, run, STUDENT_FILE)
         with safe_open(src, framework="pt") as f:
             tensors = {k: f.get_tensor(k).half() for k in f.keys()}
             meta = dict(f.metadata() or {})
         dst = os.path.join(weights_dir, name)
-        save_file(tensors, dst + ".tmp", metadata={**meta, "dtype": "float16"})
-        os.replace(dst + ".tmp", dst)
+        save_atomic(tensors, dst, {**meta, "dtype": "float16"})
         print(f"[demo] shipped {src} -> {dst}")
 
 
@@ -104,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only these names")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 shares a busy 2-core machine better)")
     parser.add_argument("--ship", action="store_true", help="copy the finished 1.x students to distill_core/weights (fp16)")
+    parser.add_argument("--overwrite", action="store_true", help="with --ship: replace the shipped students")
     args = parser.parse_args(argv)
     if args.ship:
-        ship(args.out, os.path.join(os.path.dirname(__file__), "weights"))
+        try:
+            ship(args.out, os.path.join(os.path.dirname(__file__), "weights"), overwrite=args.overwrite)
+        except FileExistsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     start = time.time()
     for cfg in demo_runs(args.out):

@@ -8,11 +8,10 @@ Written atomically: a crash mid-write leaves the previous file intact.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from .files import save_atomic
 
 FORMAT = "xslim-1x-distill-state/1"
 
@@ -44,8 +43,7 @@ def save_state(path: str, modules: dict, optimizers: dict, rng: dict[str, torch.
         tensors.update(t)
         header.update(h)
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
-    save_file(tensors, path + ".tmp", metadata=header)
-    os.replace(path + ".tmp", path)
+    save_atomic(tensors, path, header)
 
 
 def read_state(path: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .cache import CacheRange, Compensation, effective_nfe
+from .files import save_atomic
 from .identity import weights_signature
 
 FORMAT = "xslim-1x-student/1"
@@ -46,9 +46,10 @@ def file_signature(path: str) -> dict:
 
 def save_student_file(path: str, model_state: dict, model_keys: str, stacks: list, sigmas: list[float], shift: float,
                       cache: CacheRange | None, compensation: Compensation | None, base: dict,
-                      dtype: torch.dtype = torch.float32, extra: dict | None = None, more: dict | None = None) -> None:
+                      dtype: torch.dtype = torch.float32, extra: dict | None = None, more: dict | None = None,
+                      overwrite: bool = True) -> None:
     """A student file from a state dict under ``model_keys`` names ("diffusers", or "comfy" for ComfyUI's own
-    classes) and its block ``stacks`` [(name, count)]; written atomically."""
+    classes) and its block ``stacks`` [(name, count)]; written atomically (``files.save_atomic``)."""
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     tensors.update(more or {})
     if cache is not None and compensation is not None:
@@ -65,9 +66,7 @@ def save_student_file(path: str, model_state: dict, model_keys: str, stacks: lis
         **({"base_signature": json.dumps(base["signature"])} if base.get("signature") else {}),
         **{k: str(v) for k, v in (extra or {}).items()},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
+    save_atomic(tensors, path, meta, overwrite=overwrite)
 
 
 @dataclass
@@ -155,7 +154,10 @@ def read_header(path: str) -> StudentHeader:
     if cached is not None:
         if not (isinstance(cached, list) and len(cached) == 2 and all(isinstance(v, int) for v in cached)):
             raise ValueError(f"{path}: metadata 'cached_blocks' must be [first, last] or null, got {cached!r}.")
-        cache = CacheRange(*cached)
-        if stacks is not None:
-            cache.check(sum(n for _, n in stacks))
+        try:
+            cache = CacheRange(*cached)
+            if stacks is not None:
+                cache.check(sum(n for _, n in stacks))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}.") from None
     return StudentHeader(path, meta, shapes, _sigmas(path, meta), cache, stacks, json_field(path, meta, "base_signature"))

@@ -29,13 +29,15 @@ def user_profile_dir() -> str:
 
 
 def profile_files() -> dict[str, str]:
-    """name -> path; a user's profile of the same name wins over a shipped one."""
+    """name -> path. A shipped profile keeps its name: a user file of the same name (placed by hand; the
+    Profile node refuses that name) is listed as ``<name> (user)`` so a workflow never changes meaning."""
     found = {}
     for folder in (SHIPPED_PROFILES, user_profile_dir()):
         if os.path.isdir(folder):
             for name in sorted(os.listdir(folder)):
                 if name.endswith(".json"):
-                    found[name[: -len(".json")]] = os.path.join(folder, name)
+                    key = name[: -len(".json")]
+                    found[f"{key} (user)" if key in found else key] = os.path.join(folder, name)
     return found
 
 
@@ -55,14 +57,27 @@ def load_profile(name: str) -> Profile | None:
         raise XSlimSetupError(f"X-Slim: the profile file {path} cannot be read ({e}). Record it again.") from None
 
 
-def save_profile(profile: Profile, name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.\- ]{1,80}", name or ""):
-        raise XSlimSetupError(f"X-Slim: profile name {name!r} may only use letters, digits, spaces, '.', '_' and '-'.")
+def save_profile(profile: Profile, name: str, overwrite: bool = False) -> str:
+    """Save under the user folder; an existing profile is kept unless ``overwrite`` (a free name is suggested),
+    and a shipped profile's name is never taken."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\- ][A-Za-z0-9_.\- ]{0,79}", name) or name.strip(" .") != name.strip():
+        raise XSlimSetupError(f"X-Slim: profile name {name!r} may only use letters, digits, spaces, '.', '_' and '-' (1-80 characters, not starting with '.').")
+    if os.path.exists(os.path.join(SHIPPED_PROFILES, f"{name}.json")):
+        raise XSlimSetupError(f"X-Slim: {name!r} is the name of a shipped profile; choose another name, e.g. {free_name(name)!r}.")
     folder = user_profile_dir()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.json")
-    profile.save(path)
+    try:
+        profile.save(path, overwrite=overwrite)
+    except FileExistsError:
+        raise XSlimSetupError(f"X-Slim: a profile named {name!r} exists already ({path}); choose another name, e.g. "
+                              f"{free_name(name)!r}, or turn on overwrite.") from None
     return path
+
+
+def free_name(name: str) -> str:
+    taken = set(profile_files())
+    return next(f"{name}-{i}" for i in range(2, 10_000) if f"{name}-{i}" not in taken)
 
 
 def make_settings(
@@ -81,6 +96,9 @@ def make_settings(
     Errors name the widget and the fix; ComfyUI shows them in its error dialog."""
     if preset not in PRESET_NAMES:
         raise XSlimSetupError(f"X-Slim: unknown preset {preset!r}; choose one of {PRESET_NAMES}.")
+    if cache_precision not in CACHE_DTYPES or cache_device not in CACHE_DEVICES:
+        raise XSlimSetupError(f"X-Slim: cache_precision must be one of {list(CACHE_DTYPES)} and cache_device one of "
+                              f"{list(CACHE_DEVICES)}; got {cache_precision!r} and {cache_device!r}.")
     prof = load_profile(profile)
     speed = "slow" if preset == "auto" else preset
     common = dict(

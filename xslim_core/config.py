@@ -58,6 +58,7 @@ class XSlimConfig:
     segment: tuple[int, int] | None = None  # segment mode: first and last (inclusive) block of the reused range
 
     def __post_init__(self):
+        _check_types(self)
         if self.mode not in MODES:
             raise ValueError(f"X-Slim: mode must be one of {MODES}, got {self.mode!r}.")
         levels = frozenset(self.levels)
@@ -104,6 +105,52 @@ class XSlimConfig:
 
     def with_(self, **changes) -> "XSlimConfig":
         return replace(self, **changes)
+
+
+NUMBERS = ("warn", "crit", "token_ratio", "start_percent", "end_percent")
+OPTIONAL_NUMBERS = ("target_speedup", "block_threshold")
+COUNTS = ("first_full_steps", "last_full_steps", "protected_blocks", "max_skips", "max_refreshes")
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_types(cfg: "XSlimConfig") -> None:
+    """Wrong types and values are refused here, naming the field, the value and what is accepted, rather than
+    failing later deep inside torch (or silently caching wrong)."""
+    def bad(name, accepted):
+        value = getattr(cfg, name)
+        raise ValueError(f"X-Slim: {name} must be {accepted}, got {value!r} ({type(value).__name__}).")
+
+    if not isinstance(cfg.mode, str):
+        bad("mode", f"one of {MODES}")
+    if isinstance(cfg.levels, str) or not hasattr(cfg.levels, "__iter__") or not all(isinstance(x, str) for x in cfg.levels):
+        bad("levels", f"a set of level names from {sorted(LEVELS)}")
+    for name in NUMBERS:
+        if not _is_number(getattr(cfg, name)):
+            bad(name, "a number")
+    for name in OPTIONAL_NUMBERS:
+        if getattr(cfg, name) is not None and not _is_number(getattr(cfg, name)):
+            bad(name, "a number or None")
+    for name in COUNTS:
+        if not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool):
+            bad(name, "a whole number >= 0")
+    if cfg.pattern is not None and not isinstance(cfg.pattern, str):
+        bad("pattern", "a string of step letters (F B T .) or None")
+    if cfg.cache_dtype is not None and cfg.cache_dtype not in CACHE_DTYPES:
+        bad("cache_dtype", "None or one of torch.float16, torch.bfloat16, torch.float32, torch.float64 (an integer or "
+            "bool cache would round the cached residuals away)")
+    if cfg.cache_device is not None:
+        try:
+            device = torch.device(cfg.cache_device)
+        except (RuntimeError, TypeError):
+            bad("cache_device", "None or a torch device such as 'cpu' or 'cuda:0'")
+        if device.type == "meta":
+            bad("cache_device", "a device that holds data ('meta' keeps none)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            bad("cache_device", "a device present on this machine (no CUDA device here)")
 
 
 # Speed presets. Absolute thresholds mean nothing across models (activation scales differ), so a preset

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import threading
 import warnings
 from typing import Callable, Iterable
 
@@ -18,6 +20,7 @@ import torch
 
 from .adapters import Adapter, ModelCall, adapter_for
 from .config import StepKind, StepPlan, XSlimConfig
+from .hooks import wrap_forward
 from .controller import FullController, OnlineController, ScheduleController, SegmentController
 from .profile import Profile
 from .schedule import BlockSelector, block_thresholds, build_schedule
@@ -40,6 +43,29 @@ def locate_step(sigmas: list[float], sigma: float, resolution: float = 0.0) -> i
     tol = max(1e-4 * max(1.0, abs(sigmas[0])), resolution * abs(sigma))
     best = min(range(len(sigmas) - 1), key=lambda k: abs(sigmas[k] - sigma))
     return best if abs(sigmas[best] - sigma) <= tol else None
+
+
+_UNSET = object()
+
+
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.run: _Run | None = None
+        self.call: _CallContext | None = None
+        self.sigmas = _UNSET  # a run() context's sigmas, else the engine's own source
+        self.last_stats = RunStats()
+        self.last_profile: Profile | None = None
+
+
+def check_sigmas(sigmas) -> list[float]:
+    """A run's schedule as floats: at least two finite values (one step)."""
+    try:
+        values = [float(s) for s in sigmas]
+    except (TypeError, ValueError):
+        raise ValueError(f"X-Slim: sigmas must be a sequence of numbers, got {type(sigmas).__name__}.") from None
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"X-Slim: a run needs at least two finite sigmas (one step), got {values[:8]}.")
+    return values
 
 
 class _Run:
@@ -335,12 +361,20 @@ class XSlimEngine:
             )
         self.profile = profile
         self.store = TensorStore(self.config)
-        self._sigmas_source = sigmas
-        self._run: _Run | None = None
-        self._call: _CallContext | None = None
-        self._last_stats = RunStats()
-        self._last_profile: Profile | None = None
+        self._default_sigmas = sigmas
+        self._thread = _ThreadState()  # runs and calls belong to the thread that samples
         self._warned: set = set()
+
+    # Per-thread state: two threads sampling through one engine each get their own run, rows and statistics.
+    _run = property(lambda self: self._thread.run, lambda self, v: setattr(self._thread, "run", v))
+    _call = property(lambda self: self._thread.call, lambda self, v: setattr(self._thread, "call", v))
+    _last_stats = property(lambda self: self._thread.last_stats, lambda self, v: setattr(self._thread, "last_stats", v))
+    _last_profile = property(lambda self: self._thread.last_profile, lambda self, v: setattr(self._thread, "last_profile", v))
+
+    @property
+    def _sigmas_source(self):
+        override = self._thread.sigmas
+        return self._default_sigmas if override is _UNSET else override
 
     # -- public ------------------------------------------------------------------------------------------
     @property
@@ -360,14 +394,17 @@ class XSlimEngine:
 
     @contextlib.contextmanager
     def run(self, sigmas: Iterable[float]):
-        """One sampling run over ``sigmas`` (T+1 values); its state is freed at the end."""
+        """One sampling run over ``sigmas`` (T+1 values); its state is freed at the end. Statistics read
+        afterwards are this run's (empty when no model call matched its sigmas)."""
+        values = check_sigmas(sigmas)
         self.end_run()
-        previous, self._sigmas_source = self._sigmas_source, [float(s) for s in sigmas]
+        previous, self._thread.sigmas = self._thread.sigmas, values
+        self._last_stats = RunStats(num_steps=len(values) - 1)
         try:
             yield self
         finally:
             self.end_run()
-            self._sigmas_source = previous
+            self._thread.sigmas = previous
 
     def end_run(self) -> None:
         if self._run is None:
@@ -388,6 +425,8 @@ class XSlimEngine:
     # -- the two entry points of a host ------------------------------------------------------------------
     def dispatch(self, call, forward):
         """One model call. ``call`` gives sigma, batch, row keys and per-row argument slices (ModelCall)."""
+        if call.batch == 0:
+            raise ValueError("X-Slim: the model was called with an empty batch (0 samples); pass at least one latent.")
         everything = call.args_for(list(range(call.batch)))
         if self._call is not None:
             return forward(*everything[0], **everything[1])
@@ -509,6 +548,11 @@ class XSlim(XSlimEngine):
         record_profile: bool = False,
         segment_transform: Callable | None = None,
     ):
+        if getattr(model, "_xslim_cache", None) is not None:
+            raise ValueError(
+                "X-Slim is already installed on this model. Remove that cache first (cache.remove(), or leave its "
+                "`with` block), or keep using it: a second cache on the same blocks would disturb the first."
+            )
         self.model = model
         adapter = adapter or adapter_for(model)
         super().__init__(
@@ -518,6 +562,8 @@ class XSlim(XSlimEngine):
         )
         self._undo: list[Callable[[], None]] = []
         self._install()
+        model.__dict__["_xslim_cache"] = self  # plain attribute: not a submodule, not in the state dict
+        self._undo.append(lambda: model.__dict__.pop("_xslim_cache", None))
 
     def remove(self) -> None:
         """Take every hook off the model; it is then exactly the model it was."""
@@ -543,14 +589,7 @@ class XSlim(XSlimEngine):
                 self._undo += [pre.remove, post.remove]
 
     def _wrap(self, module: torch.nn.Module, handler) -> None:
-        original = module.forward
-
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            return handler(original, *args, **kwargs)
-
-        module.forward = forward
-        self._undo.append(lambda: module.__dict__.pop("forward", None))
+        self._undo.append(wrap_forward(module, handler))
 
     def _enter_attention(self, layer, module, args):
         if self._call is not None:
@@ -566,7 +605,7 @@ class XSlim(XSlimEngine):
     def _model_forward(self, forward, *args, **kwargs):
         if self._call is not None:
             return forward(*args, **kwargs)
-        call = ModelCall(self.adapter, forward, args, kwargs)
+        call = ModelCall(self.adapter, type(self.model).forward.__get__(self.model), args, kwargs)  # names from the class
         reason = self.adapter.unsupported(call)
         if reason:
             self.warn_once(f"X-Slim: this call runs uncached ({reason}).")

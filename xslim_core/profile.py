@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 FORMAT = "xslim-profile/1"
+MAX_BYTES = 8 * 10**6  # a 1000-step profile of a 60-block model is about 1 MB
+MAX_STEPS = 10_000
+MAX_BLOCKS = 1_000
 
 
 @dataclass
@@ -34,11 +39,14 @@ class Profile:
         return json.dumps({"format": FORMAT, **asdict(self)})
 
     @classmethod
-    def from_json(cls, text: str, source: str = "<string>") -> "Profile":
+    def from_json(cls, text: str | bytes, source: str = "<string>") -> "Profile":
+        """Parse and check a profile; anything malformed, oversized or non-finite is refused by name."""
+        if len(text) > MAX_BYTES:
+            raise ValueError(f"X-Slim: {source} is {len(text) / 1e6:.1f} MB; a profile is at most {MAX_BYTES // 10**6} MB.")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"X-Slim: {source} is not a profile file (invalid JSON: {err}).") from None
+        except (ValueError, RecursionError) as err:  # also undecodable bytes and absurd nesting
+            raise ValueError(f"X-Slim: {source} is not a profile file (invalid JSON: {type(err).__name__}).") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"X-Slim: {source} is not an X-Slim profile (expected format {FORMAT!r}).")
         data.pop("format")
@@ -46,18 +54,60 @@ class Profile:
             prof = cls(**data)
         except TypeError as err:
             raise ValueError(f"X-Slim: {source} has unexpected fields: {err}.") from None
-        prof.stacks = [tuple(s) for s in prof.stacks]
-        if len(prof.sigmas) != prof.num_steps + 1 or len(prof.block_change) != prof.num_steps:
-            raise ValueError(f"X-Slim: {source} is inconsistent (sigmas, step and block curves differ in length).")
+        _check_fields(prof, source)
         return prof
 
-    def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write atomically through a unique temporary file in the same folder (never a pre-placed one, never
+        through a link); an existing file is kept unless ``overwrite``."""
+        path = os.fspath(path)
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(f"X-Slim: {path} exists; choose another name or pass overwrite=True.")
+        fd, tmp = tempfile.mkstemp(prefix=".xslim-profile-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails if the name appeared meanwhile: nothing is overwritten
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        with open(path) as f:
+        size = os.path.getsize(path)
+        if size > MAX_BYTES:  # refused before reading
+            raise ValueError(f"X-Slim: {path} is {size / 1e6:.1f} MB; a profile is at most {MAX_BYTES // 10**6} MB.")
+        with open(path, "rb") as f:
             return cls.from_json(f.read(), source=str(path))
+
+
+def _finite_list(value, name: str, source: str, minimum: float = -math.inf) -> list[float]:
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"X-Slim: {source}: {name} must be a list of numbers.")
+    if not all(math.isfinite(v) and v >= minimum for v in value):
+        raise ValueError(f"X-Slim: {source}: {name} holds a value that is not finite (or negative); record the profile again.")
+    return [float(v) for v in value]
+
+
+def _check_fields(prof: Profile, source: str) -> None:
+    if not isinstance(prof.family, str):
+        raise ValueError(f"X-Slim: {source}: family must be a name.")
+    if not isinstance(prof.stacks, list) or not all(
+        isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) and 0 < s[1] <= MAX_BLOCKS
+        for s in prof.stacks
+    ):
+        raise ValueError(f"X-Slim: {source}: stacks must be [name, block count] pairs (1..{MAX_BLOCKS} blocks).")
+    prof.stacks = [tuple(s) for s in prof.stacks]
+    prof.sigmas = _finite_list(prof.sigmas, "sigmas", source)
+    prof.step_change = _finite_list(prof.step_change, "step_change", source, minimum=0.0)
+    if not 1 <= prof.num_steps <= MAX_STEPS:
+        raise ValueError(f"X-Slim: {source} has {prof.num_steps} steps; a profile has 1..{MAX_STEPS}.")
+    if len(prof.sigmas) != prof.num_steps + 1 or not isinstance(prof.block_change, list) or len(prof.block_change) != prof.num_steps:
+        raise ValueError(f"X-Slim: {source} is inconsistent (sigmas, step and block curves differ in length).")
+    blocks = sum(n for _, n in prof.stacks)
+    prof.block_change = [_finite_list(row, "block_change", source, minimum=0.0) for row in prof.block_change]
+    if any(len(row) != blocks for row in prof.block_change):
+        raise ValueError(f"X-Slim: {source}: every block_change row must have one value per block ({blocks}).")

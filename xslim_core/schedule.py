@@ -7,6 +7,7 @@ over sigma, so a profile recorded at 50 steps serves 20 or 100 steps too.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,12 +152,21 @@ class Schedule:
         return self.kinds[step] in (StepKind.FULL, StepKind.BLOCK) and self._before_next_full(step, StepKind.TOKEN)
 
     def _before_next_full(self, step: int, kind: StepKind) -> bool:
-        for k in self.kinds[step + 1 :]:
-            if k is kind:
-                return True
-            if k is StepKind.FULL:
-                return False
-        return False
+        return kind in self._ahead[step]
+
+    @functools.cached_property
+    def _ahead(self) -> list[frozenset]:
+        """Per step: the partial kinds that come after it before the next full step (one backward pass, so a
+        long schedule is planned in linear time)."""
+        out, seen = [frozenset()] * len(self.kinds), set()
+        for j in range(len(self.kinds) - 1, -1, -1):
+            out[j] = frozenset(seen)
+            kind = self.kinds[j]
+            if kind is StepKind.FULL:
+                seen.clear()
+            elif kind in (StepKind.BLOCK, StepKind.TOKEN):
+                seen.add(kind)
+        return out
 
 
 def build_schedule(profile: Profile | None, sigmas: list[float], config: XSlimConfig, stacks) -> Schedule:
@@ -221,12 +231,12 @@ def _resolve(profile, sigmas, config, stacks, kinds: list[StepKind]) -> Schedule
 def _predict_cost(schedule: Schedule, profile: Profile, config: XSlimConfig) -> float:
     """Block evaluations the schedule should cost per sample, with block refreshes predicted from the profile."""
     total, skipped = 0.0, frozenset()
-    psig = np.asarray(profile.sigmas[:-1]) if profile is not None else None
+    nearest_step = _nearest_finder(profile.sigmas[:-1]) if profile is not None else None
     for k, kind in enumerate(schedule.kinds):
         if kind is StepKind.FULL:
             total += schedule.num_blocks
             if schedule.record_blocks_at(k) and profile is not None:
-                nearest = int(np.argmin(np.abs(psig - schedule.sigmas[k])))
+                nearest = nearest_step(schedule.sigmas[k])
                 skipped = select_blocks(
                     profile.block_change[nearest], profile.stacks, schedule.block_thresholds, config.protected_blocks
                 )
@@ -235,3 +245,18 @@ def _predict_cost(schedule: Schedule, profile: Profile, config: XSlimConfig) -> 
         elif kind is StepKind.TOKEN:
             total += schedule.num_blocks * config.token_ratio
     return total
+
+
+def _nearest_finder(values: list[float]):
+    """index of the value nearest to ``x`` (first on ties), by binary search over the sorted values."""
+    arr = np.asarray(values, dtype=np.float64)
+    order = np.argsort(arr, kind="stable")
+    ordered = arr[order]
+
+    def nearest(x: float) -> int:
+        pos = int(np.searchsorted(ordered, x))
+        candidates = [i for i in (pos - 1, pos) if 0 <= i < len(ordered)]
+        best = min(candidates, key=lambda i: (abs(ordered[i] - x), order[i]))
+        return int(order[best])
+
+    return nearest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -54,19 +55,39 @@ def widen_mask(mask: torch.Tensor | None, layout: str, txt_len: int, n_img: int)
     return join_sequence(txt, img, layout, dim=-1)
 
 
+_ROUTES = threading.local()  # this thread's stack of handlers
+_INSTALL = {"count": 0, "original": None}
+_INSTALL_LOCK = threading.Lock()
+
+
+def _routed_sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+    stack = getattr(_ROUTES, "stack", None)
+    original = _INSTALL["original"]
+    if not stack:  # another thread's call, or none of ours: plain attention
+        return original(query, key, value, attn_mask, *args, **kwargs)
+    return stack[-1](original, query, key, value, attn_mask, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def intercept_sdpa(handler):
     """Route ``torch.nn.functional.scaled_dot_product_attention`` through ``handler(original, q, k, v, ...)``
-    for the duration of one X-Slim model call. diffusers' attention processors and its native dispatch
-    backend look the function up at call time, so this reaches every attention layer without replacing any
-    processor. The engine checks afterwards that every layer was reached."""
-    original = F.scaled_dot_product_attention
-
-    def routed(query, key, value, attn_mask=None, *args, **kwargs):
-        return handler(original, query, key, value, attn_mask, *args, **kwargs)
-
-    F.scaled_dot_product_attention = routed
+    for the duration of one X-Slim model call, in this thread only. diffusers' attention processors and its
+    native dispatch backend look the function up at call time, so this reaches every attention layer without
+    replacing any processor. The engine checks afterwards that every layer was reached. One dispatcher is
+    installed while any thread needs it; each thread sees only its own handler, so concurrent runs never
+    attend through each other's caches."""
+    with _INSTALL_LOCK:
+        if _INSTALL["count"] == 0:
+            _INSTALL["original"] = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _routed_sdpa
+        _INSTALL["count"] += 1
+    stack = _ROUTES.__dict__.setdefault("stack", [])
+    stack.append(handler)
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        stack.pop()
+        with _INSTALL_LOCK:
+            _INSTALL["count"] -= 1
+            if _INSTALL["count"] == 0:
+                F.scaled_dot_product_attention = _INSTALL["original"]

@@ -26,3 +26,6 @@ def user_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
     return tmp_path
+
+
+from bad_input_plugin import pytest_configure, pytest_runtest_makereport, pytest_terminal_summary  # noqa: E402,F401  (the bad-input suite's summary line)

@@ -8,6 +8,8 @@ import torch
 
 import comfy_env as ce
 
+CLEAR, SURVIVED = pytest.mark.bad_input("clear error"), pytest.mark.bad_input("survived")
+
 
 def xslim_cache(model, **widgets):
     from comfyui_xslim.nodes.xslim_nodes import XSlimCache
@@ -18,6 +20,7 @@ def xslim_cache(model, **widgets):
     return XSlimCache.execute(model, **values).args[0]
 
 
+@CLEAR
 def test_unsupported_model_type_names_the_model_and_the_supported_families(pack):
     from comfyui_xslim.nodes.host import XSlimSetupError
 
@@ -26,6 +29,7 @@ def test_unsupported_model_type_names_the_model_and_the_supported_families(pack)
         xslim_cache(lumina)
 
 
+@CLEAR
 def test_critical_below_early_warning_is_refused_with_the_fix(pack):
     from comfyui_xslim.nodes.host import XSlimSetupError
 
@@ -33,6 +37,7 @@ def test_critical_below_early_warning_is_refused_with_the_fix(pack):
         xslim_cache(ce.tiny_model("sd3"), early_warning=0.5, critical=0.1)
 
 
+@CLEAR
 def test_profile_of_another_family_is_refused_and_the_model_still_samples(pack, user_dir):
     from comfyui_xslim.nodes.host import XSlimSetupError
     from comfyui_xslim.nodes.settings import save_profile
@@ -48,6 +53,7 @@ def test_profile_of_another_family_is_refused_and_the_model_still_samples(pack, 
     assert torch.isfinite(out).all()
 
 
+@CLEAR
 def test_unknown_and_damaged_profiles_are_named(pack, user_dir):
     from comfyui_xslim.nodes.host import XSlimSetupError
 
@@ -60,6 +66,7 @@ def test_unknown_and_damaged_profiles_are_named(pack, user_dir):
         xslim_cache(ce.tiny_model("sd3"), preset="slow", profile="broken")
 
 
+@CLEAR
 def test_compare_lines_are_checked_before_any_sampling(pack):
     from comfyui_xslim.nodes.host import XSlimSetupError
     from comfyui_xslim.nodes.settings import parse_setting_line
@@ -71,3 +78,41 @@ def test_compare_lines_are_checked_before_any_sampling(pack):
                           ("custom warn=0.5 crit=0.1", "below the early-warning")):
         with pytest.raises(XSlimSetupError, match=message):
             parse_setting_line(line)
+
+
+@CLEAR
+def test_saving_a_profile_never_overwrites_or_takes_a_shipped_name(pack, user_dir):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+    from comfyui_xslim.nodes.settings import load_profile, save_profile
+
+    shipped = load_profile("demo_teacher")
+    path = save_profile(shipped, "mine")
+    with pytest.raises(XSlimSetupError, match="exists already.*e.g. 'mine-2'"):
+        save_profile(shipped, "mine")
+    with pytest.raises(XSlimSetupError, match="name of a shipped profile"):
+        save_profile(shipped, "demo_teacher")
+    for bad in ("../escape", ".hidden", "a/b", "", "x" * 81):
+        with pytest.raises(XSlimSetupError, match="may only use"):
+            save_profile(shipped, bad)
+    assert save_profile(shipped, "mine", overwrite=True) == path
+
+
+@SURVIVED
+def test_a_user_profile_placed_under_a_shipped_name_does_not_shadow_it(pack, user_dir):
+    from comfyui_xslim.nodes.settings import load_profile, profile_files, user_profile_dir
+
+    shipped = load_profile("demo_teacher")
+    (user_dir / "xslim" / "profiles").mkdir(parents=True, exist_ok=True)
+    other = type(shipped)(**{**shipped.__dict__, "step_change": [v * 3 for v in shipped.step_change]})
+    other.save(f"{user_profile_dir()}/demo_teacher.json")
+    assert profile_files()["demo_teacher"].endswith("profiles/demo_teacher.json") and "demo_teacher (user)" in profile_files()
+    assert load_profile("demo_teacher").step_change == shipped.step_change
+
+
+@CLEAR
+@pytest.mark.parametrize("widget,value", [("cache_precision", "int8"), ("cache_device", "meta")])
+def test_cache_widgets_outside_their_lists_are_refused_by_name(pack, widget, value):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    with pytest.raises(XSlimSetupError, match=f"cache_precision must be one of .* got .*{value}"):
+        xslim_cache(ce.tiny_model("flux"), **{widget: value})

@@ -8,6 +8,7 @@ Adapters bind arguments by the block's own signature, so no model code is copied
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -27,10 +28,16 @@ class BlockSpec:
     signature: inspect.Signature = field(init=False)
 
     def __post_init__(self):
-        self.signature = inspect.signature(self.module.forward)
+        self.signature = class_signature(self.module)
 
     def bind(self, args, kwargs) -> "BoundBlock":
         return BoundBlock(self, args, kwargs)
+
+
+def class_signature(module: nn.Module) -> inspect.Signature:
+    """The signature of the module class's own forward: another party's instance wrapper (``*args, **kwargs``)
+    must not hide the argument names the engine binds by."""
+    return inspect.signature(functools.partial(type(module).forward, module))
 
 
 class BoundBlock:
@@ -86,7 +93,7 @@ class ModelCall:
 
     def __init__(self, adapter: "Adapter", forward, args, kwargs):
         self.adapter = adapter
-        bound = inspect.signature(forward).bind(*args, **kwargs)
+        bound = (class_signature(forward.__self__) if hasattr(forward, "__self__") else inspect.signature(forward)).bind(*args, **kwargs)
         self.arguments = bound.arguments
         self._bound = bound
         self.img = self.arguments[adapter.img_arg]
