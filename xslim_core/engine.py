@@ -431,7 +431,10 @@ class XSlimEngine:
         if self._call is not None:
             return forward(*everything[0], **everything[1])
         located = self._locate(call)
-        if located is None:
+        if located is None:  # not a step of this run (e.g. a second-order sampler's midpoint): uncached, counted
+            run = self._run
+            if run is not None and run.shape_key == call.shape_key:
+                run.stats.add_uncached(call.batch)
             return forward(*everything[0], **everything[1])
         run, step = located
         run.max_step = max(run.max_step, step)
@@ -446,6 +449,19 @@ class XSlimEngine:
         if len(groups) == 1:
             return outputs[0]
         return call.merge(outputs, [rows for rows, _ in groups])
+
+    def run_uncached(self, call, forward):
+        """A model call the host must run without caching (e.g. with a ControlNet): it runs as it is and still
+        counts as full evaluations of its rows, so the statistics show what sampling really cost."""
+        everything = call.args_for(list(range(call.batch)))
+        located = self._locate(call) if self._call is None else None
+        if located is not None:
+            run, step = located
+            run.max_step = max(run.max_step, step)
+            for key in call.keys:
+                run.stats.record(key, step, StepKind.FULL)
+            run.stats.add_uncached(call.batch)
+        return forward(*everything[0], **everything[1])
 
     def block_call(self, spec, forward, args, kwargs):
         if self._call is None:

@@ -79,6 +79,12 @@ class RunStats:
     tokens_total: int = 0
     cache_bytes: int = 0
     cache_bytes_peak: int = 0
+    uncached_calls: int = 0  # model calls run without X-Slim (midpoints, ControlNet steps): counted in full
+
+    def add_uncached(self, rows: int) -> None:
+        self.uncached_calls += 1
+        self.block_evals += rows * self.num_blocks
+        self.block_calls += self.num_blocks
 
     def record(self, row, step: int, kind: StepKind) -> None:
         self.decisions.setdefault(row, {})[step] = kind
@@ -106,6 +112,7 @@ class RunStats:
         return (
             f"X-Slim: {c[StepKind.FULL]}/{self.num_steps} full, {c[StepKind.BLOCK]} block, "
             f"{c[StepKind.TOKEN]} token, {c[StepKind.SKIP]} skipped - effective NFE {self.effective_nfe:.1f}"
+            + (f" (incl. {self.uncached_calls} uncached model calls)" if self.uncached_calls else "")
         )
 
     def as_dict(self) -> dict:
@@ -119,4 +126,5 @@ class RunStats:
             "tokens_computed": self.tokens_computed,
             "tokens_total": self.tokens_total,
             "cache_bytes_peak": self.cache_bytes_peak,
+            "uncached_calls": self.uncached_calls,
         }
