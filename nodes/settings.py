@@ -116,7 +116,7 @@ def make_settings(
     try:
         if speed == "custom":
             mode = dict(mode="schedule", warn=early_warning) if prof else dict(mode="online", warn=early_warning, crit=critical)
-            config = XSlimConfig(**mode, token_ratio=token_ratio, **common)
+            config = XSlimConfig(**mode, token_ratio=token_ratio, forecast=1, **common)  # as the presets
         elif prof is not None:
             config = XSlimConfig(mode="schedule", **PRESETS[speed], **common)
         else:

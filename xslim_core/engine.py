@@ -37,6 +37,30 @@ def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
+def forecast_residual(row: RowState, sigma: float, order: int, limit: float, like: torch.Tensor) -> torch.Tensor:
+    """Newton extrapolation over sigma of a row's step residuals (order 1: last two computed steps, order 2: last
+    three), computed in fp32. Falls back to the next lower order while the history is short or when the
+    correction exceeds ``limit`` x the last residual (a diverging forecast is worse than plain reuse)."""
+    last = TensorStore.get(row.delta_last, like).float()
+    history = [(row.delta_last, row.sigma_last), (row.delta_prev, row.sigma_prev), (row.delta_prev2, row.sigma_prev2)]
+    for k in range(order, 0, -1):
+        points = history[: k + 1]
+        if any(d is None or s is None for d, s in points):
+            continue
+        ds = [TensorStore.get(d, like).float() for d, _ in points]
+        ss = [float(s) for _, s in points]
+        if len(set(ss)) < len(ss):
+            continue
+        first = (ds[0] - ds[1]) / (ss[0] - ss[1])
+        correction = first * (sigma - ss[0])
+        if k == 2:
+            second = (first - (ds[1] - ds[2]) / (ss[1] - ss[2])) / (ss[0] - ss[2])
+            correction = correction + second * (sigma - ss[0]) * (sigma - ss[1])
+        if correction.abs().sum() <= limit * last.abs().sum():
+            return (last + correction).to(like.dtype)
+    return last.to(like.dtype)
+
+
 def locate_step(sigmas: list[float], sigma: float, resolution: float = 0.0) -> int | None:
     """Index of ``sigma`` among the run's step sigmas, or None (e.g. a second-order sampler's extra point).
     ``resolution`` is the relative precision the timestep arrived in (bf16 pipelines round it to 1/128)."""
@@ -170,7 +194,7 @@ class _CallContext:
                 img = call.img = gather_tokens(img, self.idx)
 
         if kind is StepKind.SKIP:
-            out_img = _add(img, self._batch("delta_last", img)) if first else img
+            out_img = _add(img, self._skip_residual(img)) if first else img
             out_txt = txt
         elif kind is StepKind.BLOCK and in_segment:
             out_img, out_txt = self._reuse_segment(call, img, txt) if spec.index == seg[0] else (img, txt)
@@ -191,6 +215,13 @@ class _CallContext:
             else:
                 self.O = call.image_tokens(out_img, self.n_img)
         return call.pack(out_img, out_txt)
+
+    def _skip_residual(self, like: torch.Tensor) -> torch.Tensor:
+        """The residual a skipped step adds: the last computed one, or its extrapolation over sigma."""
+        order = self.engine.config.forecast
+        if order == 0:
+            return self._batch("delta_last", like)
+        return torch.cat([forecast_residual(row, self.sigma, order, self.engine.config.forecast_limit, like) for row in self.rows])
 
     def _reuse_block(self, index: int, img, txt):
         parts = [row.block_residuals[index] for row in self.rows]
@@ -279,6 +310,8 @@ class _CallContext:
                     last = TensorStore.get(row.delta_last, delta).float()
                     rel = ((delta.float() - last).abs().sum() / last.abs().sum().clamp_min(1e-12)).item()
                     row.rate = rel / max(abs(row.sigma_last - self.sigma), 1e-8)
+                if self.engine.config.forecast >= 2:
+                    row.delta_prev2, row.sigma_prev2 = row.delta_prev, row.sigma_prev
                 row.delta_prev, row.sigma_prev = row.delta_last, row.sigma_last
                 row.delta_last, row.sigma_last = self.store.put(delta), self.sigma
                 row.skips_in_row = 0

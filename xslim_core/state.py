@@ -46,6 +46,8 @@ class RowState:
     delta_prev: torch.Tensor | None = None  # the same, one computed step earlier
     sigma_last: float | None = None
     sigma_prev: float | None = None
+    delta_prev2: torch.Tensor | None = None  # forecasting of order 2: one computed step further back
+    sigma_prev2: float | None = None
     last_out: torch.Tensor | None = None  # O of the latest step of any kind
     block_residuals: dict = field(default_factory=dict)  # block index -> (image residual, text residual | None)
     skip_blocks: frozenset | None = None  # blocks chosen for reuse at the last full step (None: not scored)
@@ -57,7 +59,7 @@ class RowState:
     refreshes_in_row: int = 0
 
     def nbytes(self) -> int:
-        tensors = [self.delta_last, self.delta_prev, self.last_out, *(self.segment_delta or ())]
+        tensors = [self.delta_last, self.delta_prev, self.delta_prev2, self.last_out, *(self.segment_delta or ())]
         for img, txt in self.block_residuals.values():
             tensors += [img, txt]
         for k, v in self.kv.values():
