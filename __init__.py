@@ -5,4 +5,6 @@ The engines (``xslim_core``, ``distill_core``) are plain PyTorch; only ``nodes/`
 
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+WEB_DIRECTORY = "./web"  # the front-end extension: the 1.x-Distill jobs panel
+
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

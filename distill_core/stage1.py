@@ -48,6 +48,7 @@ class Stage1Config:
     cache_first: int | None = None  # a cached block range for Distill-Cache co-training (None: every step full)
     cache_last: int | None = None
     lr_comp: float = 3e-4
+    classes: list[int] | None = None  # train on these class labels only (None: all ten, drawn exactly as before)
 
     @property
     def cache(self) -> CacheRange | None:
@@ -139,7 +140,10 @@ class Stage1:
 
     def step(self, iteration: int, batch: int, gen: torch.Generator) -> dict:
         z = torch.randn(batch, *LATENT_SHAPE, generator=gen)
-        labels = torch.randint(10, (batch,), generator=gen)
+        if self.cfg.classes is None:
+            labels = torch.randint(10, (batch,), generator=gen)
+        else:
+            labels = torch.as_tensor(self.cfg.classes)[torch.randint(len(self.cfg.classes), (batch,), generator=gen)]
         xs, vs, delta = self.simulate(z, labels)
         metrics = {}
         for _ in range(self.cfg.fake_updates):

@@ -15,7 +15,13 @@ async def comfy_entrypoint():
 
 
 def node_classes() -> list:
+    from .student import register_students_folder
+    from .jobs import register_routes
+    from .student_nodes import NODES as STUDENT_NODES
+    from .train_nodes import TRAIN_NODES
     from .xslim_nodes import NODES, register_demo_model_folder
 
     register_demo_model_folder()
-    return list(NODES)
+    register_students_folder()
+    register_routes()  # the background-training jobs API (only inside a running ComfyUI server)
+    return list(NODES) + list(STUDENT_NODES) + list(TRAIN_NODES)

@@ -56,15 +56,17 @@ class XSlimSettings:
     segment_transform: object = None  # segment mode (a 1.x student): the compensation of the reused blocks
     role = "an X-Slim cache"  # what the node that made these settings does, for messages
 
-    def engine_for(self, diffusion_model) -> XSlimEngine:
+    def engine_for(self, diffusion_model, sigmas: list[float] | None = None, model_sampling=None) -> XSlimEngine:
         family = family_for(diffusion_model)
         if family is None:
             raise XSlimSetupError(unsupported_message(diffusion_model))
         config = self.config if family.token_level else self.config.with_(levels=self.config.levels - {"token"})
+        if sigmas is not None:
+            config = comfy_percent_window(config, model_sampling, sigmas)
         return XSlimEngine(
             family, family.specs(diffusion_model), family.stack_sizes(diffusion_model), config, self.profile,
             record_profile=self.record_profile, model_name=type(diffusion_model).__name__, attention_seam="host",
-            segment_transform=self.segment_transform,
+            segment_transform=self.segment_transform, allocation_guard=malloc_graph_pause(),
         )
 
     def summary(self, stats: RunStats) -> str:
@@ -72,6 +74,39 @@ class XSlimSettings:
 
     def add_report(self, report: RunReport) -> None:
         self.reports = (self.reports + [report])[-8:]
+
+
+def malloc_graph_pause():
+    """ComfyUI's pause of its per-block allocation recording (``comfy.model_prefetch.pause_malloc_graph``, newer
+    ComfyUI with the Comfy Compiler / dynamic VRAM), or None where this ComfyUI has none. Cache state that outlives
+    a block is allocated under it; recorded allocations that outlive their block abort the process."""
+    try:
+        import comfy.model_prefetch as prefetch
+    except ImportError:
+        return None
+    return getattr(prefetch, "pause_malloc_graph", None)
+
+
+def comfy_percent_window(config: XSlimConfig, model_sampling, sigmas: list[float]) -> XSlimConfig:
+    """ComfyUI's meaning of start/end percent, as in its core nodes (EasyCache, LazyCache): a percent becomes a
+    sigma through the model's own ``percent_to_sigma`` (so the model's shift applies), and a step may cache where
+    ``end sigma < sigma <= start sigma``, compared in the sigmas' float32 as EasyCache compares them. The engine
+    counts progress as 1 - sigma / sigma_0, so the window is handed to it as fractions that fall between the
+    run's steps."""
+    if (config.start_percent, config.end_percent) == (0.0, 1.0) or not hasattr(model_sampling, "percent_to_sigma"):
+        return config
+    steps = torch.tensor(sigmas[:-1], dtype=torch.float32)
+    inside = ((steps <= float(model_sampling.percent_to_sigma(config.start_percent)))
+              & (steps > float(model_sampling.percent_to_sigma(config.end_percent)))).tolist()
+    if not any(inside):
+        log.warning("X-Slim: start/end percent %s..%s select no step of this run; it runs uncached.", config.start_percent, config.end_percent)
+        return config.with_(mode="off", segment=None)
+    top = max(float(sigmas[0]), 1e-12)
+    progress = [1.0 - float(s) / top for s in sigmas[:-1]]
+    first, last = inside.index(True), len(inside) - 1 - inside[::-1].index(True)
+    start = (progress[first - 1] + progress[first]) / 2 if first > 0 else 0.0
+    end = (progress[last] + progress[last + 1]) / 2 if last + 1 < len(progress) else 1.0
+    return config.with_(start_percent=start, end_percent=end)
 
 
 def unsupported_message(diffusion_model) -> str:
@@ -179,7 +214,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     original_options = guider.model_options
     settings: XSlimSettings = original_options["transformer_options"][KEY]
     sigmas = [float(s) for s in args[3]]
-    engine = settings.engine_for(guider.model_patcher.model.diffusion_model)
+    engine = settings.engine_for(guider.model_patcher.model.diffusion_model, sigmas, guider.model_patcher.get_model_object("model_sampling"))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     if not _patches_intact(guider.model_options, engine):
         log.warning("X-Slim: another node replaced some of X-Slim's block patches after the X-Slim node; this run is uncached. Put X-Slim last.")
@@ -195,8 +230,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original_options
         stats = engine.stats
         summary = settings.summary(stats) + ("" if finished else " (run interrupted)")
-        log.info(summary)
-        print(summary)  # the console is where ComfyUI users look
+        log.info(summary)  # once: ComfyUI's logging prints INFO to the console, where its users look
         settings.add_report(RunReport(
             summary, stats, {r: stats.pattern(r) for r in stats.decisions}, sigmas,
             profile=_recorded(engine) if settings.record_profile and finished else None,
@@ -250,5 +284,5 @@ def apply_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if (args[4] if len(args) > 4 else kwargs.get("control")) is not None:
         engine.warn_once("X-Slim: ControlNet adds to the blocks' outputs; steps with a ControlNet run uncached.")
-        return executor(*args, **kwargs)
+        return engine.run_uncached(call, executor)
     return engine.dispatch(call, executor)

@@ -7,11 +7,12 @@ import textwrap
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ..xslim_core.demo_model.latents import COMFY_LATENT_SCALE, LATENT_SHAPE, latent_to_image
 
 COLOURS = {"F": (31, 78, 140), "B": (240, 150, 40), "T": (60, 160, 80), ".": (225, 225, 225), "?": (255, 255, 255)}
+MEANING = {"F": "full step", "B": "block refresh", "T": "token refresh", ".": "skipped (cached)", "?": "not run"}
 LEGEND = "F full   B block refresh   T token refresh   . skipped"
 
 
@@ -19,25 +20,88 @@ def to_image_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-def decision_map(patterns: dict, title: str, cell: int = 14) -> torch.Tensor:
-    """One row of coloured cells per batch row (sample x CFG branch), one column per step."""
+def row_labels(keys) -> dict:
+    """Readable names for the engine's row keys (CFG branch, cond entry uuid, sample): "cond, sample 1"; a
+    second cond entry of the same branch (area/mask conds) adds "entry 2"."""
+    entries: dict = {}
+    for key in keys:
+        if isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], str):
+            entries.setdefault(key[0], [])
+            if key[1] not in entries[key[0]]:
+                entries[key[0]].append(key[1])
+    labels = {}
+    for r, key in enumerate(keys):
+        if isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], str):
+            branch, entry, sample = key
+            extra = f", entry {entries[branch].index(entry) + 1}" if len(entries[branch]) > 1 else ""
+            labels[key] = f"{branch}{extra}, sample {int(sample) + 1}"
+        else:
+            labels[key] = f"row {r + 1}"
+    return labels
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def decision_map(patterns: dict, title: str, width: int = 900) -> torch.Tensor:
+    """One labelled row of cells per batch row (sample x CFG branch), one column per step, a colour legend;
+    cells big enough carry their letter too (for readers who do not tell the colours apart)."""
     rows = list(patterns.items())
     steps = max((len(p) for _, p in rows), default=0)
-    label_w, top = 70, 34
-    img = Image.new("RGB", (label_w + max(steps, 1) * cell + 8, top + max(len(rows), 1) * cell + 22), "white")
+    labels = row_labels([k for k, _ in rows])
+    font, small = _font(15), _font(12)
+    label_w = 12 + max((int(font.getlength(labels[k])) for k, _ in rows), default=40)
+    cell = max(6, min(26, (width - label_w - 16) // max(steps, 1)))
+    top, legend_h = 50, 40
+    img = Image.new("RGB", (label_w + max(steps, 1) * cell + 16, top + max(len(rows), 1) * cell + legend_h + 10), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((4, 4), title, fill="black")
-    for step in range(0, steps, 5):
-        draw.text((label_w + step * cell, top - 12), str(step), fill="gray")
+    draw.text((8, 6), title, fill="black", font=font)
+    tick = 5 if steps <= 60 else 10
+    for step in range(0, steps, tick):
+        draw.text((label_w + step * cell, top - 16), str(step + 1), fill="gray", font=small)
     for r, (key, pattern) in enumerate(rows):
         y = top + r * cell
-        label = f"{key[0]} {key[-1]}" if isinstance(key, tuple) and isinstance(key[0], str) else f"row {r}"
-        draw.text((4, y + 1), label, fill="black")
+        draw.text((8, y + max(0, (cell - 15) // 2)), labels[key], fill="black", font=font)
         for s, letter in enumerate(pattern):
             x = label_w + s * cell
-            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=COLOURS.get(letter, (255, 255, 255)))
-    draw.text((4, top + len(rows) * cell + 6), LEGEND, fill="black")
+            colour = COLOURS.get(letter, (255, 255, 255))
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour)
+            if cell >= 14 and letter != "?":
+                ink = "white" if sum(colour) < 400 else "black"
+                draw.text((x + cell / 2 - 1, y + cell / 2 - 1), letter, fill=ink, font=small, anchor="mm")
+    x, y = 8, top + len(rows) * cell + 14
+    for letter in "FBT.":
+        draw.rectangle([x, y, x + 16, y + 16], fill=COLOURS[letter], outline=(150, 150, 150))
+        draw.text((x + 8, y + 8), letter, fill="white" if sum(COLOURS[letter]) < 400 else "black", font=small, anchor="mm")
+        draw.text((x + 22, y), MEANING[letter], fill="black", font=font)
+        x += 30 + int(font.getlength(MEANING[letter])) + 18
     return to_image_tensor(img)
+
+
+def table_image(header: list[str], rows: list[list[str]], note: str = "") -> Image.Image:
+    """An aligned table as a picture (a text box would wrap it), with an optional note under it."""
+    font = _font(15)
+    cells = [header] + rows
+    widths = [max(int(font.getlength(r[c])) for r in cells) + 18 for c in range(len(header))]
+    line = 24
+    h = line * len(cells) + 12 + (line * len(note.splitlines()) + 6 if note else 0)
+    img = Image.new("RGB", (sum(widths) + 16, h), "white")
+    draw = ImageDraw.Draw(img)
+    for r, row in enumerate(cells):
+        x, y = 8, 6 + r * line
+        if r == 0:
+            draw.rectangle([0, y - 3, img.width, y + line - 4], fill=(235, 238, 244))
+        for c, text in enumerate(row):
+            right = c > 0  # numbers align right
+            draw.text((x + widths[c] - 10 if right else x, y), text, fill="black", font=font, anchor="ra" if right else "la")
+            x += widths[c]
+    for k, text in enumerate(note.splitlines()):
+        draw.text((8, 6 + len(cells) * line + 6 + k * line), text, fill=(170, 60, 20), font=font)
+    return img
 
 
 def is_demo_latent(samples: torch.Tensor) -> bool:
@@ -61,7 +125,8 @@ def latent_preview(samples: torch.Tensor, scale: int = 8) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def labelled_grid(columns: list[torch.Tensor], labels: list[list[str]], min_width: int = 150) -> torch.Tensor:
+def labelled_grid(columns: list[torch.Tensor], labels: list[list[str]], min_width: int = 150,
+                  table: Image.Image | None = None) -> torch.Tensor:
     """Columns of IMAGE batches side by side, each under its own lines of text."""
     pix = [(c.clamp(0, 1) * 255).round().byte().cpu().numpy() for c in columns]
     n, h, w = pix[0].shape[0], pix[0].shape[1], pix[0].shape[2]
@@ -79,4 +144,9 @@ def labelled_grid(columns: list[torch.Tensor], labels: list[list[str]], min_widt
         for i in range(n):
             tile = Image.fromarray(batch[i]).resize((col_w, h * zoom), Image.NEAREST)
             img.paste(tile, (x, text_h + i * h * zoom))
+    if table is not None:  # the numbers under the pictures, in one image the node shows whole
+        both = Image.new("RGB", (max(img.width, table.width), img.height + table.height + 8), "white")
+        both.paste(img, (0, 0))
+        both.paste(table, (0, img.height + 8))
+        img = both
     return to_image_tensor(img)

@@ -12,6 +12,7 @@ through the X-Slim host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from ..xslim_core import XSlimConfig
 from ..xslim_core.demo_model.teacher import key_rules
 from ..xslim_core.state import RunStats
 from .families import family_for, supported_families
-from .host import KEY, XSlimSettings, XSlimSetupError, install
+from .host import KEY, XSlimSettings, XSlimSetupError, install, malloc_graph_pause
 
 STUDENTS = "students"  # the model folder the pack registers (models/students), plus the shipped demo students
 SHIPPED_STUDENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill_core", "weights")
@@ -84,8 +85,9 @@ class CompensationCall:
     def __call__(self, img: torch.Tensor, txt: torch.Tensor | None):
         if img.shape[-1] != self.width:
             raise XSlimSetupError(f"1.x student: its compensation is {self.width} wide, the model's blocks are {img.shape[-1]} wide.")
-        if next(self.module.parameters()).device != img.device:
-            self.module.to(img.device)
+        if next(self.module.parameters()).device != img.device:  # kept beyond this block: outside the malloc graph
+            with (malloc_graph_pause() or contextlib.nullcontext)():
+                self.module.to(img.device)
         with torch.no_grad():
             out_img = self.module.img(img.float()).to(img.dtype)
             out_txt = None if txt is None else self.module.txt(txt.float()).to(txt.dtype)

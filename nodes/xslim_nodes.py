@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from comfy_api.latest import io
 
 from ..xslim_core.demo_model.teacher import CLASSES, classes_path, default_weights_path
 from .host import install
-from .pictures import decision_map, labelled_grid
+from .pictures import decision_map, labelled_grid, row_labels, table_image
 from .runner import cached_run, decode, last_report, sample_latent
 from .settings import CACHE_DEVICES, CACHE_DTYPES, PRESET_NAMES, make_settings, parse_setting_line, profile_names, save_profile
 
@@ -48,7 +49,7 @@ class XSlimCache(io.ComfyNode):
                     "slow: about 3.2x fewer block evaluations, quality first. fast: about 4.6x. auto: slow. custom: your "
                     "thresholds below. With a profile the presets hit these ratios on that model; without one the "
                     "online controller uses fixed lines.")),
-                io.Combo.Input("profile", options=profile_names(), tooltip=(
+                io.Combo.Input("profile", options=profile_names(), default=profile_names()[0], tooltip=(
                     "A profile recorded on this model with X-Slim Profile (a schedule made from one uncached run). "
                     "'none (online)': decide step by step from the predicted change.")),
                 io.Float.Input("early_warning", default=0.1, min=0.0, max=10.0, step=0.01, tooltip=(
@@ -63,7 +64,9 @@ class XSlimCache(io.ComfyNode):
                 io.Float.Input("token_ratio", default=0.5, min=0.05, max=1.0, step=0.05, tooltip=(
                     "custom only. At a token refresh, this fraction of the image tokens (those that changed most) is "
                     "recomputed; the rest keep their last output and attend with cached keys/values.")),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Caching acts from this fraction of the schedule..."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Caching acts from this point of the schedule... A percent means what it means in ComfyUI's core nodes "
+                    "(EasyCache, ControlNet): it goes through the model's own sampling, shift included.")),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="...up to this one; outside, every step computes fully."),
                 io.Combo.Input("cache_precision", options=list(CACHE_DTYPES), default="same as model", tooltip="fp16/bf16 halve the cache's memory."),
                 io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="same as model", tooltip="cpu keeps the cache off the GPU (slower)."),
@@ -91,15 +94,35 @@ class XSlimStats(io.ComfyNode):
                 io.Model.Input("model", tooltip="The MODEL output of X-Slim Cache."),
                 io.Latent.Input("samples", tooltip="The sampler's output, so this node runs after it."),
             ],
-            outputs=[io.Image.Output(display_name="decision_map"), io.String.Output(display_name="summary")],
+            outputs=[io.Image.Output(display_name="decision_map"),
+                     io.String.Output(display_name="summary", tooltip="What happened, for people to read."),
+                     io.String.Output(display_name="json", tooltip="The same numbers as JSON, for scripts.")],
             not_idempotent=True,
         )
 
     @classmethod
     def execute(cls, model, samples) -> io.NodeOutput:
         report = last_report(model)
-        info = {"summary": report.summary, **report.stats.as_dict()}
-        return io.NodeOutput(decision_map(report.pattern_rows, report.summary), json.dumps(info, indent=1))
+        labels = row_labels(list(report.pattern_rows))
+        info = {"summary": report.summary, **report.stats.as_dict(),
+                "patterns": {labels[k]: p for k, p in report.pattern_rows.items()}}
+        return io.NodeOutput(decision_map(report.pattern_rows, report.summary), readable_summary(report, labels),
+                             json.dumps(info, indent=1))
+
+
+def readable_summary(report, labels: dict) -> str:
+    """A few lines a person reads: the log line, the saving, memory, and each row's decisions as letters."""
+    stats = report.stats
+    fewer = stats.num_steps / max(stats.effective_nfe, 1e-9)
+    lines = [report.summary,
+             f"{stats.num_steps} steps x {stats.num_blocks} blocks per pass: {fewer:.2f}x fewer block evaluations than uncached",
+             f"cache memory at its peak: {stats.cache_bytes_peak / 2**20:.1f} MiB"]
+    if getattr(report, "interrupted", False):
+        lines.append("the run was interrupted: these numbers cover the steps that ran")
+    lines.append("per row (F full, B block refresh, T token refresh, . skipped):")
+    width = max((len(v) for v in labels.values()), default=0)
+    lines += [f"  {labels[k]:<{width}}  {p}" for k, p in report.pattern_rows.items()]
+    return "\n".join(lines)
 
 
 class XSlimProfile(io.ComfyNode):
@@ -160,34 +183,79 @@ class XSlimCompare(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, settings, vae=None) -> io.NodeOutput:
         import comfy.utils
 
-        from ..xslim_core.metrics import paired_fidelity
-
         lines = [parse_setting_line(line) for line in settings.splitlines() if line.strip()]
         lines = [("uncached", None)] + [item for item in lines if item[1] is not None]
-        bar = comfy.utils.ProgressBar(len(lines) + 1)
+        bar = comfy.utils.ProgressBar(COMPARE_ROUNDS + 1)
 
         def sample(m):
             return sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative)
 
-        results = []
-        for label, s in lines:
-            results.append((label, *cached_run(model, s, sample)))
-            bar.update(1)
-        _, again, _ = cached_run(model, None, sample)  # the uncached time twice: the first run also warms up
+        cached_run(model, None, sample)  # warm-up (model load, kernels), not timed
         bar.update(1)
-        base_time = min(results[0][2], again)
-        columns = [decode(latent, vae) for _, latent, _, _ in results]  # each decoded once (a VAE is costly)
-        reference = columns[0]
-        labels, table = [], ["| setting | effective NFE | fewer blocks | time s | speed-up | PSNR dB | SSIM |", "|---|---|---|---|---|---|---|"]
-        for (label, _, seconds, report), images in zip(results, columns):
-            seconds = base_time if report is None else seconds  # the uncached column: its best of two runs
-            fid = paired_fidelity(images.permute(0, 3, 1, 2), reference.permute(0, 3, 1, 2))
-            nfe = report.stats.effective_nfe if report else float(steps)
-            ratio = steps / max(nfe, 1e-9)
-            psnr = "identical" if fid["psnr"] >= 100 else f"{fid['psnr']:.1f} dB"
-            labels.append([label, f"NFE {nfe:.1f} ({ratio:.2f}x fewer)", f"{seconds:.2f}s ({base_time / seconds:.2f}x)", f"PSNR {psnr}", f"SSIM {fid['ssim']:.3f}"])
-            table.append(f"| {label} | {nfe:.1f} | {ratio:.2f}x | {seconds:.2f} | {base_time / seconds:.2f}x | {fid['psnr']:.2f} | {fid['ssim']:.3f} |")
-        return io.NodeOutput(labelled_grid(columns, labels), "\n".join(table))
+        results, times = [], [[] for _ in lines]  # per line: its latent and report once, its time every round
+        for round_ in range(COMPARE_ROUNDS):
+            started = time.perf_counter()
+            for k, (label, s) in enumerate(lines):
+                latent, seconds, report = cached_run(model, s, sample)
+                times[k].append(seconds)
+                if round_ == 0:  # the same seed gives the same latent every round: keep the first
+                    results.append((label, latent, report))
+            bar.update(1)
+            # repeat only short rounds: a long one is stable already, and repeating it would make people wait
+            if time.perf_counter() - started > COMPARE_REPEAT_BUDGET_S:
+                break
+        columns = [decode(latent, vae) for _, latent, _ in results]  # each decoded once (a VAE is costly)
+        return io.NodeOutput(*compare_outputs(results, times, columns, steps))
+
+
+COMPARE_ROUNDS = 3  # each setting timed up to this often, interleaved, after one untimed warm-up run
+COMPARE_REPEAT_BUDGET_S = 20.0
+BUSY_SPREAD = 0.15  # spread above this fraction of the median: the machine was busy, say so
+
+
+def _median_and_spread(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    kept = values
+    median = statistics.median(kept)
+    return median, ((max(kept) - min(kept)) / max(median, 1e-9) if len(kept) > 1 else float("nan"))
+
+
+def compare_outputs(results, times: list, columns, steps: int):
+    """(grid IMAGE with the table under it, the table as aligned text)."""
+    from ..xslim_core.metrics import paired_fidelity
+
+    reference = columns[0]
+    base, _ = _median_and_spread(times[0])
+    header = ["setting", "effective NFE", "fewer blocks", "time s", "spread", "speed-up", "PSNR dB", "SSIM"]
+    rows, labels, busy = [], [], []
+    for (label, _, report), images, timed in zip(results, columns, times):
+        seconds, spread = _median_and_spread(timed)
+        if spread == spread and spread > BUSY_SPREAD:  # nan (one timed run) is not busy, just unknown
+            busy.append(label)
+        fid = paired_fidelity(images.permute(0, 3, 1, 2), reference.permute(0, 3, 1, 2))
+        if report is None:  # the uncached reference: nothing to be "fewer" than
+            nfe, fewer, psnr = f"{float(steps):.1f}", "reference", "reference"
+            labels.append([label, f"NFE {steps} (reference)", f"{seconds:.2f}s" + (f" (+-{spread:.0%})" if spread == spread else ""), "uncached reference", ""])
+        else:
+            nfe_v = report.stats.effective_nfe
+            nfe, fewer = f"{nfe_v:.1f}", f"{steps / max(nfe_v, 1e-9):.2f}x"
+            psnr = "identical" if fid["psnr"] >= 100 else f"{fid['psnr']:.1f}"
+            labels.append([label, f"NFE {nfe} ({fewer} fewer)", f"{seconds:.2f}s ({base / seconds:.2f}x" + (f", +-{spread:.0%})" if spread == spread else ")"),
+                           f"PSNR {psnr} dB" if psnr != "identical" else "PSNR identical", f"SSIM {fid['ssim']:.3f}"])
+        rows.append([label, nfe, fewer, f"{seconds:.2f}", f"{spread:.0%}" if spread == spread else "-", f"{base / seconds:.2f}x", psnr, f"{fid['ssim']:.3f}"])
+    timed = len(times[0])
+    note = (f"time: median of {timed} runs per setting, interleaved, after a warm-up run; spread = (max - min) / median"
+            if timed > 1 else "time: one run per setting after a warm-up run (a round is long): no spread measured")
+    if busy:
+        note += (f"\nThe machine was busy (spread over {BUSY_SPREAD:.0%} for {', '.join(busy)}): times and speed-ups are "
+                 "noisy; block evaluations and NFE are exact.")
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    text = ["| " + " | ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))) + " |"
+            for r in [header] + rows]
+    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    grid = labelled_grid(columns, labels, table=table_image(header, rows, note))
+    return grid, "\n".join(text) + "\n\n" + note
 
 
 class XSlimDemoClass(io.ComfyNode):
@@ -239,10 +307,47 @@ class XSlimDemoDecode(io.ComfyNode):
 NODES = [XSlimCache, XSlimStats, XSlimProfile, XSlimCompare, XSlimDemoClass, XSlimDemoDecode]
 
 
+# The folder the pack adds to diffusion_models. It holds only a link to the demo teacher: ComfyUI lists every
+# .safetensors file under a model folder, and the teacher's class table and the demo classifier (next to it in
+# xslim_core/demo_model/weights, where the training code and the command line expect them) are not models.
+LISTED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".comfyui_models", "diffusion_models")
+
+
+def _link_teacher(folder: str) -> bool:
+    """Put the teacher in ``folder`` as a hard link (no extra disk), else a symbolic link, else a copy."""
+    import shutil
+
+    teacher, listed = default_weights_path(), os.path.join(folder, os.path.basename(default_weights_path()))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(listed) and os.path.samefile(listed, teacher):
+            return True
+        if os.path.lexists(listed):  # an older teacher (the pack was updated): link the current one
+            os.remove(listed)
+        for make in (os.link, os.symlink, shutil.copyfile):
+            try:
+                make(teacher, listed)
+                return True
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return False
+
+
 def register_demo_model_folder() -> None:
-    """Make the shipped demo model visible to UNETLoader (models/diffusion_models stays untouched)."""
+    """Make the shipped demo model visible to UNETLoader, and nothing else of the pack (models/diffusion_models
+    stays untouched)."""
+    import logging
+
     import folder_paths
 
+    if _link_teacher(LISTED_FOLDER):
+        folder_paths.add_model_folder_path("diffusion_models", LISTED_FOLDER)
+        return
+    # a read-only install: list the weights folder itself, auxiliary files included, rather than no demo model
+    logging.warning("X-Slim: could not write %s (read-only install?); UNETLoader also lists the demo model's class table "
+                    "and classifier, which are not models: pick demo_teacher.safetensors.", LISTED_FOLDER)
     folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(default_weights_path()))
 
 

@@ -188,7 +188,7 @@ class _CallContext:
         call = spec.bind(args, kwargs)
         img, txt = call.img, call.txt
         if first:  # a block that adds to its input in place would change I under us
-            self.I, self.n_img = (img.clone() if getattr(call, "mutates_inputs", False) else img), img.shape[1]
+            self.I, self.n_img = (self.store.keep(img) if getattr(call, "mutates_inputs", False) else img), img.shape[1]
             if kind is StepKind.TOKEN:
                 self.idx = select_tokens(self._batch("delta_last", img), self._batch("delta_prev", img), self.engine.config.token_ratio)
                 img = call.img = gather_tokens(img, self.idx)
@@ -202,7 +202,7 @@ class _CallContext:
             out_img, out_txt = self._reuse_block(spec.index, img, txt)
         else:
             if in_segment and spec.index == seg[0]:  # blocks may add to their inputs in place: copy
-                self.segment_in = tuple(None if t is None else t.clone() for t in call.streams(img, txt, self.n_img))
+                self.segment_in = tuple(self.store.keep(t) for t in call.streams(img, txt, self.n_img))
             out_img, out_txt = self._compute_block(spec, call, forward, img, txt)
             if in_segment and spec.index == seg[1]:
                 self._record_segment(call, out_img, out_txt)
@@ -254,7 +254,7 @@ class _CallContext:
             self.engine.adapter.gather_positions(call, self.idx, self.n_img, self.positions)
         recording = plan.record_blocks
         if recording:  # blocks may update their inputs in place; keep what went in
-            img, txt = img.clone(), (None if txt is None else txt.clone())
+            img, txt = self.store.keep(img), self.store.keep(txt)
         out_img, out_txt = call.call(forward)
         fraction = self.idx.shape[1] / self.n_img if plan.kind is StepKind.TOKEN else 1.0
         stats.block_evals += len(self.rows) * fraction
@@ -371,6 +371,7 @@ class XSlimEngine:
         model_name: str | None = None,
         attention_seam: str = "sdpa",
         segment_transform: Callable | None = None,
+        allocation_guard: Callable | None = None,
     ):
         # "sdpa": the engine routes torch's SDPA itself (diffusers); "host": the host calls attend() (ComfyUI)
         self.attention_seam = attention_seam
@@ -393,7 +394,7 @@ class XSlimEngine:
                 "fixed pattern; or use mode='online', which needs neither."
             )
         self.profile = profile
-        self.store = TensorStore(self.config)
+        self.store = TensorStore(self.config, allocation_guard)
         self._default_sigmas = sigmas
         self._thread = _ThreadState()  # runs and calls belong to the thread that samples
         self._warned: set = set()

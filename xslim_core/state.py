@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -10,19 +11,35 @@ from .config import StepKind, XSlimConfig
 
 
 class TensorStore:
-    """Moves cache tensors to the configured precision/device and back."""
+    """Moves cache tensors to the configured precision/device and back.
 
-    def __init__(self, config: XSlimConfig):
+    ``allocation_guard`` (a host's context manager factory, e.g. ComfyUI's ``pause_malloc_graph``) wraps every
+    allocation of state that outlives the block it is made in: a host that records allocations per block must
+    not see them. With a guard every kept tensor is a copy made under it (never a view of the block's own)."""
+
+    def __init__(self, config: XSlimConfig, allocation_guard=None):
         self.dtype = config.cache_dtype
         self.device = torch.device(config.cache_device) if config.cache_device else None
+        self.guard = allocation_guard
 
     def put(self, t: torch.Tensor | None, copy: bool = True) -> torch.Tensor | None:
         """``copy=False`` only for tensors nothing writes to later (fresh attention K/V)."""
         if t is None:
             return None
-        if not copy and self.dtype in (None, t.dtype) and self.device in (None, t.device):
+        if not copy and self.guard is None and self.dtype in (None, t.dtype) and self.device in (None, t.device):
             return t.detach()
-        return t.detach().to(device=self.device or t.device, dtype=self.dtype or t.dtype, copy=True)
+        with self.guarded():
+            return t.detach().to(device=self.device or t.device, dtype=self.dtype or t.dtype, copy=True)
+
+    def keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A same-precision copy of a block's input that the engine holds beyond the block."""
+        if t is None:
+            return None
+        with self.guarded():
+            return t.clone()
+
+    def guarded(self):
+        return self.guard() if self.guard is not None else contextlib.nullcontext()
 
     @staticmethod
     def get(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

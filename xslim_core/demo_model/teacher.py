@@ -188,7 +188,14 @@ class DemoTeacher:
 
 
 def classes_path(weights_path: str) -> str:
-    return weights_path.replace(".safetensors", ".classes.safetensors")
+    """The class table of a teacher file: ``<name>.classes.safetensors`` next to it. A link to the shipped teacher
+    elsewhere (the ComfyUI pack lists the teacher from a folder of its own, so that UNETLoader does not also list
+    the table) gets the shipped table."""
+    beside = weights_path.replace(".safetensors", ".classes.safetensors")
+    shipped = default_weights_path()
+    if not os.path.exists(beside) and os.path.exists(weights_path) and os.path.exists(shipped) and os.path.samefile(weights_path, shipped):
+        return shipped.replace(".safetensors", ".classes.safetensors")
+    return beside
 
 
 def save_teacher(path: str, model: nn.Module, conditioner: ClassConditioner, meta: dict) -> None:

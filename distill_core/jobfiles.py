@@ -1,0 +1,263 @@
+"""The run-folder protocol between a background training worker and whoever watches it (the ComfyUI job
+manager, a script, a person with a shell).
+
+One folder per run. The submitter writes ``job.json`` (and, for text families, ``conditioning.safetensors``)
+and starts ``python -m distill_core.worker --run-dir DIR``; from then on the worker reports only through files:
+
+    job.json           what to train: the run config, the base model's name and hash, GPU sharing (read-only for the worker)
+    fingerprint.json   what the run was first started with; a later start whose fingerprint differs is refused
+    lock               an OS file lock the live worker holds for its whole life (released by the OS on any exit,
+                       kill -9 included), so two workers never share a folder and a watcher can tell "alive"
+    heartbeat.json     {pid, time, iteration, phase}, rewritten every few seconds by a thread of the worker
+    metrics.jsonl      one JSON line per iteration (written by ``runtime.run_training``)
+    previews/NNNNN.png preview grids; state.safetensors and student.safetensors: atomic checkpoints
+    stop               a stop request: the worker saves a checkpoint and the student, then exits
+    status.json        the worker's last word: {state: done | stopped | failed, iteration, message, student}
+    worker.log         the worker's stdout and stderr (the submitter redirects them there)
+
+Nothing here imports torch or ComfyUI, so the ComfyUI process can read run folders cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+
+JOB, FINGERPRINT, LOCK, HEARTBEAT = "job.json", "fingerprint.json", "lock", "heartbeat.json"
+METRICS, STOP, STATUS, LOG = "metrics.jsonl", "stop", "status.json", "worker.log"
+PREVIEWS, STUDENT, STATE, CONDITIONING = "previews", "student.safetensors", "state.safetensors", "conditioning.safetensors"
+FINAL_STATES = ("done", "stopped", "failed")
+HEARTBEAT_EVERY_S = 2.0
+# A heartbeat older than this, with no final status, means the worker is gone (used where file locks do not work).
+STALE_AFTER_S = 30.0
+# Settings a resumed run may change: how long it trains and how often it reports. Everything else shapes the
+# result, so changing it would silently mix two different trainings in one checkpoint.
+RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "preview_every", "run_dir")
+
+
+def write_json(path: str, data: dict) -> None:
+    """Atomic: a reader never sees half a file (tmp + os.replace)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    """None for a missing or unreadable file (a watcher must never crash on a worker's files)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def safetensors_header(path: str, limit: int = 64 << 20) -> tuple[list[str], dict]:
+    """Tensor names and metadata of a safetensors file, read from its JSON header only (no tensor is loaded,
+    nothing is unpickled). Raises ValueError for anything that is not safetensors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("too short")
+            size = struct.unpack("<Q", head)[0]
+            if size <= 1 or size > limit:
+                raise ValueError(f"header size {size}")
+            header = json.loads(f.read(size))
+    except OSError as err:
+        raise ValueError(f"{os.path.basename(path)} cannot be read ({err.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{os.path.basename(path)} is not a safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{os.path.basename(path)} is not a safetensors file")
+    meta = header.pop("__metadata__", None) or {}
+    return list(header), dict(meta)
+
+
+class RunFolderBusy(RuntimeError):
+    pass
+
+
+class RunLock:
+    """An exclusive, non-blocking OS lock on ``<run>/lock``. The OS drops it when the holder exits in any way,
+    so a lock that is free means no worker is alive in that folder."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK)
+        self.handle = None
+
+    def acquire(self) -> "RunLock":
+        handle = open(self.path, "a+")
+        try:
+            _lock(handle)
+        except OSError:
+            handle.close()
+            raise RunFolderBusy(f"the run folder {os.path.dirname(self.path)} is in use by another worker") from None
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            try:
+                _unlock(self.handle)
+            finally:
+                self.handle.close()
+                self.handle = None
+
+
+def is_locked(run_dir: str) -> bool | None:
+    """True while a worker holds the folder's lock, False when none does, None where file locks do not work
+    (then watchers fall back to the heartbeat's age)."""
+    path = os.path.join(run_dir, LOCK)
+    if not os.path.exists(path):
+        return False
+    try:
+        handle = open(path, "a+")
+    except OSError:
+        return None
+    try:
+        _lock(handle)
+    except BlockingIOError:
+        return True
+    except OSError:  # e.g. a network file system without locks
+        return None
+    else:
+        _unlock(handle)
+        return False
+    finally:
+        handle.close()
+
+
+try:  # POSIX
+    import fcntl
+
+    _HAS_LOCKS = True
+
+    def _lock(handle):
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock(handle):
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+except ImportError:  # Windows
+    try:
+        import msvcrt
+
+        _HAS_LOCKS = True
+
+        def _lock(handle):
+            handle.seek(0)
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            except OSError as err:
+                raise BlockingIOError(str(err)) from None
+
+        def _unlock(handle):
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+    except ImportError:  # neither: rely on heartbeats
+        _HAS_LOCKS = False
+
+        def _lock(handle):
+            raise OSError("no file locks on this system")
+
+        def _unlock(handle):
+            pass
+
+
+# -- what a run was started with ---------------------------------------------------------------------------
+def content_hash(path: str) -> str:
+    """First 16 hex digits of the file's SHA-256, the same value as ``student.file_hash`` (the exact base weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(config: dict, base: dict) -> dict:
+    """The parts of a run that shape its result: the base model (name and content hash) and every setting but
+    the resumable ones."""
+    inactive = {"stage1": "stage2", "stage2": "stage1"}.get(config.get("stage"))  # the other stage's settings do nothing
+    return {"base": {"name": base.get("name"), "hash": base.get("hash")},
+            "config": {k: v for k, v in config.items() if k not in RESUMABLE and k != inactive}}
+
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        out = {}
+        for key in sorted(value):
+            out.update(_flatten(value[key], f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, one readable line per difference (empty: the same run)."""
+    changes = []
+    ob, nb = old.get("base", {}), new.get("base", {})
+    if ob.get("hash") != nb.get("hash"):
+        changes.append(f"base model: {ob.get('name')} (hash {ob.get('hash')}) -> {nb.get('name')} (hash {nb.get('hash')})")
+    a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
+    for key in sorted(set(a) | set(b)):
+        if key.startswith("teacher"):  # the file's path may move; its content is compared by hash above
+            continue
+        if a.get(key, "(unset)") != b.get(key, "(unset)"):
+            changes.append(f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}")
+    return changes
+
+
+# -- reading a run ------------------------------------------------------------------------------------------
+def heartbeat_age(run_dir: str, now: float | None = None) -> float | None:
+    beat = read_json(os.path.join(run_dir, HEARTBEAT))
+    if not beat or not isinstance(beat.get("time"), (int, float)):
+        return None
+    return (now or time.time()) - beat["time"]
+
+
+def read_metrics(path: str, offset: int = 0) -> tuple[list[dict], int]:
+    """The complete JSON lines after byte ``offset`` and the offset to read from next time (a line the writer
+    is still writing is left for the next call)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records, offset + end
+
+
+def tail(path: str, lines: int = 30, max_bytes: int = 16384) -> str:
+    """The last ``lines`` lines of a text file (e.g. a crashed worker's log), '' when there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    # tqdm redraws with carriage returns; keep only the last state of each line
+    text = "\n".join(line.rsplit("\r", 1)[-1] for line in data.splitlines())
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def latest_preview(run_dir: str) -> str | None:
+    folder = os.path.join(run_dir, PREVIEWS)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    except OSError:
+        return None
+    return os.path.join(folder, names[-1]) if names else None

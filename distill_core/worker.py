@@ -1,0 +1,217 @@
+"""The background training worker: one process per job, reporting only through its run folder.
+
+    python -m distill_core.worker --run-dir DIR            # DIR holds job.json (see jobfiles.py)
+    torchrun --nproc_per_node 2 -m distill_core.worker --run-dir DIR
+
+It never imports ComfyUI. It takes the folder's lock (a second worker on the same folder exits at once), refuses
+to resume when the job's fingerprint (base model hash, settings) differs from the one the run was started with,
+keeps a heartbeat, trains with ``runtime.run_training`` (which resumes exactly and checkpoints atomically),
+stops cleanly when a ``stop`` file appears (a checkpoint and the student are saved), and always ends with a
+``status.json`` saying done, stopped or failed and why. Under torchrun only rank 0 touches the folder's files;
+a stop request reaches every rank at the same iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict
+
+from . import jobfiles as jf
+
+JOB_FORMAT = "xslim-distill-job/1"
+EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_BUSY = 0, 1, 2, 3
+
+
+class ResumeRefused(ValueError):
+    pass
+
+
+def _say(message: str) -> None:
+    print(f"[1.x-Distill worker] {message}", flush=True)
+
+
+class Heartbeat:
+    """Rewrites heartbeat.json every few seconds from its own thread, so a long iteration or a slow model load
+    never looks like a dead worker."""
+
+    def __init__(self, run_dir: str, total: int | None = None, enabled: bool = True):
+        self.path, self.enabled = os.path.join(run_dir, jf.HEARTBEAT), enabled
+        pgid = os.getpgid(0) if hasattr(os, "getpgid") else None  # what a watcher signals to stop the whole job
+        self.beat = {"pid": os.getpid(), "pgid": pgid, "started": time.time(), "iteration": None, "iterations": total, "phase": "loading"}
+        self._quit = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="xslim-heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        if self.enabled:
+            self.write()
+            self._thread.start()
+        return self
+
+    def write(self) -> None:
+        try:
+            jf.write_json(self.path, {**self.beat, "time": time.time()})
+        except OSError:  # a full disk must not kill the training; the watcher will see a stale heartbeat
+            pass
+
+    def _loop(self) -> None:
+        while not self._quit.wait(jf.HEARTBEAT_EVERY_S):
+            self.write()
+
+    def progress(self, record: dict) -> None:
+        self.beat.update(iteration=record["iteration"], phase="training")
+
+    def stop(self, phase: str = "exited") -> None:
+        self._quit.set()
+        if self.enabled:
+            if self._thread.is_alive():
+                self._thread.join(5)
+            self.beat["phase"] = phase
+            self.write()
+
+
+class StopRequest:
+    """The ``stop`` callable for run_training: true once ``<run>/stop`` exists. Under torchrun every rank
+    agrees (an all-reduce at the same point of every iteration), so no rank is left waiting in a collective."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, jf.STOP)
+
+    def __call__(self) -> bool:
+        seen = os.path.exists(self.path)
+        from .updates import Ranks
+
+        ranks = Ranks()
+        return seen if not ranks.active else not ranks.all_true(not seen)
+
+
+def load_job(run_dir: str):
+    """The run config (its run_dir forced to this folder) and the base model description from job.json."""
+    from .config import RunConfig
+    from .student import file_hash
+
+    job = jf.read_json(os.path.join(run_dir, jf.JOB))
+    if job is None:
+        raise ValueError(f"{run_dir} has no readable {jf.JOB}; start jobs through the job manager or write one")
+    if job.get("format") != JOB_FORMAT:
+        raise ValueError(f"{jf.JOB} has format {job.get('format')!r}, expected {JOB_FORMAT!r}")
+    cfg = RunConfig.from_dict({**job["config"], "run_dir": run_dir})
+    if not cfg.teacher or not os.path.isfile(cfg.teacher):
+        raise ValueError(f"the base model file {cfg.teacher!r} does not exist (it was moved or deleted after the job was made)")
+    base = {**job.get("base", {}), "hash": file_hash(cfg.teacher)}
+    return job, cfg, base
+
+
+def check_fingerprint(run_dir: str, cfg, base: dict, write: bool) -> None:
+    """Refuse to continue a run whose base model or settings changed; record the fingerprint on first start."""
+    path = os.path.join(run_dir, jf.FINGERPRINT)
+    new = jf.fingerprint(asdict(cfg), base)
+    old = jf.read_json(path)
+    if old is None and os.path.exists(os.path.join(run_dir, jf.STATE)):
+        old = _fingerprint_from_state(os.path.join(run_dir, jf.STATE), new)
+    if old is not None:
+        changes = jf.fingerprint_changes(old, new)
+        if changes:
+            raise ResumeRefused("resume refused: this run was started with a different configuration, so its checkpoint "
+                                "cannot continue with this one. Changed: " + "; ".join(changes)
+                                + ". Start a new run (another run name) to train with the new configuration.")
+    if write and not os.path.exists(path):
+        jf.write_json(path, new)
+
+
+def _fingerprint_from_state(state_path: str, new: dict) -> dict | None:
+    """A run started from the command line has no fingerprint.json; its checkpoint records the config."""
+    import json
+
+    try:
+        _, meta = jf.safetensors_header(state_path)
+        config = json.loads(meta["config"])
+    except (ValueError, KeyError):
+        return None
+    return jf.fingerprint(config, new["base"])  # the state does not record the base hash; settings still compare
+
+
+def apply_gpu_sharing(job: dict) -> None:
+    """shared: cap this process's share of the GPU memory. The device itself is chosen by the submitter through
+    CUDA_VISIBLE_DEVICES before the process starts."""
+    gpu = job.get("gpu") or {}
+    import torch
+
+    if gpu.get("mode") == "shared" and torch.cuda.is_available():
+        fraction = float(gpu.get("memory_fraction", 0.5))
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+        _say(f"shared GPU: capped at {fraction:.0%} of the device's memory")
+    # the demo-teacher trainer (distill_core today) trains on the CPU; GPU placement comes with other families
+    _say(f"training on the CPU with {job['config'].get('threads', 2)} thread(s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one 1.x-Distill job from its run folder (see distill_core/jobfiles.py).")
+    parser.add_argument("--run-dir", required=True, help="the run folder holding job.json")
+    args = parser.parse_args(argv)
+    run_dir = os.path.abspath(args.run_dir)
+    if not os.path.isdir(run_dir):
+        print(f"[1.x-Distill worker] no run folder {run_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = None
+    if is_main:
+        try:
+            lock = jf.RunLock(run_dir).acquire()
+        except jf.RunFolderBusy as err:
+            print(f"[1.x-Distill worker] {err}; this worker leaves it alone", file=sys.stderr)
+            return EXIT_BUSY
+        for stale in (jf.STATUS,):  # the run is live again; an old final word would mislead watchers
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
+    beat = Heartbeat(run_dir, enabled=is_main).start()
+    outcome, code = {"state": "failed", "iteration": None, "message": "", "student": None}, EXIT_FAILED
+    distributed = False
+    try:
+        job, cfg, base = load_job(run_dir)
+        beat.beat["iterations"] = cfg.iterations
+        check_fingerprint(run_dir, cfg, base, write=is_main)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+            distributed = True
+        apply_gpu_sharing(job)
+        from .runtime import run_training
+
+        result = run_training(cfg, progress=beat.progress, stop=StopRequest(run_dir))
+        outcome = {"state": result["status"], "iteration": result["iteration"], "message": result["message"],
+                   "student": result["student"] and os.path.basename(result["student"])}
+        code = EXIT_FAILED if result["status"] == "failed" else EXIT_DONE
+    except ResumeRefused as err:
+        outcome["message"], code = str(err), EXIT_REFUSED
+        _say(str(err))
+    except Exception as err:  # anything else: the job is failed, with the reason where a person will look
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, flush=True)
+        outcome["message"] = f"{type(err).__name__}: {err}"
+        outcome["error"] = text[-4000:]
+    finally:
+        beat.stop()
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if is_main:
+            outcome.update(time=time.time(), pid=os.getpid())
+            jf.write_json(os.path.join(run_dir, jf.STATUS), outcome)
+            stop = os.path.join(run_dir, jf.STOP)
+            if os.path.exists(stop):  # acted on; a later resume must not stop at once
+                os.remove(stop)
+            lock.release()
+    _say(f"{outcome['state']} at iteration {outcome['iteration']}" + (f": {outcome['message']}" if outcome["message"] else ""))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""1.x-Distill inside ComfyUI: *1.x-Distill Train* starts a background job and returns at once with its handle;
+*1.x-Distill Job Status* turns a job into IMAGEs (loss plot, latest preview) and the finished student's name.
+
+The training itself runs in a worker process (``nodes/jobs.py``, ``distill_core/worker.py``); these nodes only
+validate, write the run folder and read it back. Model files are names from ComfyUI's ``diffusion_models``
+folders (never paths), and only safetensors headers are read here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from comfy_api.latest import io
+
+from ..distill_core import jobfiles as jf
+from .jobs import ACTIVE, JobError, check_run_name, manager, parse_devices
+
+CATEGORY = "X-Slim/1.x-Distill"
+GPU_SHARING = ["exclusive", "shared", "separate device"]
+DEMO_FORMAT = "xslim-demo-teacher/1"
+DEMO = "demo"
+ALL_CLASSES = "all classes"
+NAME_RULE_TIP = "letters, digits, '.', '_' and '-'"
+
+
+# -- what the chosen model file is ---------------------------------------------------------------------------
+def _guess_family(keys: list[str]) -> str:
+    names = {k.split("diffusion_model.", 1)[-1] for k in keys}
+
+    def has(part):
+        return any(part in k for k in names)
+
+    if has("joint_blocks."):
+        return "SD3/SD3.5"
+    if has("double_blocks.") and has("txt_in.individual_token_refiner"):
+        return "HunyuanVideo"
+    if has("double_blocks.") and has("single_blocks."):
+        return "FLUX"
+    if has("transformer_blocks.") and has("img_mod."):
+        return "Qwen-Image"
+    if has("blocks.0.self_attn") and has("blocks.0.cross_attn"):
+        return "Wan"
+    return "unrecognised"
+
+
+def probe_model(name: str, path: str) -> dict:
+    """The family of a diffusion-model file from its safetensors header; refuses what the worker cannot train."""
+    if not name.lower().endswith((".safetensors", ".sft")):
+        raise JobError(f"1.x-Distill Train: {name} is not a safetensors file; only safetensors are read (a pickled "
+                       ".ckpt/.pt file could run code when loaded). Convert it to safetensors first.")
+    try:
+        keys, meta = jf.safetensors_header(path)
+    except ValueError as err:
+        raise JobError(f"1.x-Distill Train: {err}.") from None
+    if meta.get("format") == DEMO_FORMAT:
+        from ..xslim_core.demo_model.teacher import classes_path
+
+        classes = classes_path(path)  # next to the file, or the shipped table for a link to the shipped teacher
+        if not os.path.isfile(classes):
+            raise JobError(f"1.x-Distill Train: {name} is a demo-teacher file but its class table "
+                           f"{os.path.basename(classes)} is missing next to it.")
+        try:
+            arch = json.loads(meta.get("architecture", "{}"))
+            blocks = int(arch["num_layers"]) + int(arch["num_single_layers"])
+        except (ValueError, KeyError, TypeError):
+            raise JobError(f"1.x-Distill Train: {name} declares no readable architecture in its metadata.") from None
+        return {"family": DEMO, "blocks": blocks, "classes_path": classes, "class_names": json.loads(meta.get("classes", "[]"))}
+    family = _guess_family(keys)
+    what = "a model this trainer does not recognise" if family == "unrecognised" else f"a {family} model"
+    raise JobError(
+        f"1.x-Distill Train: {name} is {what}. The background trainer can distil only the demo-teacher family so far "
+        "(a class-conditioned model with a .classes.safetensors table, e.g. demo_teacher.safetensors). Distilling "
+        f"{family if family != 'unrecognised' else 'other families'} needs what distill_core does not have yet: a loader for its "
+        "weights, text conditioning from a prompt list and GPU training (the issue 'Distil any supported model family'). "
+        "Nothing was started.")
+
+
+def parse_classes(prompts: str, class_names: list[str]) -> list[int] | None:
+    """The demo teacher's conditioning: one class name per line, or 'all classes'. None means all ten."""
+    lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+    if not lines:
+        raise JobError("1.x-Distill Train: the prompt list is empty. Give one prompt per line; for the demo teacher "
+                       f"its class names ({', '.join(class_names)}) or '{ALL_CLASSES}'.")
+    if any(line.lower() == ALL_CLASSES for line in lines):
+        return None
+    lookup = {c.lower(): i for i, c in enumerate(class_names)}
+    unknown = [line for line in lines if line.lower() not in lookup]
+    if unknown:
+        raise JobError(f"1.x-Distill Train: the demo teacher is conditioned on class names, and {unknown} are not among "
+                       f"them. Use one per line from: {', '.join(class_names)} (or '{ALL_CLASSES}').")
+    chosen = sorted({lookup[line.lower()] for line in lines})
+    return None if len(chosen) == len(class_names) else chosen
+
+
+def parse_cached_blocks(text: str, blocks: int, steps: int) -> tuple[int | None, int | None]:
+    text = (text or "").strip().lower()
+    if text in ("", "none", "off"):
+        return None, None
+    try:
+        first, last = (int(p) for p in text.replace("..", "-").split("-"))
+    except ValueError:
+        raise JobError(f"1.x-Distill Train: cached_blocks {text!r} is not a range; write e.g. '4-6' (blocks 4 to 6) or 'none'.") from None
+    if not 0 <= first <= last < blocks:
+        raise JobError(f"1.x-Distill Train: cached_blocks {first}-{last} is outside the model's {blocks} blocks (0..{blocks - 1}).")
+    if steps < 2:
+        raise JobError("1.x-Distill Train: a cached block range needs at least 2 student steps (the last step reuses the one before).")
+    return first, last
+
+
+def _demo_conditioning_writer(classes_path: str, classes: list[int] | None, prompts: str):
+    """The demo teacher's class conditioning, written once into the run folder as safetensors (a text family
+    will write its CLIP-encoded prompt list here the same way)."""
+    def write(run_dir: str) -> None:
+        import torch
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(classes_path, framework="pt") as f:
+            context, pooled = f.get_tensor("context"), f.get_tensor("pooled")
+        labels = torch.arange(context.shape[0] - 1) if classes is None else torch.tensor(classes)
+        save_file({"labels": labels, "context": context[labels].contiguous(), "pooled": pooled[labels].contiguous()},
+                  os.path.join(run_dir, jf.CONDITIONING), metadata={"kind": "demo classes", "prompts": prompts})
+    return write
+
+
+def _free_comfy_memory() -> None:
+    """exclusive: ComfyUI's own models leave the GPU before the worker starts (public model-management calls)."""
+    import comfy.model_management as mm
+
+    for name in ("unload_all_models", "soft_empty_cache"):
+        fn = getattr(mm, name, None)
+        if callable(fn):
+            fn()
+
+
+def _model_names(folder_paths) -> list[str]:
+    # a demo teacher's class table (<name>.classes.safetensors) sits next to it; it is not a model
+    return [n for n in folder_paths.get_filename_list("diffusion_models") if not n.endswith(".classes.safetensors")]
+
+
+class DistillTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        cpu_threads = max(1, (os.cpu_count() or 2) // 2)
+        return io.Schema(
+            node_id="XSlimDistillTrain",
+            display_name="1.x-Distill Train",
+            category=CATEGORY,
+            description="Distils a diffusion model into a 1.x-step student in a background worker process and returns at "
+            "once with a job handle; the queue stays free. Watch, cancel and resume the job in the '1.x-Distill jobs' "
+            "sidebar panel. Queue it again with the same run name to resume a stopped job (or to train longer with more "
+            "iterations). Finished students land in models/students.",
+            inputs=[
+                io.Combo.Input("model_name", options=_model_names(folder_paths), tooltip=(
+                    "The model to distil, from the diffusion_models folders (the worker loads the file itself). Today: "
+                    "the demo-teacher family (demo_teacher.safetensors).")),
+                io.String.Input("prompts", multiline=True, default=ALL_CLASSES, tooltip=(
+                    "The conditioning to train on, one prompt per line. For the demo teacher: its class names (or "
+                    "'all classes').")),
+                io.String.Input("run_name", default="demo-distill", tooltip=(
+                    f"Names the job, its run folder (user/xslim/distill/<name>) and the exported student; {NAME_RULE_TIP}.")),
+                io.Int.Input("iterations", default=300, min=1, max=1_000_000, tooltip="Training iterations of the run."),
+                io.Int.Input("batch_size", default=8, min=1, max=1024),
+                io.Int.Input("student_steps", default=2, min=1, max=8, tooltip="Sampling steps of the student."),
+                io.String.Input("cached_blocks", default="4-6", tooltip=(
+                    "Blocks the student's last step reuses from the step before (through a learned compensation), "
+                    "e.g. '4-6' (3 of the demo's 12 blocks: 1.75 NFE), or 'none' for a plain N-step student.")),
+                io.Float.Input("guidance_scale", default=2.0, min=1.0, max=20.0, step=0.05, tooltip="The teacher's CFG scale."),
+                io.Float.Input("guidance_switch", default=0.96, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "The CFG switch level: the teacher guides only where sigma <= this (1.0: everywhere, plain DMD).")),
+                io.Float.Input("lr_student", default=4e-5, min=1e-7, max=1e-2, step=1e-6, round=1e-7),
+                io.Float.Input("lr_fake", default=3.2e-4, min=1e-7, max=1e-2, step=1e-6, round=1e-7, tooltip=(
+                    "The fake score's learning rate (8x the student's in the released recipe).")),
+                io.Int.Input("checkpoint_every", default=25, min=1, max=100_000, tooltip="Iterations between saved checkpoints (what a resume continues from)."),
+                io.Int.Input("preview_every", default=25, min=0, max=100_000, tooltip="Iterations between preview grids (0: none)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Combo.Input("gpu_sharing", options=GPU_SHARING, default="exclusive", tooltip=(
+                    "exclusive: ComfyUI unloads its models before the worker starts. shared: the worker takes at most "
+                    "memory_fraction of the GPU. separate device: nothing is unloaded; give the worker its own device.")),
+                io.String.Input("device", default="cpu", tooltip=(
+                    "The worker's device: cpu, cuda, cuda:1, or several GPUs as cuda:0,1 (then it runs under torchrun). "
+                    "The demo-teacher trainer runs on the CPU whatever is chosen.")),
+                io.Float.Input("memory_fraction", default=0.5, min=0.05, max=1.0, step=0.05, tooltip="shared only."),
+                io.Int.Input("cpu_threads", default=cpu_threads, min=1, max=256, tooltip="torch threads of the worker."),
+                io.Boolean.Input("overwrite_student", default=False, tooltip=(
+                    "Replace models/students/<run_name>.safetensors if it exists. Off: a run name whose student exists is refused.")),
+                io.Clip.Input("clip", optional=True, tooltip=(
+                    "Encodes the prompt list for text-conditioned families (not needed by the demo teacher).")),
+            ],
+            outputs=[io.String.Output(display_name="job", tooltip="The job handle (its run name) for 1.x-Distill Job Status.")],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return time.time()  # starts (or refuses) a job on every queue, never answered from ComfyUI's cache
+
+    @classmethod
+    def execute(cls, model_name, prompts, run_name, iterations, batch_size, student_steps, cached_blocks, guidance_scale,
+                guidance_switch, lr_student, lr_fake, checkpoint_every, preview_every, seed, gpu_sharing, device,
+                memory_fraction, cpu_threads, overwrite_student, clip=None) -> io.NodeOutput:
+        import folder_paths
+
+        check_run_name(run_name)
+        if gpu_sharing not in GPU_SHARING:
+            raise JobError(f"1.x-Distill Train: gpu_sharing {gpu_sharing!r} is not one of {GPU_SHARING}.")
+        parse_devices(device)
+        path = folder_paths.get_full_path("diffusion_models", model_name)  # a name from the list, never a path
+        if path is None:
+            raise JobError(f"1.x-Distill Train: {model_name!r} is not in the diffusion_models folders "
+                           f"({', '.join(folder_paths.get_folder_paths('diffusion_models'))}).")
+        model = probe_model(model_name, path)
+        classes = parse_classes(prompts, model["class_names"])
+        first, last = parse_cached_blocks(cached_blocks, model["blocks"], student_steps)
+        config = {
+            "stage": "stage1", "teacher": os.path.abspath(path), "iterations": iterations, "batch_size": batch_size,
+            "seed": seed, "checkpoint_every": checkpoint_every, "preview_every": preview_every, "threads": cpu_threads,
+            "stage1": {"steps": student_steps, "guidance_scale": guidance_scale, "guidance_switch": guidance_switch,
+                       "lr_student": lr_student, "lr_fake": lr_fake, "cache_first": first, "cache_last": last,
+                       "classes": classes},
+        }
+        base = {"name": model_name, "family": model["family"], "hash": _hash(path)}
+        gpu = {"mode": {"separate device": "device"}.get(gpu_sharing, gpu_sharing), "device": device, "memory_fraction": memory_fraction}
+        jobs = manager()
+        if gpu["mode"] == "exclusive" and _would_start(jobs, run_name):
+            _free_comfy_memory()
+        summary, what = jobs.submit(run_name, base, config, gpu, overwrite_student,
+                                    write_extra=_demo_conditioning_writer(model["classes_path"], classes, prompts))
+        print(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}); "
+              "follow it in the '1.x-Distill jobs' sidebar panel")
+        return io.NodeOutput(run_name)
+
+
+def _hash(path: str) -> str:
+    from .jobs import cached_content_hash
+
+    return cached_content_hash(path)
+
+
+def _would_start(jobs, name: str) -> bool:
+    try:
+        return jobs.state(jobs.job(name)) not in ACTIVE
+    except JobError:
+        return True
+
+
+def _placeholder(text: str):
+    from PIL import Image, ImageDraw
+
+    from .pictures import to_image_tensor
+
+    img = Image.new("RGB", (320, 120), "white")
+    ImageDraw.Draw(img).text((10, 52), text, fill="gray")
+    return to_image_tensor(img)
+
+
+class DistillJobStatus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimDistillJobStatus",
+            display_name="1.x-Distill Job Status",
+            category=CATEGORY,
+            description="A background job's loss plot and latest preview as images, and the file name of its finished "
+            "student in models/students (empty until it finishes). With wait_for_finish the prompt waits for the job "
+            "(ComfyUI's Cancel stops only the waiting, never the job).",
+            inputs=[
+                io.String.Input("job", force_input=True, tooltip=(
+                    "The job handle from 1.x-Distill Train (or a run name from a String node).")),
+                io.Boolean.Input("wait_for_finish", default=False, tooltip=(
+                    "Wait until the job is done, stopped or failed (this prompt then holds the queue while it waits).")),
+            ],
+            # the name goes out typed COMBO so it can feed a loader's file list (Load 1.x Student's student_name); its
+            # value is the plain file name string
+            outputs=[io.Image.Output(display_name="loss_plot"), io.Image.Output(display_name="preview"),
+                     io.Custom("COMBO").Output(display_name="student_name", tooltip="The finished student's file name in models/students ('' until it finishes).")],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return time.time()  # a job changes between queues: read it afresh every time
+
+    @classmethod
+    def execute(cls, job, wait_for_finish) -> io.NodeOutput:
+        from PIL import Image
+
+        from .job_pictures import loss_plot
+        from .pictures import to_image_tensor
+
+        jobs = manager()
+        handle = jobs.job(check_run_name(job))
+        summary = jobs.summary(handle)
+        if wait_for_finish and summary["state"] in ACTIVE:
+            summary = _wait(jobs, handle)
+        if wait_for_finish and summary["state"] == "failed":
+            raise JobError(f"1.x-Distill Job Status: job {job!r} failed: {summary['message']}")
+        title = f"{job}: {summary['state']}, iteration {summary['iteration']} of {summary['iterations']}"
+        plot = to_image_tensor(loss_plot(handle.history, title))
+        preview_path = jf.latest_preview(handle.run_dir)
+        preview = to_image_tensor(Image.open(preview_path)) if preview_path else _placeholder("no preview yet")
+        return io.NodeOutput(plot, preview, summary["student"] or "")
+
+
+def _wait(jobs, handle):
+    """Poll the job from this prompt's own thread: ComfyUI's progress bar and Cancel belong to this prompt here."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    summary = jobs.summary(handle)
+    bar = comfy.utils.ProgressBar(max(1, summary["iterations"] or 1))
+    while summary["state"] in ACTIVE or (summary["state"] == "done" and summary["student"] is None):
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(summary["iteration"] or 0)
+        time.sleep(1.0)
+        if summary["state"] == "done":
+            jobs.export(handle)  # the monitor does this too; whoever comes first
+        summary = jobs.summary(handle)
+    return summary
+
+
+TRAIN_NODES = [DistillTrain, DistillJobStatus]
+
+__all__ = ["TRAIN_NODES", "DistillTrain", "DistillJobStatus", "probe_model", "parse_classes", "parse_cached_blocks"]

@@ -1,0 +1,85 @@
+"""A real browser on a real ComfyUI server, for tests that look at the pack as a person does.
+
+Headless Chromium from the system (Debian's ``chromium``) driven by Playwright's Python package; no browser is
+downloaded. Without either, ``SKIP_MARKS`` skips the module saying what to install. Shared by the browser tests:
+
+    pytestmark = browser_env.SKIP_MARKS
+    with browser_env.chromium() as browser:
+        page = browser_env.open_comfy(browser, server.url)
+
+``open_comfy`` records every alert/confirm/prompt and page error on ``page.xslim_dialogs`` / ``page.xslim_errors``
+(an alert is dismissed, so a test can go on and report all of them at the end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+
+SKIP_MARKS = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: `apt-get install chromium` (what .ci/run does as root)"),
+    pytest.mark.skipif(sync_playwright is None, reason="Playwright's Python package is missing: `pip install -r requirements-host.txt`"),
+]
+
+# first-visit UI that would sit over the canvas: the templates dialog for new users, the release-notes toast,
+# the minimap (it hides part of every screenshot)
+QUIET_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Release.Timestamp": 4102444800000, "Comfy.Minimap.Visible": False,
+                  "LiteGraph.Canvas.MinFontSizeForLOD": 0}  # text stays drawn in zoomed-out screenshots
+
+
+def quiet_first_visit(base: str) -> None:
+    """Write the user settings that keep first-visit dialogs away (call before the server starts)."""
+    folder = os.path.join(base, "user", "default")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "comfy.settings.json"), "w") as f:
+        json.dump(QUIET_SETTINGS, f)
+
+
+def artifacts_dir(name: str) -> str:
+    """Where a browser test keeps its screenshots: $XSLIM_BROWSER_ARTIFACTS/<name>, else a fresh temp folder."""
+    root = os.environ.get("XSLIM_BROWSER_ARTIFACTS") or tempfile.mkdtemp(prefix="xslim_browser_")
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    print(f"browser screenshots: {path}")
+    return path
+
+
+@contextlib.contextmanager
+def chromium():
+    with sync_playwright() as p:
+        # --no-sandbox: CI runs as root in a container, where Chromium's sandbox cannot start
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_comfy(browser, url: str, width: int = 1600, height: int = 1000):
+    """A page on ComfyUI's frontend, once its app and node definitions are ready."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.xslim_dialogs, page.xslim_errors = [], []
+
+    def on_dialog(dialog):
+        page.xslim_dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.on("pageerror", lambda err: page.xslim_errors.append(str(err)))
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph"
+                           " && Object.keys(LiteGraph.registered_node_types).length > 100", timeout=120_000)
+    page.keyboard.press("Escape")  # any first-visit dialog the settings did not prevent
+    return page

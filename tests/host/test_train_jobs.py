@@ -1,0 +1,335 @@
+"""1.x-Distill training as background jobs in a real ComfyUI server, driven over HTTP and the websocket as the
+frontend drives it: the training prompt finishes at once while its worker process trains, a normal prompt runs
+meanwhile, progress arrives as ``xslim.job`` events, cancel saves and stops, resume ends bit-identical to a run
+that never stopped, a killed worker becomes a failed job with its log tail while ComfyUI keeps serving, a
+restarted ComfyUI finds the job again, and bad input of every kind comes back as a clear message.
+
+Measured numbers (prompt latency, worker vs command-line speed) are written to /tmp/xslim_train_jobs.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import comfy_env as ce
+from server_env import Server, make_base
+from test_server import load_workflow, ui_to_api
+
+NUMBERS = "/tmp/xslim_train_jobs.json"
+DEMO = "demo_teacher.safetensors"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    sys.path.insert(0, ce.REPO)
+    from distill_core.tiny import write_tiny_teacher
+
+    base = make_base(tmp_path_factory.mktemp("comfy_jobs"))
+    models = os.path.join(base, "models", "diffusion_models")
+    write_tiny_teacher(os.path.join(models, "tiny_teacher.safetensors"))
+    write_tiny_teacher(os.path.join(models, "tiny_teacher_b.safetensors"), seed=1)
+    save_file({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(8, 4)}, os.path.join(models, "sd3_like.safetensors"))
+    with open(os.path.join(models, "pickled.ckpt"), "wb") as f:  # must never be opened as a pickle
+        f.write(b"\x80\x04\x95 not a safetensors file")
+    server = Server(base).start()
+    yield server
+    for job in server.get("/xslim/jobs")["jobs"]:  # leave no worker behind
+        if job["can_cancel"]:
+            server.request("POST", f"/xslim/jobs/{job['name']}/cancel", b'{"force": true}')
+    server.stop()
+
+
+def record(**numbers):
+    data = json.load(open(NUMBERS)) if os.path.exists(NUMBERS) else {}
+    data.update(numbers)
+    with open(NUMBERS, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def train_prompt(run_name: str, model: str = "tiny_teacher.safetensors", **widgets) -> dict:
+    inputs = dict(model_name=model, prompts="all classes", run_name=run_name, iterations=300, batch_size=2, student_steps=2,
+                  cached_blocks="1-1", guidance_scale=2.0, guidance_switch=0.96, lr_student=1e-3, lr_fake=1e-3,
+                  checkpoint_every=5, preview_every=5, seed=0, gpu_sharing="exclusive", device="cpu", memory_fraction=0.5,
+                  cpu_threads=1, overwrite_student=False)
+    inputs.update(widgets)
+    return {"1": {"class_type": "XSlimDistillTrain", "inputs": inputs}}
+
+
+def demo_sampling(srv) -> dict:
+    """The X-Slim demo workflow's sampling half (X-Slim Cache -> KSampler -> decode -> save, with its stats), without
+    the Compare node, which samples six more times."""
+    prompt = ui_to_api(load_workflow("xslim_demo_cpu.json"), srv.object_info)
+    for n in [n for n, p in prompt.items() if p["class_type"] == "XSlimCompare"]:
+        del prompt[n]
+    prompt = {n: p for n, p in prompt.items() if all(not (isinstance(v, list) and v[0] not in prompt) for v in p["inputs"].values())}
+    assert {"XSlimCache", "KSampler"} <= {p["class_type"] for p in prompt.values()}
+    return prompt
+
+
+def job(srv, name):
+    return srv.get(f"/xslim/jobs/{name}")
+
+
+def wait_job(srv, name, predicate, timeout=120, what="state"):
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        last = job(srv, name)
+        if predicate(last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"job {name}: timed out waiting for {what}; last seen {json.dumps(last)[:1500]}")
+
+
+def error_message(result) -> str:
+    assert result["status"]["status_str"] == "error", result["status"]
+    return next(m[1]["exception_message"] for m in result["status"]["messages"] if m[0] == "execution_error")
+
+
+class Events:
+    """The pack's websocket events, as a browser tab receives them."""
+
+    def __init__(self, srv):
+        import websocket
+
+        self.ws = websocket.create_connection(srv.url.replace("http", "ws") + "/ws?clientId=xslim-jobs-test", timeout=5)
+        self.items, self.quit = [], False
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        import websocket
+
+        while not self.quit:
+            try:
+                message = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception:
+                return
+            if isinstance(message, str) and message.startswith("{"):  # binary frames carry sampler previews
+                data = json.loads(message)
+                if data.get("type") == "xslim.job":
+                    self.items.append(data["data"])
+
+    def close(self):
+        self.quit = True
+        self.ws.close()
+
+
+def test_the_training_prompt_returns_at_once_and_a_normal_prompt_runs_while_the_job_trains(srv):
+    events = Events(srv)
+    try:
+        started = time.time()
+        result = srv.run(train_prompt("demo-bg", model=DEMO, iterations=5000, batch_size=2, cached_blocks="4-6",
+                                      lr_student=4e-5, lr_fake=3.2e-4, checkpoint_every=50, preview_every=10), timeout=60)
+        prompt_s = time.time() - started
+        assert result["status"]["status_str"] == "success", result["status"]
+        assert prompt_s < 10, f"the training prompt took {prompt_s:.1f} s"
+        first = wait_job(srv, "demo-bg", lambda j: j["state"] == "running" and j["iteration"] >= 2, what="training")
+        demo = demo_sampling(srv)
+        t0 = time.time()
+        normal = srv.run(demo, timeout=600)
+        normal_s = time.time() - t0
+        assert normal["status"]["status_str"] == "success", normal["status"]
+        during = job(srv, "demo-bg")
+        assert during["state"] == "running" and during["iteration"] > first["iteration"]  # it trained meanwhile
+        assert during["it_per_s"] > 0 and during["eta_s"] > 0 and during["losses"]["loss_student"] > 0
+        assert srv.request("GET", "/xslim/jobs/demo-bg/loss.png")[1][:8] == b"\x89PNG\r\n\x1a\n"
+        ours = [e for e in events.items if e["name"] == "demo-bg"]
+        iterations = [e["iteration"] for e in ours if e["state"] == "running"]
+        assert len(iterations) >= 3 and iterations == sorted(iterations) and iterations[-1] > iterations[0], ours[-3:]
+        assert any(e["preview"] is not None for e in ours)
+        # cancel: the worker saves and stops within a bounded time
+        asked = time.time()
+        status, answer, _ = srv.request("POST", "/xslim/jobs/demo-bg/cancel", b"{}")
+        assert status == 200 and answer["state"] == "stopping"
+        stopped = wait_job(srv, "demo-bg", lambda j: j["state"] == "stopped", timeout=60, what="the stop")
+        cancel_s = time.time() - asked
+        assert cancel_s < 30 and stopped["can_resume"] and not stopped["can_cancel"]
+        deadline = time.time() + 10  # the monitor pushes within a second of what a GET computes on the spot
+        while not any(e["name"] == "demo-bg" and e["state"] == "stopped" for e in events.items) and time.time() < deadline:
+            time.sleep(0.2)
+        assert any(e["name"] == "demo-bg" and e["state"] == "stopped" for e in events.items)
+        record(prompt_to_completion_s=round(prompt_s, 2), demo_workflow_while_training_s=round(normal_s, 1),
+               cancel_to_stopped_s=round(cancel_s, 1), iterations_during_demo_workflow=during["iteration"] - first["iteration"])
+    finally:
+        events.close()
+
+
+def test_worker_speed_equals_the_command_line(srv, tmp_path):
+    """The same run from a prompt (worker process) and from `python -m distill_core.train`, one after the other."""
+    config = dict(iterations=40, batch_size=4, cached_blocks="4-6", lr_student=4e-5, lr_fake=3.2e-4, checkpoint_every=1000,
+                  preview_every=0)
+    assert srv.run(train_prompt("speed", model=DEMO, **config))["status"]["status_str"] == "success"
+    done = wait_job(srv, "speed", lambda j: j["state"] in ("done", "failed"), timeout=180, what="the end")
+    assert done["state"] == "done", done["message"]
+    worker = json.loads(open(os.path.join(srv.base, "user", "xslim", "distill", "speed", "metrics.jsonl")).read().splitlines()[-1])
+    cli_config = {"run_dir": str(tmp_path / "cli"), "iterations": 40, "batch_size": 4, "threads": 1, "checkpoint_every": 1000,
+                  "preview_every": 0, "teacher": os.path.join(ce.REPO, "xslim_core", "demo_model", "weights", DEMO),
+                  "stage1": {"lr_student": 4e-5, "lr_fake": 3.2e-4, "cache_first": 4, "cache_last": 6}}
+    (tmp_path / "cli.json").write_text(json.dumps(cli_config))
+    out = subprocess.run([sys.executable, "-m", "distill_core.train", "--config", str(tmp_path / "cli.json")], cwd=ce.REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cli = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[-1])
+    ratio = worker["it_per_s"] / cli["it_per_s"]
+    record(worker_it_per_s=round(worker["it_per_s"], 3), cli_it_per_s=round(cli["it_per_s"], 3), worker_vs_cli=round(ratio, 3))
+    assert 0.8 < ratio < 1.25, f"worker {worker['it_per_s']:.2f} it/s vs command line {cli['it_per_s']:.2f} it/s"
+    a, b = _tensors(os.path.join(srv.base, "user", "xslim", "distill", "speed", "student.safetensors")), _tensors(str(tmp_path / "cli" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and the same student
+
+
+def _tensors(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_cancel_then_resume_ends_with_the_student_of_a_run_that_never_stopped(srv, tmp_path):
+    name = "tiny-resume"
+    assert srv.run(train_prompt(name, iterations=120))["status"]["status_str"] == "success"
+    wait_job(srv, name, lambda j: j["iteration"] >= 10, what="ten iterations")
+    assert srv.request("POST", f"/xslim/jobs/{name}/cancel")[0] == 200
+    stopped = wait_job(srv, name, lambda j: j["state"] == "stopped", timeout=60, what="the stop")
+    assert stopped["student"] is None  # a stopped job exports nothing into models/students
+    status, resumed, _ = srv.request("POST", f"/xslim/jobs/{name}/resume", b"{}")
+    assert status == 200 and resumed["state"] in ("starting", "running")
+    done = wait_job(srv, name, lambda j: j["state"] in ("done", "failed"), timeout=120, what="the end")
+    assert done["state"] == "done" and done["iteration"] == 120 and done["student"] == f"{name}.safetensors"
+    exported = os.path.join(srv.base, "models", "students", done["student"])
+    straight = {"run_dir": str(tmp_path / "straight"), "teacher": os.path.join(srv.base, "models", "diffusion_models", "tiny_teacher.safetensors"),
+                "iterations": 120, "batch_size": 2, "threads": 1, "checkpoint_every": 5, "preview_every": 5,
+                "stage1": {"lr_student": 1e-3, "lr_fake": 1e-3, "cache_first": 1, "cache_last": 1}}
+    (tmp_path / "straight.json").write_text(json.dumps(straight))
+    out = subprocess.run([sys.executable, "-m", "distill_core.train", "--config", str(tmp_path / "straight.json")], cwd=ce.REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = _tensors(exported), _tensors(str(tmp_path / "straight" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the status node: loss plot, latest preview and the student's name, for a graph to pick up
+    status_prompt = {"1": {"class_type": "XSlimDistillJobStatus", "inputs": {"job": name, "wait_for_finish": True}},
+                     "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+                     "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
+                     "4": {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}}}
+    result = srv.run(status_prompt)
+    assert result["status"]["status_str"] == "success", result["status"]
+    assert "".join(result["outputs"]["4"]["text"]) == f"{name}.safetensors"
+    assert len(result["outputs"]["2"]["images"]) == 1 and len(result["outputs"]["3"]["images"]) == 1
+
+
+def test_a_killed_worker_becomes_a_failed_job_with_its_log_and_comfyui_keeps_serving(srv):
+    name = "tiny-killed"
+    assert srv.run(train_prompt(name, iterations=100000))["status"]["status_str"] == "success"
+    running = wait_job(srv, name, lambda j: j["state"] == "running" and j["iteration"] >= 5, what="training")
+    beat = json.load(open(os.path.join(srv.base, "user", "xslim", "distill", name, "heartbeat.json")))
+    os.killpg(beat["pgid"], signal.SIGKILL)
+    failed = wait_job(srv, name, lambda j: j["state"] == "failed", timeout=30, what="the failure")
+    assert "killed by signal 9 (SIGKILL)" in failed["message"] and "1.x-Distill stage1" in failed["message"]
+    assert failed["can_resume"] and failed["iteration"] >= running["iteration"]
+    assert "XSlimDistillTrain" in srv.get("/object_info")  # ComfyUI keeps serving
+    assert srv.run(demo_sampling(srv))["status"]["status_str"] == "success"  # and keeps running prompts
+
+
+def test_bad_input_comes_back_as_a_clear_message_and_nothing_is_overwritten(srv):
+    students = os.path.join(srv.base, "models", "students")
+    taken = os.path.join(students, "taken.safetensors")
+    with open(taken, "wb") as f:
+        f.write(b"the user's own file")
+    before = os.stat(taken).st_mtime_ns
+    cases = [
+        (train_prompt("empty", prompts="  \n \n"), "the prompt list is empty"),
+        (train_prompt("unknown-class", prompts="Pullover\nunicorn"), "['unicorn'] are not among them"),
+        (train_prompt("sd3", model="sd3_like.safetensors"), "is a SD3/SD3.5 model"),
+        (train_prompt("pickle", model="pickled.ckpt"), "only safetensors are read"),
+        (train_prompt("../escape"), "is not allowed"),
+        (train_prompt("bad-range", cached_blocks="2-9"), "outside the model's 3 blocks"),
+        (train_prompt("bad-device", device="/dev/gpu"), "is not understood"),
+        (train_prompt("taken"), "taken.safetensors already exists"),
+    ]
+    for prompt, expected in cases:
+        message = error_message(srv.run(prompt))
+        assert expected in message, (expected, message)
+    assert "Nothing was started" in error_message(srv.run(train_prompt("sd3", model="sd3_like.safetensors")))
+    assert os.stat(taken).st_mtime_ns == before and open(taken, "rb").read() == b"the user's own file"
+    root = os.path.join(srv.base, "user", "xslim", "distill")
+    roots = os.listdir(root) if os.path.isdir(root) else []
+    assert not {"empty", "unknown-class", "sd3", "pickle", "bad-range", "bad-device", "taken"} & set(roots)
+    # a path instead of a model name: refused by ComfyUI's list check where it runs one, else by the node
+    status, answer = srv.post("/prompt", {"prompt": train_prompt("outside", model="../../../etc/passwd")})
+    if status == 200:
+        message = error_message(srv.wait(answer["prompt_id"]))
+        assert "'../../../etc/passwd' is not in the diffusion_models folders" in message, message
+    else:
+        assert status == 400 and "model_name" in json.dumps(answer["node_errors"])
+    # a run name in use by a running job; then the same name with another base model
+    assert srv.run(train_prompt("busy", iterations=100000))["status"]["status_str"] == "success"
+    wait_job(srv, "busy", lambda j: j["state"] == "running", what="training")
+    assert "is used by a running job" in error_message(srv.run(train_prompt("busy", iterations=100000)))
+    assert srv.request("POST", "/xslim/jobs/busy/cancel", b"{}")[0] == 200
+    wait_job(srv, "busy", lambda j: j["state"] == "stopped", timeout=60, what="the stop")
+    message = error_message(srv.run(train_prompt("busy", model="tiny_teacher_b.safetensors", iterations=100000)))
+    assert "base model: tiny_teacher.safetensors" in message and "tiny_teacher_b.safetensors" in message
+    message = error_message(srv.run(train_prompt("busy", iterations=100000, lr_student=5e-4)))
+    assert "stage1.lr_student: 0.001 -> 0.0005" in message
+    # routes called with garbage: JSON errors, never a stack trace page
+    for method, path, body, code, expected in [
+        ("GET", "/xslim/jobs/..%2F..%2Fetc", None, 400, "not allowed"),
+        ("GET", "/xslim/jobs/no-such-job", None, 404, "no job named"),
+        ("GET", "/xslim/jobs/no-such-job/loss.png", None, 404, "no job named"),
+        ("POST", "/xslim/jobs/busy/cancel", b"{}", 409, "is not running"),
+        ("POST", "/xslim/jobs/busy/cancel", b"\xff garbage", 400, "not JSON"),
+        ("POST", "/xslim/jobs/busy/resume", b"[1, 2]", 400, "JSON object"),
+        ("POST", "/api/xslim/jobs/no-such-job/resume", b"{}", 404, "no job named"),
+    ]:
+        status, answer, ctype = srv.request(method, path, body)
+        assert status == code and "json" in ctype and expected in answer["error"], (path, status, answer)
+    status, answer, _ = srv.request("POST", "/xslim/jobs/busy/cancel", b'{"force": "yes"}')
+    assert status in (400, 409)
+
+
+def test_a_restarted_comfyui_finds_its_jobs_and_resumes_an_interrupted_one(srv):
+    name = "tiny-restart"
+    assert srv.run(train_prompt(name, iterations=200))["status"]["status_str"] == "success"
+    wait_job(srv, name, lambda j: j["state"] == "running" and j["iteration"] >= 5, what="training")
+    srv.stop()  # the worker has its own session: it keeps training while ComfyUI is down
+    srv.start()
+    attached = job(srv, name)
+    assert attached["state"] == "running", attached  # found by its folder lock
+    beat = json.load(open(os.path.join(srv.base, "user", "xslim", "distill", name, "heartbeat.json")))
+    os.killpg(beat["pgid"], signal.SIGKILL)  # now the machine "crashes" under it
+    interrupted = wait_job(srv, name, lambda j: j["state"] == "interrupted", timeout=30, what="interrupted")
+    assert interrupted["can_resume"] and "Resume continues from the last checkpoint" in interrupted["message"]
+    srv.stop()
+    srv.start()
+    listed = {j["name"]: j for j in srv.get("/xslim/jobs")["jobs"]}
+    assert listed[name]["state"] == "interrupted"
+    assert srv.request("POST", f"/xslim/jobs/{name}/resume", b"{}")[0] == 200
+    done = wait_job(srv, name, lambda j: j["state"] in ("done", "failed"), timeout=120, what="the end")
+    assert done["state"] == "done" and done["iteration"] == 200 and done["student"] == f"{name}.safetensors"
+    log = open(os.path.join(srv.base, "user", "xslim", "distill", name, "worker.log")).read()
+    assert "resumed from iteration" in log
+
+
+def test_the_cpu_distill_workflow_trains_then_samples_the_student_next_to_the_teacher(srv):
+    """The shipped workflow, shortened (20 iterations): train, wait, load the exported student, sample both."""
+    prompt = ui_to_api(load_workflow("xslim_distill_demo_cpu.json"), srv.object_info)
+    train = next(p for p in prompt.values() if p["class_type"] == "XSlimDistillTrain")
+    train["inputs"].update(run_name="workflow-demo", iterations=20, batch_size=2, preview_every=10, checkpoint_every=10)
+    next(p for p in prompt.values() if p["class_type"] == "KSampler")["inputs"]["steps"] = 10  # the teacher column
+    started = time.time()
+    result = srv.run(prompt, timeout=300)
+    assert result["status"]["status_str"] == "success", result["status"]
+    record(workflow_20_iterations_s=round(time.time() - started, 1))
+    saved = next(out["images"] for n, out in result["outputs"].items() if prompt[n]["class_type"] == "SaveImage")
+    assert len(saved) == 8  # the teacher's four images, then the student's four
+    assert os.path.isfile(os.path.join(srv.base, "models", "students", "workflow-demo.safetensors"))

@@ -1,0 +1,212 @@
+"""The pieces every workflow generator here shares: a UI-format graph with deterministic ids, a left-to-right
+layout that follows the data flow, titled groups, notes, model metadata for the missing-models dialog and the
+Templates-browser thumbnail. ``build_workflows.py`` (and any other generator) imports this module.
+
+Node sizes come from a real frontend: ``layout/node_sizes.json`` holds each node type's size as ComfyUI's
+frontend creates it (``LiteGraph.createNode(type).size``, measured in headless Chromium by
+``tests/host/test_browser_workflows.py``, which also checks that no two nodes of a loaded workflow overlap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "layout", "node_sizes.json")) as _f:
+    MEASURED_SIZES = json.load(_f)
+
+# One namespace for the pack: the same title gives the same id on every machine, so a re-generated workflow
+# stays "the same workflow" for the frontend (which keys open tabs and its zod schema check on a UUID).
+ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/comfyui-xslim/workflows")
+
+TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
+GROUP_TITLE_H = 46  # a group's title bar (font 24) plus a little air before the first node title
+PAD, GAP_X, GAP_Y, GROUP_GAP = 16, 40, 24, 40
+
+# What the frontend shows at least: the frontend's own size is a minimum, these make room for what a node
+# displays (images, text) so it does not grow over its neighbour after a run.
+DISPLAY_SIZES = {
+    "PreviewImage": (360, 300), "SaveImage": (360, 330), "PreviewAny": (420, 220), "XSlimCompare": (400, 380),
+    "XSlimStudentCompare": (300, 330), "CLIPTextEncode": (400, 160), "SaveVideo": (360, 300),
+}
+
+# Where ComfyUI's own templates (comfyui_workflow_templates) get each file: the missing-models dialog offers
+# these downloads into these folders. Keyed by the file name a loader widget holds.
+MODEL_SOURCES = {
+    "flux1-dev.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"),
+    "clip_l.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    "t5xxl_fp16.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
+    "sd3.5_large_fp8_scaled.safetensors": (
+        "checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/sd3.5_large_fp8_scaled.safetensors"),
+    "hunyuan_video_t2v_720p_bf16.safetensors": (
+        "diffusion_models",
+        "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors"),
+    "llava_llama3_fp8_scaled.safetensors": (
+        "text_encoders",
+        "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/text_encoders/llava_llama3_fp8_scaled.safetensors"),
+    "hunyuan_video_vae_bf16.safetensors": (
+        "vae", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/hunyuan_video_vae_bf16.safetensors"),
+}
+
+GROUP_COLOURS = ["#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a", "#444"]
+
+
+def workflow_id(title: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, title))
+
+
+def node_size(type_: str, text: str | None = None) -> list[int]:
+    w, h = MEASURED_SIZES.get(type_, (270, 120))
+    dw, dh = DISPLAY_SIZES.get(type_, (0, 0))
+    w, h = max(w, dw), max(h, dh)
+    if type_ in ("Note", "MarkdownNote") and text is not None:
+        w = 400
+        lines = sum(len(textwrap.wrap(p, 52)) or 1 for p in text.split("\n"))  # about 7 px a character
+        h = 30 + 19 * lines
+    return [int(w), int(h)]
+
+
+def model_metadata(widgets: list) -> list[dict]:
+    """The ``properties.models`` entries of a loader: one per widget value that names a known file."""
+    return [{"name": v, "url": MODEL_SOURCES[v][1], "directory": MODEL_SOURCES[v][0]}
+            for v in widgets if isinstance(v, str) and v in MODEL_SOURCES]
+
+
+class Workflow:
+    """A UI-format workflow. ``group(title, column)`` opens a titled group; nodes made after it belong to it.
+    ``socket_table`` maps a node type to (input sockets [(name, type)], output types)."""
+
+    def __init__(self, title: str, socket_table: dict, description: str = ""):
+        self.title, self.description, self.sockets = title, description, socket_table
+        self.nodes, self.links, self.groups, self._group = [], [], [], None
+
+    def group(self, title: str, column: int) -> "Workflow":
+        self.groups.append({"title": title, "column": column, "nodes": []})
+        self._group = self.groups[-1]
+        return self
+
+    def node(self, type_: str, widgets: list, title: str | None = None) -> int:
+        inputs, outputs = self.sockets[type_]
+        n = len(self.nodes) + 1
+        properties = {"Node name for S&R": type_}
+        models = model_metadata(widgets)
+        if models:
+            properties["models"] = models
+        text = widgets[0] if type_ in ("Note", "MarkdownNote") and widgets else None
+        self.nodes.append({
+            "id": n, "type": type_, "pos": [0, 0], "size": node_size(type_, text), "flags": {}, "order": n - 1, "mode": 0,
+            "inputs": [{"name": name, "type": t, "link": None} for name, t in inputs],
+            "outputs": [{"name": t, "type": t, "links": [], "slot_index": i} for i, t in enumerate(outputs)],
+            "properties": properties, "widgets_values": widgets, **({"title": title} if title else {}),
+        })
+        if self._group is None:  # a generator that names no groups gets one, laid out by data flow all the same
+            self.group(self.title, 0)
+        self._group["nodes"].append(n)
+        return n
+
+    def note(self, markdown: str) -> int:
+        return self.node("MarkdownNote", [markdown], "About this workflow")
+
+    def link(self, src: int, slot: int, dst: int, input_name: str) -> None:
+        link_id = len(self.links) + 1
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        inp = next(i for i in target["inputs"] if i["name"] == input_name)
+        inp["link"] = link_id
+        source["outputs"][slot]["links"].append(link_id)
+        self.links.append([link_id, src, slot, dst, target["inputs"].index(inp), source["outputs"][slot]["type"]])
+
+    # -- layout ---------------------------------------------------------------------------------------------
+    def _depths(self) -> dict[int, int]:
+        """Longest path from a source node: a node sits right of everything that feeds it."""
+        depth = {n["id"]: 0 for n in self.nodes}
+        for _ in range(len(self.nodes)):
+            changed = False
+            for _, src, _, dst, _, _ in self.links:
+                if depth[dst] < depth[src] + 1:
+                    depth[dst], changed = depth[src] + 1, True
+            if not changed:
+                break
+        return depth
+
+    def layout(self) -> list[dict]:
+        """Place nodes inside their groups (sub-columns by data-flow depth) and groups in their columns.
+        Returns the groups' serialised form; nothing overlaps by construction."""
+        depth, by_id = self._depths(), {n["id"]: n for n in self.nodes}
+        boxes = []  # per group: (column, width, height, placements [(node, dx, dy)])
+        for g in self.groups:
+            ranks = sorted({depth[i] for i in g["nodes"]})
+            cols = [[i for i in g["nodes"] if depth[i] == r] for r in ranks]
+            x, placed, height = PAD, [], 0
+            for col in cols:
+                y, width = GROUP_TITLE_H, 0
+                for i in col:
+                    w, h = by_id[i]["size"]
+                    placed.append((i, x, y + TITLE_H))
+                    y += TITLE_H + h + GAP_Y
+                    width = max(width, w)
+                x += width + GAP_X
+                height = max(height, y)
+            boxes.append((g, x - GAP_X + PAD, height - GAP_Y + PAD, placed))
+        serialised, col_x = [], 0
+        for column in sorted({g["column"] for g in self.groups}):
+            in_col = [b for b in boxes if b[0]["column"] == column]
+            y = 0
+            for g, w, h, placed in in_col:
+                for i, dx, dy in placed:
+                    by_id[i]["pos"] = [col_x + dx, y + dy]
+                colour = GROUP_COLOURS[self.groups.index(g) % len(GROUP_COLOURS)]
+                serialised.append({"id": len(serialised) + 1, "title": g["title"], "bounding": [col_x, y, w, h],
+                                   "color": colour, "font_size": 24, "flags": {}})
+                y += h + GROUP_GAP
+            col_x += max(b[1] for b in in_col) + GROUP_GAP
+        return serialised
+
+    def to_json(self) -> dict:
+        groups = self.layout()
+        right = max(g["bounding"][0] + g["bounding"][2] for g in groups)
+        bottom = max(g["bounding"][1] + g["bounding"][3] for g in groups)
+        scale = round(max(0.4, min(1.0, 1440 / right, 860 / bottom)), 3)  # the whole graph in a 1600x1000 window, beside the sidebar
+        return {
+            "id": workflow_id(self.title), "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": groups, "config": {},
+            "extra": {"ds": {"scale": scale, "offset": [30 / scale, 30 / scale]},
+                      "info": {"title": self.title, "description": self.description}},
+            "version": 0.4,
+        }
+
+
+def write_thumbnail(path: str, title: str, lines: list[str], picture: str | None = None) -> None:
+    """The Templates browser's card image (<workflow>.jpg next to it): a real output when there is one, else a
+    placeholder that says what the workflow needs, so nobody mistakes it for a result."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = (512, 384)
+    card = Image.new("RGB", size, (32, 36, 44))
+    draw = ImageDraw.Draw(card)
+    try:
+        big, small = ImageFont.load_default(size=30), ImageFont.load_default(size=18)
+    except TypeError:  # Pillow < 10.1 has one bitmap size only
+        big = small = ImageFont.load_default()
+    if picture:
+        shot = Image.open(picture).convert("RGB")
+        shot.thumbnail((size[0] - 16, size[1] - 64))
+        card.paste(shot, ((size[0] - shot.width) // 2, 56 + (size[1] - 64 - shot.height) // 2))
+        draw.text((12, 10), title, fill="white", font=small)
+        draw.text((12, 32), lines[0] if lines else "", fill=(190, 200, 215), font=small)
+    else:
+        draw.rectangle([8, 8, size[0] - 9, size[1] - 9], outline=(90, 100, 120), width=2)
+        y = 30
+        for line in textwrap.wrap(title, 28):
+            draw.text((26, y), line, fill="white", font=big)
+            y += 38
+        y += 14
+        for line in lines:
+            for part in textwrap.wrap(line, 44):
+                draw.text((26, y), part, fill=(190, 200, 215), font=small)
+                y += 24
+        draw.text((26, size[1] - 44), "placeholder - no sample output shipped", fill=(140, 150, 165), font=small)
+    card.save(path, quality=88)
