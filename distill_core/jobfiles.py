@@ -82,6 +82,9 @@ class RunFolderBusy(RuntimeError):
     pass
 
 
+_HELD: set[str] = set()  # run folders whose lock this process holds
+
+
 class RunLock:
     """An exclusive, non-blocking OS lock on ``<run>/lock``. The OS drops it when the holder exits in any way,
     so a lock that is free means no worker is alive in that folder."""
@@ -89,6 +92,11 @@ class RunLock:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK)
         self.handle = None
+
+    @staticmethod
+    def held_here(run_dir: str) -> bool:
+        """True when this process already holds the folder's lock (a worker that then calls run_training)."""
+        return os.path.realpath(run_dir) in _HELD
 
     def acquire(self) -> "RunLock":
         handle = open(self.path, "a+")
@@ -98,6 +106,7 @@ class RunLock:
             handle.close()
             raise RunFolderBusy(f"the run folder {os.path.dirname(self.path)} is in use by another worker") from None
         self.handle = handle
+        _HELD.add(os.path.realpath(os.path.dirname(self.path)))
         return self
 
     def release(self) -> None:
@@ -107,6 +116,7 @@ class RunLock:
             finally:
                 self.handle.close()
                 self.handle = None
+                _HELD.discard(os.path.realpath(os.path.dirname(self.path)))
 
 
 def is_locked(run_dir: str) -> bool | None:
@@ -195,6 +205,38 @@ def _flatten(value, prefix=""):
             out.update(_flatten(value[key], f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+class ResumeRefused(ValueError):
+    """A run folder's checkpoint was made with another base model or other settings."""
+
+
+def check_resume(run_dir: str, config: dict, base: dict, write: bool) -> None:
+    """Refuse to continue a run whose base model or result-shaping settings changed, naming each change; record the
+    fingerprint on first start. Used by every writer (the command line, torchrun, a thread, the ComfyUI worker)."""
+    path = os.path.join(run_dir, FINGERPRINT)
+    new = fingerprint(config, base)
+    old = read_json(path)
+    if old is None and os.path.exists(os.path.join(run_dir, STATE)):
+        old = _fingerprint_from_state(os.path.join(run_dir, STATE), new)
+    if old is not None:
+        changes = fingerprint_changes(old, new)
+        if changes:
+            raise ResumeRefused("resume refused: this run was started with a different configuration, so its checkpoint "
+                                "cannot continue with this one. Changed: " + "; ".join(changes)
+                                + ". Start a new run (another run name or folder) to train with the new configuration.")
+    if write and not os.path.exists(path):
+        write_json(path, new)
+
+
+def _fingerprint_from_state(state_path: str, new: dict) -> dict | None:
+    """A run started before fingerprints were written: its checkpoint's metadata records the config."""
+    try:
+        _, meta = safetensors_header(state_path)
+        config = json.loads(meta["config"])
+    except (ValueError, KeyError):
+        return None
+    return {"base": {"name": None, "hash": meta.get("base_hash", new["base"]["hash"])}, "config": fingerprint(config, new["base"])["config"]}
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from typing import Callable
 
 import torch
@@ -24,6 +25,7 @@ from xslim_core.demo_model.latents import latent_to_image
 from xslim_core.demo_model.teacher import CLASSES, default_weights_path, load_teacher
 
 from .config import RunConfig
+from .jobfiles import RunLock, check_resume
 from .nets import frozen_teacher, trainable_copy
 from .stage1 import Stage1
 from .stage2 import Stage2
@@ -109,7 +111,8 @@ class Run:
         rng = _gather_generator_states(self.gen, self.ranks)
         if self.ranks.is_main:
             rng["torch"] = torch.get_rng_state()
-            meta = {"iteration": self.iteration, "world": self.ranks.world, "stage": self.cfg.stage, "config": self.cfg.to_json()}
+            meta = {"iteration": self.iteration, "world": self.ranks.world, "stage": self.cfg.stage, "config": self.cfg.to_json(),
+                    "base_hash": self.base["hash"]}
             save_state(self.path, self.task.modules, self.task.optimizers, rng, meta)
         return True
 
@@ -141,6 +144,18 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
     torch.set_num_threads(max(1, min(cfg.threads, torch.get_num_threads())))
     ranks = Ranks()
     os.makedirs(cfg.run_dir, exist_ok=True)
+    # one writer per run folder (a ComfyUI worker already holds the lock of its own folder)
+    lock = RunLock(cfg.run_dir).acquire() if ranks.is_main and not RunLock.held_here(cfg.run_dir) else None
+    try:
+        teacher = cfg.teacher or default_weights_path()
+        check_resume(cfg.run_dir, asdict(cfg), {"name": os.path.basename(teacher), "hash": file_hash(teacher)}, write=ranks.is_main)
+        return _train(cfg, ranks, progress, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, ranks: Ranks, progress, stop) -> dict:
     run = Run(cfg, ranks)
     resumed = run.resume()
     main = ranks.is_main

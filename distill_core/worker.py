@@ -27,8 +27,7 @@ JOB_FORMAT = "xslim-distill-job/1"
 EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_BUSY = 0, 1, 2, 3
 
 
-class ResumeRefused(ValueError):
-    pass
+ResumeRefused = jf.ResumeRefused
 
 
 def _say(message: str) -> None:
@@ -107,32 +106,8 @@ def load_job(run_dir: str):
 
 
 def check_fingerprint(run_dir: str, cfg, base: dict, write: bool) -> None:
-    """Refuse to continue a run whose base model or settings changed; record the fingerprint on first start."""
-    path = os.path.join(run_dir, jf.FINGERPRINT)
-    new = jf.fingerprint(asdict(cfg), base)
-    old = jf.read_json(path)
-    if old is None and os.path.exists(os.path.join(run_dir, jf.STATE)):
-        old = _fingerprint_from_state(os.path.join(run_dir, jf.STATE), new)
-    if old is not None:
-        changes = jf.fingerprint_changes(old, new)
-        if changes:
-            raise ResumeRefused("resume refused: this run was started with a different configuration, so its checkpoint "
-                                "cannot continue with this one. Changed: " + "; ".join(changes)
-                                + ". Start a new run (another run name) to train with the new configuration.")
-    if write and not os.path.exists(path):
-        jf.write_json(path, new)
-
-
-def _fingerprint_from_state(state_path: str, new: dict) -> dict | None:
-    """A run started from the command line has no fingerprint.json; its checkpoint records the config."""
-    import json
-
-    try:
-        _, meta = jf.safetensors_header(state_path)
-        config = json.loads(meta["config"])
-    except (ValueError, KeyError):
-        return None
-    return jf.fingerprint(config, new["base"])  # the state does not record the base hash; settings still compare
+    """Refuse early (before torchrun's process group) when the base model or settings changed."""
+    jf.check_resume(run_dir, asdict(cfg), base, write)
 
 
 def apply_gpu_sharing(job: dict) -> None:

@@ -135,3 +135,64 @@ def test_checkpoints_never_write_through_a_planted_temp_link_and_never_share_a_t
     assert len(names) == 3  # a fresh temp name every write: two writers never rename each other's file
     with pytest.raises(FileExistsError, match="student.safetensors exists"):
         save_atomic({"x": torch.ones(1)}, str(tmp_path / "run" / "student.safetensors"), overwrite=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory):
+    from distill_core.tiny import write_tiny_teacher
+
+    folder = tmp_path_factory.mktemp("teachers")
+    return write_tiny_teacher(str(folder / "one.safetensors")), write_tiny_teacher(str(folder / "two.safetensors"), seed=1)
+
+
+def _tiny_config(run_dir, teacher, **changes):
+    base = dict(run_dir=str(run_dir), teacher=teacher, iterations=2, batch_size=2, checkpoint_every=1, preview_every=0,
+                threads=1, stage1={"lr_student": 1e-3, "lr_fake": 1e-3})
+    return RunConfig(**{**base, **changes})
+
+
+@CLEAR
+@pytest.mark.parametrize("change,named", [
+    ("teacher", "base model: one.safetensors"),
+    ("lr", "stage1.lr_student: 0.001 -> 0.0005"),
+    ("cache", "stage1.cache_first: None -> 1"),
+])
+def test_a_resume_with_a_changed_configuration_is_refused_naming_the_change(tiny_teachers, tmp_path, change, named):
+    from distill_core.jobfiles import ResumeRefused
+    from distill_core.runtime import STATE_FILE, run_training
+
+    one, two = tiny_teachers
+    run_training(_tiny_config(tmp_path, one))
+    before = (tmp_path / STATE_FILE).read_bytes()
+    changed = {"teacher": dict(teacher=two),
+               "lr": dict(stage1={"lr_student": 5e-4, "lr_fake": 1e-3}),
+               "cache": dict(stage1={"lr_student": 1e-3, "lr_fake": 1e-3, "cache_first": 1, "cache_last": 2})}[change]
+    teacher = changed.pop("teacher", one)
+    with pytest.raises(ResumeRefused, match=named.replace("(", "\\(")):
+        run_training(_tiny_config(tmp_path, teacher, iterations=4, **changed))
+    assert (tmp_path / STATE_FILE).read_bytes() == before  # the checkpoint is untouched
+    assert run_training(_tiny_config(tmp_path, one, iterations=3))["iteration"] == 3  # the same settings resume
+
+
+@CLEAR
+def test_a_second_writer_in_the_same_run_folder_is_refused(tiny_teachers, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from distill_core.jobfiles import RunFolderBusy
+    from distill_core.runtime import run_training
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    holder = subprocess.Popen(  # another process writing in this folder, as a live worker would
+        [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {repo!r}); from distill_core.jobfiles import RunLock; "
+         f"held = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match="is in use by another worker"):
+            run_training(_tiny_config(tmp_path, tiny_teachers[0]))
+        assert not os.path.exists(tmp_path / "state.safetensors")
+    finally:
+        holder.kill()
+        holder.wait()
