@@ -11,7 +11,6 @@ module needs neither diffusers nor the X-Slim engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,20 +21,12 @@ from safetensors import safe_open
 
 from .cache import CacheRange, Compensation, effective_nfe
 from .files import save_atomic
+from .jobfiles import content_hash as file_hash  # noqa: F401 (re-exported: the exact base weights a student was made from)
 from .identity import weights_signature
 
 FORMAT = "xslim-1x-student/1"
 MAX_TENSORS = 100_000  # far above any real DiT; a header declaring more is refused before it is read
 MAX_BLOCKS = 1_000
-
-
-def file_hash(path: str) -> str:
-    """First 16 hex digits of the file's SHA-256: identifies the exact base weights a student was made from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def file_signature(path: str) -> dict:

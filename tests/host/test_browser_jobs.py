@@ -12,20 +12,11 @@ import time
 import pytest
 
 import comfy_env as ce
+from browser_env import CHROMIUM, SKIP_MARKS, sync_playwright
 from server_env import Server, make_base
 
 ARTIFACT = "/tmp/xslim_jobs_panel.png"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    sync_playwright = None
-
-pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: `apt-get install chromium` (what .ci/run does as root)"),
-    pytest.mark.skipif(sync_playwright is None, reason="Playwright's Python package is missing: `pip install -r requirements-host.txt`"),
-]
+pytestmark = SKIP_MARKS
 
 
 @pytest.fixture(scope="module")
