@@ -97,6 +97,8 @@ class TeacherBench:
         for speed in ("slow", "fast"):
             m.append(Method(f"X-Slim(S)-{speed}", "X-Slim", partial(self.xslim, preset_config(speed, levels={"step"}), profile)))
             m.append(Method(f"X-Slim(C2F)-{speed}", "X-Slim", partial(self.xslim, preset_config(speed), profile)))
+            # the paper's plain reuse at skipped steps, for comparison with the presets' first-order forecast
+            m.append(Method(f"X-Slim(C2F)-{speed} reuse", "X-Slim", partial(self.xslim, preset_config(speed, forecast=0), profile)))
         for warn, crit in ((0.3, 0.8), (0.6, 1.5)):
             cfg = XSlimConfig(mode="online", warn=warn, crit=crit)
             m.append(Method(f"X-Slim online {warn}/{crit}", "X-Slim", partial(self.xslim, cfg, profile)))
