@@ -56,11 +56,12 @@ class XSlimSettings:
     segment_transform: object = None  # segment mode (a 1.x student): the compensation of the reused blocks
     role = "an X-Slim cache"  # what the node that made these settings does, for messages
 
-    def engine_for(self, diffusion_model, sigmas: list[float] | None = None, model_sampling=None) -> XSlimEngine:
+    def engine_for(self, diffusion_model, sigmas: list[float] | None = None, model_sampling=None, token_level: bool = True) -> XSlimEngine:
         family = family_for(diffusion_model)
         if family is None:
             raise XSlimSetupError(unsupported_message(diffusion_model))
-        config = self.config if family.token_level else self.config.with_(levels=self.config.levels - {"token"})
+        token = family.token_level and token_level
+        config = self.config if token else self.config.with_(levels=self.config.levels - {"token"})
         if sigmas is not None:
             config = comfy_percent_window(config, model_sampling, sigmas)
         return XSlimEngine(
@@ -198,6 +199,7 @@ def attention_override(previous):
         finally:
             ctx.layer = None
 
+    override.xslim_attention = True  # lets a run see whether a node after X-Slim replaced it
     return override
 
 
@@ -214,7 +216,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     original_options = guider.model_options
     settings: XSlimSettings = original_options["transformer_options"][KEY]
     sigmas = [float(s) for s in args[3]]
-    engine = settings.engine_for(guider.model_patcher.model.diffusion_model, sigmas, guider.model_patcher.get_model_object("model_sampling"))
+    override = original_options.get("transformer_options", {}).get("optimized_attention_override")
+    token_level = getattr(override, "xslim_attention", False)
+    if not token_level and "token" in settings.config.levels and settings.config.mode != "off":
+        log.warning("X-Slim: a node after X-Slim replaced the attention override; this run skips the token level. Put X-Slim last.")
+    engine = settings.engine_for(guider.model_patcher.model.diffusion_model, sigmas, guider.model_patcher.get_model_object("model_sampling"),
+                                 token_level=token_level)
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     if not _patches_intact(guider.model_options, engine):
         log.warning("X-Slim: another node replaced some of X-Slim's block patches after the X-Slim node; this run is uncached. Put X-Slim last.")

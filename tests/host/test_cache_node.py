@@ -195,3 +195,16 @@ def test_token_refresh_runs_through_the_attention_override(family_model):
     skipped = run(install(model, XSlimSettings(XSlimConfig(pattern=pattern.replace("T", ".")))), fam)
     assert not torch.equal(out, skipped)  # half the tokens really were recomputed
     assert (out - reference).abs().mean() < 0.01 * reference.abs().mean()
+
+
+def test_an_attention_override_set_after_xslim_turns_the_token_level_off_with_a_warning(pack, caplog):
+    from comfyui_xslim.nodes.runner import last_report
+
+    model = ce.tiny_model("flux")
+    cached = cache(model, warn=0.2, crit=0.5)
+    cached = cached.clone()
+    cached.model_options["transformer_options"]["optimized_attention_override"] = lambda func, *a, **k: func(*a, **k)
+    with caplog.at_level(logging.WARNING, logger="xslim"):
+        out = run(cached, "flux")
+    assert torch.isfinite(out).all() and "replaced the attention override" in caplog.text
+    assert "T" not in "".join(last_report(cached).pattern_rows.values())
