@@ -150,6 +150,36 @@ def measure(h: Harness, mode: str, checkpointing: bool, batch: int = 2, rank: in
         torch.set_num_threads(threads)
 
 
+def dmd_step(run, params: dict, opt: dict, noise: torch.Tensor, rows: torch.Tensor, s: float, cfg: bool) -> float:
+    """One emulated 1.x-Distill iteration, with the memory shape of the real one: the student's own 1-step
+    sample (no grad), a fake-score update on it at noise level ``s``, then the student update whose DMD target
+    needs the teacher (with CFG: cond and uncond rows) and the fake score. ``run(role, x, sigma, rows)`` is the
+    velocity of "student", "fake" or "teacher". Returns the student loss."""
+    with torch.no_grad():  # backward simulation: the student's own 1-step sample
+        x0 = noise - run("student", noise, 1.0, rows)
+    xs = (1 - s) * x0 + s * torch.randn_like(x0)
+    loss = (run("fake", xs, s, rows) - (xs - x0) / s).square().mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params["fake"], 1.0)
+    opt["fake"].step()
+    opt["fake"].zero_grad(set_to_none=True)
+    x_hat = noise - run("student", noise, 1.0, rows)  # student update: graph alive through the scores
+    xs = (1 - s) * x_hat.detach() + s * torch.randn_like(x0)
+    with torch.no_grad():
+        if cfg:
+            vu, vc = run("teacher", torch.cat([xs, xs]), s, torch.cat([torch.zeros_like(rows), rows])).chunk(2)
+            vr = vu + 2.0 * (vc - vu)
+        else:
+            vr = run("teacher", xs, s, rows)
+        target = x_hat - s * (vr - run("fake", xs, s, rows))
+    loss = ((x_hat - target).square() + 4e-3 ** 2).sqrt().mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params["student"], 2.0)
+    opt["student"].step()
+    opt["student"].zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def _measure(h: Harness, mode: str, checkpointing: bool, batch: int, rank: int, cfg: bool) -> dict:
     import copy
 
@@ -196,32 +226,7 @@ def _measure(h: Harness, mode: str, checkpointing: bool, batch: int, rank: int, 
     rows = torch.randint(1, 4, (batch,))
 
     def step():
-        noise = torch.randn(batch, *h.latent)
-        with torch.no_grad():  # backward simulation: the student's own 1-step sample
-            x0 = noise - run("student", noise, 1.0, rows)
-        s = 0.6  # fake-score update on the student's samples
-        xs = (1 - s) * x0 + s * torch.randn_like(x0)
-        loss = (run("fake", xs, s, rows) - (xs - x0) / s).square().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params["fake"], 1.0)
-        opt["fake"].step()
-        opt["fake"].zero_grad(set_to_none=True)
-        x_hat = noise - run("student", noise, 1.0, rows)  # student update: graph alive through the scores
-        xs = (1 - s) * x_hat.detach() + s * torch.randn_like(x0)
-        with torch.no_grad():
-            if cfg:
-                both = run("teacher", torch.cat([xs, xs]), s, torch.cat([torch.zeros_like(rows), rows]))
-                vu, vc = both.chunk(2)
-                vr = vu + 2.0 * (vc - vu)
-            else:
-                vr = run("teacher", xs, s, rows)
-            vf = run("fake", xs, s, rows)
-            target = x_hat - s * (vr - vf)
-        loss = ((x_hat - target).square() + 4e-3 ** 2).sqrt().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params["student"], 2.0)
-        opt["student"].step()
-        opt["student"].zero_grad(set_to_none=True)
+        dmd_step(run, params, opt, torch.randn(batch, *h.latent), rows, 0.6, cfg)
 
     step()  # AdamW allocates its states on the first step
     alive = [p for n in {id(v): v for v in nets.values()}.values() for p in list(n.parameters()) + list(n.buffers())]

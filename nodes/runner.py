@@ -14,6 +14,18 @@ from .pictures import demo_decode, is_demo_latent, latent_preview
 def sample_latent(model, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                   positive, negative, progress=None) -> torch.Tensor:
     """KSampler's sampling (same noise for the same seed), with the interrupt check on every step."""
+    import comfy.sample
+
+    samples, noise, callback = sampling_inputs(model, latent, seed, progress)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+        noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed,
+    )
+
+
+def sampling_inputs(model, latent: dict, seed: int, progress=None):
+    """(latent samples, KSampler's noise for ``seed``, a step callback that checks ComfyUI's interrupt and reports
+    ``progress(step, total)``) for one of our own sampling runs."""
     import comfy.model_management
     import comfy.sample
 
@@ -25,10 +37,7 @@ def sample_latent(model, latent: dict, seed: int, steps: int, cfg: float, sample
         if progress is not None:
             progress(step + 1, total_steps)
 
-    return comfy.sample.sample(
-        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
-        noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed,
-    )
+    return samples, noise, callback
 
 
 def last_report(model) -> RunReport:

@@ -24,7 +24,7 @@ from ..distill_core.cache import Compensation
 from ..distill_core.identity import signature_id, signature_mismatch, weights_signature
 from ..distill_core.student_file import StudentHeader, read_header
 from ..xslim_core import XSlimConfig
-from ..xslim_core.demo_model.teacher import key_rules
+from ..xslim_core.demo_model.teacher import key_rules, swap_halves
 from ..xslim_core.state import RunStats
 from .families import family_for, supported_families
 from .host import KEY, XSlimSettings, XSlimSetupError, install, malloc_graph_pause
@@ -147,8 +147,9 @@ def check_against_base(header: StudentHeader, model_patcher, base_check: str) ->
         raise XSlimSetupError(f"{where}: its compensation module is {comp_width} wide, this model's blocks are {width} wide.")
     base = base_weights(model_patcher)
     layout = comfy_layout(header)
-    missing = sorted({p for parts, _ in layout.values() for p in parts} - set(header.shapes))
-    unexpected = sorted({k for k in header.shapes if k.startswith("model.")} - {p for parts, _ in layout.values() for p in parts})
+    wanted = {p for parts, _ in layout.values() for p in parts}
+    missing = sorted(wanted - set(header.shapes))
+    unexpected = sorted({k for k in header.shapes if k.startswith("model.")} - wanted)
     foreign = sorted(set(layout) - set(base))
     uncovered = sorted(k for k, t in base.items() if t.is_floating_point() and k not in layout)
     if missing or uncovered:
@@ -188,17 +189,15 @@ def weight_patches(header: StudentHeader, layout: dict, base: dict, buffers: set
     with safe_open(header.path, framework="pt") as f:
         for key, (parts, swap) in layout.items():
             weight = torch.cat([f.get_tensor(p) for p in parts], dim=0)
-            if swap:
-                a, b = weight.chunk(2, dim=0)
-                weight = torch.cat([b, a], dim=0)
+            weight = swap_halves(weight) if swap else weight
             original = base[key]
             diff = weight.float() - original.detach().float().cpu()
-            if diff.any() and key in buffers:
+            if not diff.any():
+                continue
+            if key in buffers:
                 raise XSlimSetupError(f"1.x student {os.path.basename(header.path)} changes {key}, a fixed buffer of the model "
                                       "(not a trained weight), which ComfyUI's weight patches cannot change. Export the student again without it.")
-            if diff.any():
-                dtype = torch.float32 if original.dtype == torch.float32 else original.dtype
-                patches[PREFIX + key] = (diff.to(dtype),)
+            patches[PREFIX + key] = (diff.to(original.dtype),)
     return patches
 
 

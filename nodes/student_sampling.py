@@ -48,20 +48,15 @@ def student_sampler():
 
 def run_student(model, positive, latent: dict, seed: int) -> torch.Tensor:
     """The student's latent for ``seed`` (KSampler's noise), with a progress bar and the interrupt check."""
-    import comfy.model_management
     import comfy.sample
     import comfy.utils
 
+    from .runner import sampling_inputs
     from .student import student_settings
 
     sigmas = torch.tensor(student_settings(model).header.sigmas, dtype=torch.float32)
-    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     bar = comfy.utils.ProgressBar(len(sigmas) - 1)
-
-    def callback(step, x0, x, total_steps):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step + 1, total_steps)
+    samples, noise, callback = sampling_inputs(model, latent, seed, bar.update_absolute)
 
     # CFG 1: ComfyUI never evaluates the negative, so the positive stands in for it
     return comfy.sample.sample_custom(model, noise, 1.0, student_sampler(), sigmas, positive, positive, samples,

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_core import memory as M  # noqa: E402
-from distill_core.memory_bench import LORA_TARGETS, Comp, tiny  # noqa: E402
+from distill_core.memory_bench import LORA_TARGETS, Comp, dmd_step, tiny  # noqa: E402
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -115,26 +115,7 @@ def main(argv=None) -> int:
         rows = torch.randint(1, 4, (args.batch,), device=device, generator=g)
         noise = torch.randn(args.batch, *latent, device=device, generator=g)
         s = float(torch.rand((), generator=g, device=device)) * 0.9 + 0.05
-        with torch.no_grad():
-            x0 = noise - run("student", noise, 1.0, rows)
-        xs = (1 - s) * x0 + s * torch.randn_like(x0)
-        loss_f = (run("fake", xs, s, rows) - (xs - x0) / s).square().mean()
-        loss_f.backward()
-        torch.nn.utils.clip_grad_norm_(params["fake"], 1.0)
-        opt["fake"].step()
-        opt["fake"].zero_grad(set_to_none=True)
-        x_hat = noise - run("student", noise, 1.0, rows)
-        xs = (1 - s) * x_hat.detach() + s * torch.randn_like(x0)
-        with torch.no_grad():
-            vu, vc = run("teacher", torch.cat([xs, xs]), s, torch.cat([torch.zeros_like(rows), rows])).chunk(2)
-            vr = vu + 2.0 * (vc - vu)
-            target = x_hat - s * (vr - run("fake", xs, s, rows))
-        loss = ((x_hat - target).square() + 4e-3 ** 2).sqrt().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params["student"], 2.0)
-        opt["student"].step()
-        opt["student"].zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return dmd_step(run, params, opt, noise, rows, s, cfg=True)
 
     base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     setup = M.Setup(arch=replace(arch, params=base_params), resolution=resolution, batch=args.batch,

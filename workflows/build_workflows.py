@@ -132,6 +132,16 @@ def cached_or_compared(w: Workflow, compare: bool, model: int, pos: int, neg: in
     return w
 
 
+def guided_prompt(w: Workflow, clip: int, prompt: str, guidance: float) -> tuple[int, int]:
+    """The Prompt group of the guidance-distilled families (FLUX, HunyuanVideo): text, then FluxGuidance."""
+    w.group("Prompt", 1)
+    text = w.node("CLIPTextEncode", [prompt])
+    w.link(clip, 0, text, "clip")
+    pos = w.node("FluxGuidance", [guidance])
+    w.link(text, 0, pos, "conditioning")
+    return text, pos
+
+
 def flux(compare: bool) -> Workflow:
     w = Workflow("X-Slim FLUX.1-dev" + (" compare" if compare else ""), "FLUX.1-dev text-to-image with X-Slim")
     about(w, (COMPARE_NOTE if compare else CACHED_NOTE) + "\n\nFLUX.1-dev, 20 steps, CFG 1 with FluxGuidance 3.5. " + MODELS_NOTE)
@@ -139,11 +149,7 @@ def flux(compare: bool) -> Workflow:
     unet = w.node("UNETLoader", ["flux1-dev.safetensors", "default"])
     clip = w.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"])
     vae = w.node("VAELoader", ["ae.safetensors"])
-    w.group("Prompt", 1)
-    text = w.node("CLIPTextEncode", ["a red fox in fresh snow, morning light, 35mm photo"])
-    w.link(clip, 0, text, "clip")
-    pos = w.node("FluxGuidance", [3.5])
-    w.link(text, 0, pos, "conditioning")
+    text, pos = guided_prompt(w, clip, "a red fox in fresh snow, morning light, 35mm photo", 3.5)
     neg = w.node("ConditioningZeroOut", [])
     w.link(text, 0, neg, "conditioning")
     latent = w.node("EmptySD3LatentImage", [1024, 1024, 1])
@@ -176,11 +182,7 @@ def hunyuan_video(compare: bool) -> Workflow:
     w.link(unet, 0, shift, "model")
     clip = w.node("DualCLIPLoader", ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors", "hunyuan_video", "default"])
     vae = w.node("VAELoader", ["hunyuan_video_vae_bf16.safetensors"])
-    w.group("Prompt", 1)
-    text = w.node("CLIPTextEncode", ["a paper boat drifting down a rainy street, cinematic"])
-    w.link(clip, 0, text, "clip")
-    pos = w.node("FluxGuidance", [6.0])
-    w.link(text, 0, pos, "conditioning")
+    text, pos = guided_prompt(w, clip, "a paper boat drifting down a rainy street, cinematic", 6.0)
     if compare:  # short clip: every setting samples and decodes it once
         neg = w.node("ConditioningZeroOut", [])
         w.link(text, 0, neg, "conditioning")
@@ -330,11 +332,7 @@ def student_flux() -> Workflow:
     w.link(unet, 0, student, "model")
     clip = w.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"])
     vae = w.node("VAELoader", ["ae.safetensors"])
-    w.group("Prompt", 1)
-    text = w.node("CLIPTextEncode", ["a red fox in fresh snow, morning light, 35mm photo"])
-    w.link(clip, 0, text, "clip")
-    pos = w.node("FluxGuidance", [3.5])
-    w.link(text, 0, pos, "conditioning")
+    text, pos = guided_prompt(w, clip, "a red fox in fresh snow, morning light, 35mm photo", 3.5)
     latent = w.node("EmptySD3LatentImage", [1024, 1024, 1])
     student_image_tail(w, student, pos, latent, (vae, 0), "xslim_student_flux", 2)
     return w
@@ -350,11 +348,7 @@ def student_hunyuan_video() -> Workflow:
     w.link(unet, 0, student, "model")
     clip = w.node("DualCLIPLoader", ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors", "hunyuan_video", "default"])
     vae = w.node("VAELoader", ["hunyuan_video_vae_bf16.safetensors"])
-    w.group("Prompt", 1)
-    text = w.node("CLIPTextEncode", ["a paper boat drifting down a rainy street, cinematic"])
-    w.link(clip, 0, text, "clip")
-    pos = w.node("FluxGuidance", [6.0])
-    w.link(text, 0, pos, "conditioning")
+    text, pos = guided_prompt(w, clip, "a paper boat drifting down a rainy street, cinematic", 6.0)
     sca = custom_sampler(w, student, student, pos, ("XSlimStudentSigmas", []), "XSlimStudentSampler", [], 2)
     video_tail(w, sca, vae, "video/xslim_student_hunyuan", 3)
     add_stats(w, student, sca, 4)

@@ -41,14 +41,12 @@ def forecast_residual(row: RowState, sigma: float, order: int, limit: float, lik
     """Newton extrapolation over sigma of a row's step residuals (order 1: last two computed steps, order 2: last
     three), computed in fp32. Falls back to the next lower order while the history is short or when the
     correction exceeds ``limit`` x the last residual (a diverging forecast is worse than plain reuse)."""
-    last = TensorStore.get(row.delta_last, like).float()
     history = [(row.delta_last, row.sigma_last), (row.delta_prev, row.sigma_prev), (row.delta_prev2, row.sigma_prev2)]
-    for k in range(order, 0, -1):
-        points = history[: k + 1]
-        if any(d is None or s is None for d, s in points):
-            continue
-        ds = [TensorStore.get(d, like).float() for d, _ in points]
-        ss = [float(s) for _, s in points]
+    known = next((i for i, (d, s) in enumerate(history[: order + 1]) if d is None or s is None), order + 1)
+    ds = [TensorStore.get(d, like).float() for d, _ in history[:known]]  # each residual converted once
+    last = ds[0]
+    for k in range(known - 1, 0, -1):
+        ss = [float(s) for _, s in history[: k + 1]]
         if len(set(ss)) < len(ss):
             continue
         first = (ds[0] - ds[1]) / (ss[0] - ss[1])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
+
+from .files import atomic_path
 
 FORMAT = "xslim-profile/1"
 MAX_BYTES = 8 * 10**6  # a 1000-step profile of a 60-block model is about 1 MB
@@ -60,20 +61,8 @@ class Profile:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write atomically through a unique temporary file in the same folder (never a pre-placed one, never
         through a link); an existing file is kept unless ``overwrite``."""
-        path = os.fspath(path)
-        if not overwrite and os.path.lexists(path):
-            raise FileExistsError(f"X-Slim: {path} exists; choose another name or pass overwrite=True.")
-        fd, tmp = tempfile.mkstemp(prefix=".xslim-profile-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # fails if the name appeared meanwhile: nothing is overwritten
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path, overwrite) as tmp, open(tmp, "w") as f:
+            f.write(self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":

@@ -93,7 +93,7 @@ class ModelCall:
 
     def __init__(self, adapter: "Adapter", forward, args, kwargs):
         self.adapter = adapter
-        bound = (class_signature(forward.__self__) if hasattr(forward, "__self__") else inspect.signature(forward)).bind(*args, **kwargs)
+        bound = inspect.signature(forward).bind(*args, **kwargs)  # the engine passes the class's own forward
         self.arguments = bound.arguments
         self._bound = bound
         self.img = self.arguments[adapter.img_arg]

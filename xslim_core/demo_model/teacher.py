@@ -136,7 +136,7 @@ def key_rules(refiners: int, doubles: int, singles: int) -> list[tuple[str, tupl
     return r
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
 
@@ -150,7 +150,7 @@ def to_comfy(state: dict[str, torch.Tensor], architecture: dict) -> dict[str, to
     for comfy, parts, suffixes, swap in _rules_for(architecture):
         for ds, cs in suffixes:
             t = torch.cat([left.pop(f"{p}.{ds}") for p in parts], dim=0)
-            out[f"{comfy}.{cs}"] = _swap_halves(t) if swap else t
+            out[f"{comfy}.{cs}"] = swap_halves(t) if swap else t
     if left:
         raise ValueError(f"unmapped diffusers keys: {sorted(left)[:5]}")
     return {k: v.contiguous() for k, v in out.items()}
@@ -161,7 +161,7 @@ def from_comfy(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], ar
     for comfy, parts, suffixes, swap in _rules_for(architecture):
         for ds, cs in suffixes:
             t = state[f"{comfy}.{cs}"]
-            t = _swap_halves(t) if swap else t
+            t = swap_halves(t) if swap else t
             sizes = [shapes[f"{p}.{ds}"][0] for p in parts]
             if t.shape[0] != sum(sizes):
                 raise ValueError(f"tensor {comfy}.{cs} has shape {tuple(t.shape)}, the architecture needs {sum(sizes)} rows")
