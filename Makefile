@@ -28,7 +28,7 @@ $(HOST_STAMP): requirements.txt requirements-host.txt
 	touch $(HOST_STAMP)
 
 demo: $(STAMP)
-	$(PY) -m xslim_core.demo
+	$(PY) -m xslim_lab.demo
 
 test: core-test host-test
 
@@ -44,13 +44,13 @@ host-test:
 	fi
 
 bench: $(STAMP)
-	$(PY) -m xslim_core.bench
+	$(PY) -m xslim_lab.bench
 
 distill-demo: $(STAMP)
-	$(PY) -m distill_core.demo --out runs/distill
+	$(PY) -m xslim_lab.distill_demo --out runs/distill
 
 distill-eval: $(STAMP)
-	$(PY) -m distill_core.evaluate --runs runs/distill
+	$(PY) -m xslim_lab.distill_evaluate --runs runs/distill
 
 clean:
 	rm -rf $(VENV) $(HOST_VENV)

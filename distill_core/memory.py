@@ -17,7 +17,7 @@ What one iteration holds (docs/DISTILL.md, Stage I), and therefore what is count
 The activation model counts what autograd saves per token, in units of the model width, per block. The
 coefficients below were counted on the diffusers 0.42 blocks with ``saved_tensors_hooks`` (tiny instances of
 width 20..128; they do not depend on the width because every saved tensor is [tokens, c x width]) and are
-checked against measured peaks of whole emulated iterations by ``python -m distill_core.memory_bench``.
+checked against measured peaks of whole emulated iterations by ``python -m xslim_lab.memory_bench``.
 A frozen base saves less than a trainable one: autograd keeps a linear layer's input only when its weight
 needs a gradient, and LoRA keeps it again for the adapter (plus [tokens, rank] per adapted layer).
 """

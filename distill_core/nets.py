@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from xslim_core.demo_model.teacher import ClassConditioner, DemoTeacher, velocity
+from xslim_lab.demo_model.teacher import ClassConditioner, DemoTeacher, velocity
 
 
 class FlowNet(nn.Module):

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from xslim_core.demo_model.grid import class_noise, images_to_grid
-from xslim_core.demo_model.latents import latent_to_image
-from xslim_core.demo_model.teacher import CLASSES, default_weights_path, load_teacher
+from xslim_lab.demo_model.grid import class_noise, images_to_grid
+from xslim_lab.demo_model.latents import latent_to_image
+from xslim_lab.demo_model.teacher import CLASSES, default_weights_path, load_teacher
 
 from .config import RunConfig
 from .jobfiles import RunLock, check_resume

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from xslim_core.adapters.base import merge_rows
-from xslim_core.demo_model.latents import LATENT_SHAPE
+from xslim_lab.demo_model.latents import LATENT_SHAPE
 
 from .cache import CacheRange, Compensation, replaying
 from .flow import euler, expand, renoise, student_schedule, teacher_grid

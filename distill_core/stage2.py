@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xslim_core.demo_model.latents import LATENT_SHAPE
+from xslim_lab.demo_model.latents import LATENT_SHAPE
 
 from .cache import CacheRange, Compensation, recording, replaying
 from .discriminator import Discriminator, TeacherFeatures, multilevel_bce

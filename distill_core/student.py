@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from xslim_core.adapters import adapter_for
-from xslim_core.demo_model.teacher import ClassConditioner, build_model
+from xslim_lab.demo_model.teacher import ClassConditioner, build_model
 
 from .cache import CacheRange, Compensation, effective_nfe, model_blocks, recording, replaying
 from .flow import euler

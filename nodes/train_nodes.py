@@ -55,7 +55,7 @@ def probe_model(name: str, path: str) -> dict:
     except ValueError as err:
         raise JobError(f"1.x-Distill Train: {err}.") from None
     if meta.get("format") == DEMO_FORMAT:
-        from ..xslim_core.demo_model.teacher import classes_path
+        from ..xslim_lab.demo_model.teacher import classes_path
 
         classes = classes_path(path)  # next to the file, or the shipped table for a link to the shipped teacher
         if not os.path.isfile(classes):

@@ -9,7 +9,7 @@ import time
 
 from comfy_api.latest import io
 
-from ..xslim_core.demo_model.teacher import CLASSES, classes_path, default_weights_path
+from ..xslim_lab.demo_model.teacher import CLASSES, classes_path, default_weights_path
 from .host import install
 from .pictures import decision_map, labelled_grid, row_labels, table_image
 from .runner import cached_run, decode, last_report, sample_latent
@@ -223,7 +223,7 @@ def _median_and_spread(values: list[float]) -> tuple[float, float]:
 
 def compare_outputs(results, times: list, columns, steps: int):
     """(grid IMAGE with the table under it, the table as aligned text)."""
-    from ..xslim_core.metrics import paired_fidelity
+    from ..xslim_lab.metrics import paired_fidelity
 
     reference = columns[0]
     base, _ = _median_and_spread(times[0])
@@ -309,7 +309,7 @@ NODES = [XSlimCache, XSlimStats, XSlimProfile, XSlimCompare, XSlimDemoClass, XSl
 
 # The folder the pack adds to diffusion_models. It holds only a link to the demo teacher: ComfyUI lists every
 # .safetensors file under a model folder, and the teacher's class table and the demo classifier (next to it in
-# xslim_core/demo_model/weights, where the training code and the command line expect them) are not models.
+# xslim_lab/demo_model/weights, where the training code and the command line expect them) are not models.
 LISTED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".comfyui_models", "diffusion_models")
 
 

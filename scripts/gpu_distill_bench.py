@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_core import memory as M  # noqa: E402
-from distill_core.memory_bench import LORA_TARGETS, Comp, dmd_step, tiny  # noqa: E402
+from xslim_lab.memory_bench import LORA_TARGETS, Comp, dmd_step, tiny  # noqa: E402
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         print(f"measured: max_memory_allocated {alloc / M.GIB:.2f} GiB (planner {pred.peak / alloc - 1:+.1%}), "
               f"max_memory_reserved {res / M.GIB:.2f} GiB")
     else:
-        from distill_core.memory_bench import measure  # same iteration shape, measured with the profiler
+        from xslim_lab.memory_bench import measure  # same iteration shape, measured with the profiler
 
         r = measure(tiny("sd3.5"), "lora", args.checkpointing, batch=args.batch, rank=args.rank)
         print(f"measured (CPU, profiler, memory_bench's iteration): {r['measured'] / 2**20:.2f} MiB, "

@@ -16,9 +16,9 @@ from distill_core.nets import FlowNet, frozen_teacher, guided_real_velocity, tra
 from distill_core.stage1 import Stage1, Stage1Config, pseudo_huber_dmd_loss
 from distill_core.stage2 import Stage2, Stage2Config
 from distill_core.student import file_hash, load_student, run_student, save_student
-from distill_core.tiny import write_tiny_teacher
+from xslim_lab.tiny import write_tiny_teacher
 from distill_core.updates import Ranks
-from xslim_core.demo_model.teacher import load_teacher
+from xslim_lab.demo_model.teacher import load_teacher
 
 
 @pytest.fixture(scope="module")

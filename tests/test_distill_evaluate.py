@@ -1,6 +1,6 @@
 """The evaluation's target checks and table (pure functions; the full evaluation runs as a command)."""
 
-from distill_core.evaluate import check_targets, format_table
+from xslim_lab.distill_evaluate import check_targets, format_table
 
 
 def _row(key, name, nfe, fd, acc, div):
@@ -32,10 +32,10 @@ def test_shipped_students_load_against_the_shipped_teacher_and_draw_their_classe
     import torch
 
     from distill_core.student import file_hash, load_student
-    from xslim_core.demo_model.classifier import load_classifier
-    from xslim_core.demo_model.grid import class_noise
-    from xslim_core.demo_model.latents import latent_to_image
-    from xslim_core.demo_model.teacher import default_weights_path
+    from xslim_lab.demo_model.classifier import load_classifier
+    from xslim_lab.demo_model.grid import class_noise
+    from xslim_lab.demo_model.latents import latent_to_image
+    from xslim_lab.demo_model.teacher import default_weights_path
 
     weights = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill_core", "weights")
     classifier, _ = load_classifier()

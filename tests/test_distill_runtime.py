@@ -17,7 +17,7 @@ from safetensors import safe_open
 from distill_core.config import RunConfig
 from distill_core.runtime import METRICS_FILE, STATE_FILE, STUDENT_FILE, run_training
 from distill_core.student import load_student
-from distill_core.tiny import write_tiny_teacher
+from xslim_lab.tiny import write_tiny_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

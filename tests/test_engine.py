@@ -8,8 +8,8 @@ import torch
 
 from families import BUILDERS
 from xslim_core import StepKind, XSlim, XSlimConfig, record_profile
-from xslim_core.sampling import flow_sigmas, sample_euler
-from xslim_core.timing import BlockExecutions
+from xslim_lab.sampling import flow_sigmas, sample_euler
+from xslim_lab.timing import BlockExecutions
 
 STEPS = 20
 SIGMAS = flow_sigmas(STEPS, shift=3.0)

@@ -16,7 +16,7 @@ from distill_core import memory as M
 def test_prediction_within_25_percent_of_measured_peak(name, mode, ckpt):
     if mode == "lora":
         pytest.importorskip("peft")
-    from distill_core import memory_bench as B
+    from xslim_lab import memory_bench as B
 
     r = B.measure(B.tiny(name), mode, ckpt, batch=2)
     assert r["measured"] > 0

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from xslim_core.demo_model import data
-from xslim_core.demo_model.classifier import default_classifier_path, load_classifier
-from xslim_core.demo_model.teacher import default_weights_path
-from xslim_core.metrics import DistributionMetrics, paired_fidelity, within_class_diversity
+from xslim_lab.demo_model import data
+from xslim_lab.demo_model.classifier import default_classifier_path, load_classifier
+from xslim_lab.demo_model.teacher import default_weights_path
+from xslim_lab.metrics import DistributionMetrics, paired_fidelity, within_class_diversity
 
 HAVE_DATA = os.path.exists(os.path.join(data.DATA_DIR, "t10k-images-idx3-ubyte.gz"))
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"Fashion-MNIST not installed ({data.INSTALL_HINT})")

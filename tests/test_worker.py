@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from distill_core import jobfiles as jf
-from distill_core.tiny import write_tiny_teacher
+from xslim_lab.tiny import write_tiny_teacher
 from distill_core.worker import EXIT_BUSY, EXIT_DONE, EXIT_REFUSED, JOB_FORMAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distill_core import demo
+from xslim_lab import distill_demo as demo
 from distill_core.config import RunConfig
 from distill_core.student import load_student
 
@@ -139,7 +139,7 @@ def test_checkpoints_never_write_through_a_planted_temp_link_and_never_share_a_t
 
 @pytest.fixture(scope="module")
 def tiny_teachers(tmp_path_factory):
-    from distill_core.tiny import write_tiny_teacher
+    from xslim_lab.tiny import write_tiny_teacher
 
     folder = tmp_path_factory.mktemp("teachers")
     return write_tiny_teacher(str(folder / "one.safetensors")), write_tiny_teacher(str(folder / "two.safetensors"), seed=1)

@@ -24,7 +24,7 @@ def srv(tmp_path_factory):
     import sys
 
     sys.path.insert(0, ce.REPO)
-    from distill_core.tiny import write_tiny_teacher
+    from xslim_lab.tiny import write_tiny_teacher
 
     base = make_base(tmp_path_factory.mktemp("comfy_browser"))
     write_tiny_teacher(os.path.join(base, "models", "diffusion_models", "tiny_teacher.safetensors"))

@@ -33,7 +33,7 @@ DEMO = "demo_teacher.safetensors"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     sys.path.insert(0, ce.REPO)
-    from distill_core.tiny import write_tiny_teacher
+    from xslim_lab.tiny import write_tiny_teacher
 
     base = make_base(tmp_path_factory.mktemp("comfy_jobs"))
     models = os.path.join(base, "models", "diffusion_models")

@@ -1,6 +1,6 @@
 """Speed on a compute-bound model: wall-clock speedup next to block-evaluation speedup.
 
-    python -m xslim_core.bench_compute [--layers 12 --width 512 --steps 28 --repeats 3]
+    python -m xslim_lab.bench_compute [--layers 12 --width 512 --steps 28 --repeats 3]
 
 Runs are interleaved (full, setting A, setting B, ... repeated) and the median is reported. The engine's
 overhead is the cached time minus the ideal time of the same work: ideal = t_outside + (t_full - t_outside) x
@@ -17,9 +17,9 @@ from functools import partial
 
 import torch
 
-from . import XSlimConfig, preset_config, record_profile
+from xslim_core import XSlimConfig, preset_config, record_profile
 from .random_models import random_flux, random_sd3
-from .engine import run_cached
+from xslim_core.engine import run_cached
 from .sampling import flow_sigmas, sample_euler
 from .timing import alternating_times, median
 

@@ -1,8 +1,8 @@
 """Predicted vs measured peak memory of one emulated DMD iteration on tiny models (CPU), and the planner's
 choices for the published models.
 
-    python -m distill_core.memory_bench            # table of predicted vs measured, then the big-model plans
-    python -m distill_core.memory_bench --quick    # the four configurations the tests use
+    python -m xslim_lab.memory_bench            # table of predicted vs measured, then the big-model plans
+    python -m xslim_lab.memory_bench --quick    # the four configurations the tests use
 
 The iteration is emulated here rather than taken from distill_core's trainers (which are being refactored) but
 has their memory shape: backward simulation without grad, fake-score update (forward + backward + AdamW),
@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from . import memory as M
+from distill_core import memory as M
 
 LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
                 r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
@@ -90,7 +90,7 @@ def tiny(name: str) -> Harness:
         from diffusers import HunyuanVideoTransformer3DModel
 
         if name == "demo":
-            from xslim_core.demo_model.teacher import load_teacher, velocity
+            from xslim_lab.demo_model.teacher import load_teacher, velocity
 
             t = load_teacher()
             t.conditioner.requires_grad_(False)

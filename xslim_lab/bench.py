@@ -1,7 +1,7 @@
 """X-Slim against what users would pick instead, on the shipped demo teacher, then timing on a
 compute-bound model.
 
-    python -m xslim_core.bench [--images 200 --steps 50 --out docs/bench]
+    python -m xslim_lab.bench [--images 200 --steps 50 --out docs/bench]
 
 Same seeds, same model, one process. For every method: block evaluations per sample (counted by hooks on
 the blocks, whatever cache runs), effective NFE, wall-clock speedup (interleaved runs, median), PSNR/SSIM
@@ -24,11 +24,11 @@ from typing import Callable
 
 import torch
 
-from . import XSlimConfig, preset_config, record_profile
+from xslim_core import XSlimConfig, preset_config, record_profile
 from .demo_model import latent_to_image, load_teacher
 from .demo_model.classifier import load_classifier
 from .demo_model.grid import class_noise, images_to_grid
-from .engine import run_cached
+from xslim_core.engine import run_cached
 from .metrics import DistributionMetrics, paired_fidelity
 from .sampling import flow_sigmas, sample_euler
 from .timing import BlockExecutions, alternating_times, median

@@ -1,6 +1,6 @@
 """The demo teacher's own quality, in the shipped classifier's feature space.
 
-    python -m xslim_core.demo_model.evaluate --images 200 --steps 50 --cfg 2 3 4
+    python -m xslim_lab.demo_model.evaluate --images 200 --steps 50 --cfg 2 3 4
 
 Prints per CFG scale: class accuracy, FD-FMNIST, precision, recall and within-class diversity of samples
 drawn with fixed seeds (the same images per class for every scale), next to the same figures for real

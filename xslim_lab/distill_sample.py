@@ -1,6 +1,6 @@
 """Sample a class grid from a student file (the sampler configures itself from the file's metadata).
 
-    python -m distill_core.sample --student distill_core/weights/student_1x_175.safetensors --out grid.png [--base TEACHER]
+    python -m xslim_lab.distill_sample --student distill_core/weights/student_1x_175.safetensors --out grid.png [--base TEACHER]
 
 With ``--base`` (default: the shipped demo teacher) a student distilled from other weights is refused.
 """
@@ -12,11 +12,11 @@ import sys
 
 import torch
 
-from xslim_core.demo_model.grid import class_noise, images_to_grid
-from xslim_core.demo_model.latents import latent_to_image
-from xslim_core.demo_model.teacher import CLASSES, default_weights_path
+from xslim_lab.demo_model.grid import class_noise, images_to_grid
+from xslim_lab.demo_model.latents import latent_to_image
+from xslim_lab.demo_model.teacher import CLASSES, default_weights_path
 
-from .student import file_hash, load_student
+from distill_core.student import file_hash, load_student
 
 
 def main(argv: list[str] | None = None) -> int:

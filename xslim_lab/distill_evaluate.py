@@ -1,6 +1,6 @@
 """Evaluation table and image grid for the demo distillation (CPU).
 
-    python -m distill_core.evaluate [--runs /work/runs/distill/demo] [--images 500] [--out docs/distill]
+    python -m xslim_lab.distill_evaluate [--runs /work/runs/distill/demo] [--images 500] [--out docs/distill]
 
 Every row samples the same noise and labels (``--images`` / 10 per class). Metrics are in the shipped
 Fashion-MNIST classifier's feature space: FD ("FD-FMNIST", not Inception FID), accuracy of the intended class,
@@ -19,16 +19,16 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from xslim_core.demo_model.classifier import load_classifier
-from xslim_core.demo_model.grid import class_noise, images_to_grid
-from xslim_core.demo_model.latents import latent_to_image
-from xslim_core.demo_model.teacher import default_weights_path, load_teacher
-from xslim_core.metrics import DistributionMetrics
-from xslim_core.sampling import flow_sigmas, sample_euler
+from xslim_lab.demo_model.classifier import load_classifier
+from xslim_lab.demo_model.grid import class_noise, images_to_grid
+from xslim_lab.demo_model.latents import latent_to_image
+from xslim_lab.demo_model.teacher import default_weights_path, load_teacher
+from xslim_lab.metrics import DistributionMetrics
+from xslim_lab.sampling import flow_sigmas, sample_euler
 
-from .cache import CacheRange
-from .runtime import STUDENT_FILE
-from .student import Student, file_hash, load_student
+from distill_core.cache import CacheRange
+from distill_core.runtime import STUDENT_FILE
+from distill_core.student import Student, file_hash, load_student
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "weights")
 # (row name, run directory name, shipped file name, cache override) in table order

@@ -1,6 +1,6 @@
 """The whole demo distillation on the demo teacher, stage after stage (each resumable):
 
-    python -m distill_core.demo --out /work/runs/distill/demo      # then: python -m distill_core.evaluate
+    python -m xslim_lab.distill_demo --out /work/runs/distill/demo      # then: python -m xslim_lab.distill_evaluate
 
 Runs: plain DMD (CFG at every noise level), Stage I with guidance control at 2 and 4 steps, Distill-Cache
 co-training (a short Stage-I fine-tune of the 2-step student through its deployed cached sampler, 3 or 4 of 12
@@ -19,9 +19,9 @@ from dataclasses import asdict
 
 from safetensors import safe_open
 
-from .config import RunConfig
-from .files import save_atomic
-from .runtime import STATE_FILE, STUDENT_FILE, run_training
+from distill_core.config import RunConfig
+from distill_core.files import save_atomic
+from distill_core.runtime import STATE_FILE, STUDENT_FILE, run_training
 
 # Scaled to two CPU cores: batch 16, a few hundred iterations, learning rates raised over the SD3 recipe.
 STAGE1_ITERATIONS, COTRAIN_ITERATIONS, STAGE2_ITERATIONS, BATCH = 400, 150, 300, 16
