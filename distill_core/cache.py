@@ -5,10 +5,10 @@ for both streams: delta = output of block m - input of block n. At the second st
 and their output is replaced by input_n + f(delta), where f is a per-stream residual MLP whose last layer
 starts at zero, so an untrained f is plain cache reuse.
 
-Blocks are patched only inside a ``with`` block (instance ``forward``), so weights, state-dict keys and the
-model outside the context are untouched. Blocks must take (img, txt, ...) and return (img, txt), as the
-diffusers HunyuanVideo double and single blocks do; for SD3's JointTransformerBlock the returned pair is
-(txt, img) and ``outputs`` would be set to ("txt", "img").
+Blocks come from the model's adapter (``FlowModel.blocks()``: the X-Slim engine's block specs), which say
+where each block takes and returns its image and text streams, so SD3's (txt, img) outputs, FLUX's and
+HunyuanVideo's work alike. Blocks are patched only inside a ``with`` block (``xslim_core.hooks``: composable,
+restored exactly), so weights, state-dict keys and the model outside the context are untouched.
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ try:
     from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
 except ImportError:  # run from the repository root, where distill_core is a top-level package
     from xslim_core.hooks import wrap_forward
-
-BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
-
-
-def model_blocks(model: nn.Module) -> list[nn.Module]:
-    """All transformer blocks in execution order (double-stream first, then single-stream)."""
-    return [b for name in BLOCK_STACKS for b in getattr(model, name, [])]
 
 
 @dataclass(frozen=True)
@@ -95,46 +88,54 @@ def _patched(blocks_and_forwards):
             u()
 
 
-@contextmanager
-def recording(model: nn.Module, cache: CacheRange):
-    """Run the full model and capture {"img": delta, "txt": delta} of the cached segment (yielded dict)."""
-    blocks = model_blocks(model)
+def _specs(blocks: list, cache: CacheRange) -> list:
     cache.check(len(blocks))
-    first, last = blocks[cache.first], blocks[cache.last]
+    return blocks[cache.first : cache.last + 1]
+
+
+def _minus(a, b):
+    return None if a is None or b is None else a - b
+
+
+@contextmanager
+def recording(blocks: list, cache: CacheRange):
+    """Run the full model and capture {"img": delta, "txt": delta} of the cached segment (yielded dict).
+    ``blocks``: the model's block specs (``FlowModel.blocks()``)."""
+    specs = _specs(blocks, cache)
+    first, last = specs[0], specs[-1]
     store: dict[str, torch.Tensor] = {}
 
-    def first_forward(inner, img, txt, *args, **kwargs):
-        store["img_in"], store["txt_in"] = img, txt
-        return inner(img, txt, *args, **kwargs)
+    def run(spec, inner, args, kwargs):
+        call = spec.bind(args, kwargs)
+        if spec is first:
+            store["img_in"], store["txt_in"] = call.img, call.txt
+        img, txt = call.call(inner)
+        if spec is last:
+            store["img"], store["txt"] = img - store.pop("img_in"), _minus(txt, store.pop("txt_in"))
+        return call.pack(img, txt)
 
-    def last_forward(inner, img, txt, *args, **kwargs):
-        if first is not last:
-            img, txt = inner(img, txt, *args, **kwargs)
-        else:
-            img, txt = first_forward(inner, img, txt, *args, **kwargs)
-        store["img"], store["txt"] = img - store.pop("img_in"), txt - store.pop("txt_in")
-        return img, txt
-
-    patches = [(last, last_forward)] if first is last else [(first, first_forward), (last, last_forward)]
+    patches = [(spec.module, (lambda spec: lambda inner, *a, **k: run(spec, inner, a, k))(spec)) for spec in {id(s): s for s in (first, last)}.values()]
     with _patched(patches):
         yield store
 
 
 @contextmanager
-def replaying(model: nn.Module, cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None):
+def replaying(blocks: list, cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None):
     """Skip the cached segment: its output is input + f(delta) (plain reuse when ``compensation`` is None)."""
-    blocks = model_blocks(model)
-    cache.check(len(blocks))
+    specs = _specs(blocks, cache)
     comp_img = compensation.img if compensation is not None else (lambda d: d)
     comp_txt = compensation.txt if compensation is not None else (lambda d: d)
 
-    def first_forward(inner, img, txt, *args, **kwargs):
-        return img + comp_img(delta["img"]), txt + comp_txt(delta["txt"])
+    def first_forward(spec, inner, args, kwargs):
+        call = spec.bind(args, kwargs)
+        txt = None if delta.get("txt") is None else call.txt + comp_txt(delta["txt"])
+        return call.pack(call.img + comp_img(delta["img"]), txt)
 
-    def skipped(inner, img, txt, *args, **kwargs):
-        return img, txt
+    def skipped(spec, inner, args, kwargs):
+        call = spec.bind(args, kwargs)
+        return call.pack(call.img, call.txt)
 
-    patches = [(blocks[cache.first], first_forward)]
-    patches += [(blocks[i], skipped) for i in range(cache.first + 1, cache.last + 1)]
+    patches = [(specs[0].module, lambda inner, *a, **k: first_forward(specs[0], inner, a, k))]
+    patches += [(spec.module, (lambda spec: lambda inner, *a, **k: skipped(spec, inner, a, k))(spec)) for spec in specs[1:]]
     with _patched(patches):
         yield

@@ -31,7 +31,15 @@ def _check_run_fields(cfg) -> None:
 class RunConfig:
     run_dir: str
     stage: str = "stage1"  # "stage1" or "stage2"
-    teacher: str | None = None  # demo teacher file; None = the shipped one
+    teacher: str | None = None  # the base model: a file or folder its loader reads (demo: None = the shipped teacher)
+    teacher_loader: str = "xslim_lab.demo_model.distill:load_demo_teacher"  # "module:function" returning a models.Teacher
+    teacher_options: dict = field(default_factory=dict)  # loader keyword arguments (e.g. latent_shape for diffusers)
+    prompts: str | None = None  # a prompt-set file (conditioning.PromptSet); None: the loader's own (demo: its classes)
+    lora_rank: int = 0  # 0: student and fake score are full copies; > 0: LoRA adapters on one shared frozen base
+    lora_alpha: float | None = None  # LoRA scale numerator (None: = rank)
+    device: str | None = None  # "cpu", "cuda", "cuda:N"; None: CUDA when present (cuda:LOCAL_RANK under torchrun)
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimiser states stay fp32)
+    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
     init_student: str | None = None  # stage2: the Stage-I 2-step student file; stage1: optional starting student
     init_fake: str | None = None  # stage1: optional training state (state.safetensors) whose fake score to start from
     reference: str | None = None  # stage2: the 4-step Stage-I student that makes the reference images
@@ -48,6 +56,12 @@ class RunConfig:
 
     def __post_init__(self):
         _check_run_fields(self)
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ValueError(f"run config: lora_rank must be a whole number >= 1 for LoRA, or 0 for full copies; got {self.lora_rank!r}.")
+        if not isinstance(self.teacher_loader, str) or ":" not in self.teacher_loader:
+            raise ValueError(f"run config: teacher_loader must name 'package.module:function', got {self.teacher_loader!r}.")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"run config: precision must be 'fp32' or 'bf16', got {self.precision!r}.")
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
         if isinstance(self.stage1, dict):

@@ -1,6 +1,6 @@
 """Discriminator: trainable spectral-norm heads on the features of a frozen, pluggable backbone.
 
-A backbone maps clean latents (and labels) to a list of token features [B, T, C]; every level gets a
+A backbone maps clean latents (and their conditioning) to a list of token features [B, T, C]; every level gets a
 token-wise head whose logits are averaged over tokens, plus one head on the pooled last level. The loss is
 the multi-level BCE of vision-aided GANs (real target 0.8, summed over levels).
 
@@ -19,28 +19,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .cache import model_blocks
 from .flow import renoise
-from .nets import FlowNet
+from .nets import Role
+from .student import blocks_of
 
 
 class TeacherFeatures(nn.Module):
     """Image-stream outputs of chosen blocks of a frozen flow model at a small random noise level."""
 
-    def __init__(self, teacher: FlowNet, blocks: tuple[int, ...] = (3, 7, 11), sigma_max: float = 0.3):
+    def __init__(self, teacher: Role, blocks: tuple[int, ...] = (3, 7, 11), sigma_max: float = 0.3):
         super().__init__()
         self.teacher, self.blocks, self.sigma_max = teacher, tuple(blocks), sigma_max
-        width = teacher.model.config.num_attention_heads * teacher.model.config.attention_head_dim
-        self.widths = [width] * len(self.blocks)
+        total = len(blocks_of(teacher))
+        if not self.blocks or any(not 0 <= i < total for i in self.blocks):
+            raise ValueError(f"discriminator blocks {list(self.blocks)} must lie in the model's {total} blocks (0..{total - 1}).")
+        self.widths = [teacher.width] * len(self.blocks)
 
-    def features(self, latents: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        sigma = torch.rand(len(latents), generator=gen) * self.sigma_max
-        noisy = renoise(latents, torch.zeros_like(sigma), sigma, torch.randn(latents.shape, generator=gen))
+    def features(self, latents: torch.Tensor, cond, gen: torch.Generator) -> list[torch.Tensor]:
+        sigma = (torch.rand(len(latents), generator=gen) * self.sigma_max).to(latents.device)
+        noisy = renoise(latents, torch.zeros_like(sigma), sigma, torch.randn(latents.shape, generator=gen).to(latents.device))
         found: list[torch.Tensor] = []
-        blocks = model_blocks(self.teacher.model)
-        hooks = [blocks[i].register_forward_hook(lambda _m, _a, out: found.append(out[0])) for i in self.blocks]
+        specs = blocks_of(self.teacher)
+
+        def keep(spec):  # the block's image-stream output, wherever the family puts it
+            at = spec.outputs.index("img")
+            return lambda _m, _a, out: found.append(out[at] if isinstance(out, tuple) else out)
+
+        hooks = [specs[i].module.register_forward_hook(keep(specs[i])) for i in self.blocks]
         try:
-            self.teacher(noisy, sigma, labels)
+            self.teacher(noisy, sigma, cond)
         finally:
             for h in hooks:
                 h.remove()
@@ -67,8 +74,8 @@ class Discriminator(nn.Module):
     def trainable(self) -> nn.Module:
         return nn.ModuleList([self.heads, self.pooled])
 
-    def forward(self, latents: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        feats = self.backbone.features(latents, labels, gen)
+    def forward(self, latents: torch.Tensor, cond, gen: torch.Generator) -> list[torch.Tensor]:
+        feats = self.backbone.features(latents, cond, gen)
         logits = [head(f).mean(dim=1) for head, f in zip(self.heads, feats)]
         return logits + [self.pooled(feats[-1].mean(dim=1, keepdim=True)).squeeze(1)]
 

@@ -194,7 +194,7 @@ def fingerprint(config: dict, base: dict) -> dict:
     """The parts of a run that shape its result: the base model (name and content hash) and every setting but
     the resumable ones."""
     inactive = {"stage1": "stage2", "stage2": "stage1"}.get(config.get("stage"))  # the other stage's settings do nothing
-    return {"base": {"name": base.get("name"), "hash": base.get("hash")},
+    return {"base": {"name": base.get("name"), "hash": base.get("hash"), "prompts": base.get("prompts")},
             "config": {k: v for k, v in config.items() if k not in RESUMABLE and k != inactive}}
 
 
@@ -245,9 +245,11 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     ob, nb = old.get("base", {}), new.get("base", {})
     if ob.get("hash") != nb.get("hash"):
         changes.append(f"base model: {ob.get('name')} (hash {ob.get('hash')}) -> {nb.get('name')} (hash {nb.get('hash')})")
+    if ob.get("prompts") and nb.get("prompts") and ob["prompts"] != nb["prompts"]:
+        changes.append(f"prompt set: hash {ob['prompts']} -> {nb['prompts']} (other prompts, or encoded by another text encoder)")
     a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
     for key in sorted(set(a) | set(b)):
-        if key.startswith("teacher"):  # the file's path may move; its content is compared by hash above
+        if key == "teacher" or key == "prompts":  # the files' paths may move; their contents are compared by hash above
             continue
         if a.get(key, "(unset)") != b.get(key, "(unset)"):
             changes.append(f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}")

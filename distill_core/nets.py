@@ -1,63 +1,177 @@
-"""The three networks of distribution matching as velocity functions v(x, sigma[B], labels).
+"""The three networks of distribution matching (teacher, student, fake score) as roles on a ``FlowModel``.
 
-Student and fake score are full trainable copies of the teacher transformer (the demo teacher has 5.1M
-parameters, so three copies cost ~60 MB). The class-embedding table is the base model's conditioning (a
-text encoder's output for a real model) and is shared and frozen.
+Two layouts:
+- full copies (``lora_rank`` 0): student and fake score are trainable deep copies of the transformer, the
+  teacher the frozen original. Three copies of the weights: right for small models (the demo teacher has
+  5.1M parameters) and the measured demo recipe.
+- one shared base (``lora_rank`` > 0): student and fake score are two LoRA adapters (peft) on the single
+  frozen transformer; the teacher is that transformer with the adapters disabled. One copy of the big
+  weights, whatever the model: this is how SD3.5/FLUX/HunyuanVideo fit one GPU.
+Every role is called the same way, ``role(x, sigma, cond)``, and exposes its trainable parameters and its
+state (only what it trains) for checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from xslim_lab.demo_model.teacher import ClassConditioner, DemoTeacher, velocity
+from .models import FlowModel
+
+ROLES = ("student", "fake")
+# LoRA on the blocks' attention and MLP projections (diffusers names); other layers stay frozen.
+LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
+                r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
+                r"proj_mlp|proj_out)")
 
 
-class FlowNet(nn.Module):
-    def __init__(self, model: nn.Module, conditioner: ClassConditioner):
+class SharedLora:
+    """Student and fake-score LoRA adapters on one frozen module; ``using(role)`` activates one of them
+    (``None``: the teacher, adapters disabled)."""
+
+    def __init__(self, module: nn.Module, rank: int, alpha: float | None = None, targets: str = LORA_TARGETS):
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a whole number > 0, got {rank!r}; use lora_rank 0 for full trainable copies.")
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        module.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for role in ROLES:  # B starts at zero: both roles start as the teacher, as full copies do
+                inject_adapter_in_model(config, module, adapter_name=role)
+        self.module, self.rank = module, rank
+        self.layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.layers:
+            raise ValueError(f"no layer of {type(module).__name__} matches the LoRA targets; nothing would train.")
+        self.params = {role: [p for n, p in module.named_parameters() if "lora_" in n and f".{role}." in n] for role in ROLES}
+        self.names = {role: [n for n, p in module.named_parameters() if "lora_" in n and f".{role}." in n] for role in ROLES}
+        self.active: str | None = "unset"
+
+    def _select(self, role: str | None) -> None:
+        if role == self.active:
+            return
+        for layer in self.layers:
+            layer.enable_adapters(role is not None)
+            if role is not None:
+                layer.set_adapter(role)
+        for params in self.params.values():  # peft flips requires_grad when switching; both roles keep training
+            for p in params:
+                p.requires_grad_(True)
+        self.active = role
+
+    @contextmanager
+    def using(self, role: str | None):
+        self._select(role)
+        yield
+
+
+class RoleState:
+    """The checkpointed part of a role: a state_dict/load_state_dict pair over its trainable tensors only."""
+
+    def __init__(self, named: dict[str, nn.Parameter]):
+        self.named = named
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.named.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = sorted(set(self.named) - set(state)), sorted(set(state) - set(self.named))
+        if missing or unexpected:
+            raise ValueError(f"the saved state does not fit this network: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                             "(was it trained with another LoRA rank or model?)")
+        with torch.no_grad():
+            for k, p in self.named.items():
+                p.copy_(state[k].to(p.dtype))
+
+    def parameters(self):
+        return iter(self.named.values())
+
+
+class Role(nn.Module):
+    """One network of the method: ``flow`` with ``adapter`` active (LoRA layout) or its own copy (full layout)."""
+
+    def __init__(self, flow: FlowModel, lora: SharedLora | None = None, adapter: str | None = None):
         super().__init__()
-        self.model = model
-        self.conditioner = conditioner
+        self.flow, self.lora, self.adapter = flow, lora, adapter
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return velocity(self.model, self.conditioner, x, sigma, labels)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        if self.lora is None:
+            return self.flow(x, sigma, cond)
+        with self.lora.using(self.adapter):
+            return self.flow(x, sigma, cond)
+
+    @contextmanager
+    def active(self):
+        """The role's adapter selected for code that calls the module directly (block hooks, features)."""
+        if self.lora is None:
+            yield
+        else:
+            with self.lora.using(self.adapter):
+                yield
+
+    @property
+    def module(self) -> nn.Module:
+        return self.flow.module
 
     @property
     def width(self) -> int:
-        return self.model.config.num_attention_heads * self.model.config.attention_head_dim
+        return self.flow.width
 
-    @property
-    def null_class(self) -> int:
-        return self.conditioner.null_class
+    def trainable(self) -> list[nn.Parameter]:
+        if self.lora is None:
+            return [p for p in self.flow.module.parameters() if p.requires_grad]
+        return list(self.lora.params[self.adapter]) if self.adapter else []
+
+    def state(self) -> RoleState | nn.Module:
+        if self.lora is None:
+            return self.flow.module
+        return RoleState(dict(zip(self.lora.names[self.adapter], self.lora.params[self.adapter])))
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The transformer's weights as this role computes them (LoRA merged in), under the base's own names."""
+        if self.lora is None:
+            return {k: v.detach() for k, v in self.flow.module.state_dict().items()}
+        return merged_weights(self.lora, self.adapter)
 
 
-def frozen_teacher(teacher: DemoTeacher) -> FlowNet:
-    return FlowNet(teacher.model, teacher.conditioner).eval().requires_grad_(False)
+def merged_weights(lora: SharedLora, role: str) -> dict[str, torch.Tensor]:
+    """base + scale * B @ A for every adapted linear layer, without touching the shared module."""
+    from peft.tuners.lora import Linear as LoraLinear
 
-
-def trainable_copy(teacher: DemoTeacher) -> FlowNet:
-    """A full trainable copy of the transformer on the shared, frozen conditioning table."""
-    model = copy.deepcopy(teacher.model).train().requires_grad_(True)
-    return FlowNet(model, teacher.conditioner)
-
-
-@torch.no_grad()
-def guided_real_velocity(teacher: FlowNet, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor,
-                         scale: float, switch: float) -> torch.Tensor:
-    """Guidance control: CFG with ``scale`` where sigma <= ``switch``, the plain conditional velocity above it.
-
-    ``switch`` >= 1 applies CFG at every noise level (plain DMD). Only rows that need guidance pay for the
-    unconditional pass.
-    """
-    v_cond = teacher(x, sigma, labels)
-    guided = sigma <= switch
-    if scale == 1.0 or not bool(guided.any()):
-        return v_cond
-    rows = guided.nonzero().flatten()
-    null = torch.full_like(labels[rows], teacher.null_class)
-    v_uncond = teacher(x[rows], sigma[rows], null)
-    out = v_cond.clone()
-    out[rows] = v_uncond + scale * (v_cond[rows] - v_uncond)
+    out = {}
+    adapted = {}
+    for name, m in lora.module.named_modules():
+        if isinstance(m, LoraLinear) and role in m.lora_A:
+            delta = m.get_delta_weight(role).detach()
+            adapted[f"{name}.base_layer.weight"] = (f"{name}.weight", m.base_layer.weight.detach() + delta)
+            if m.base_layer.bias is not None:
+                adapted[f"{name}.base_layer.bias"] = (f"{name}.bias", m.base_layer.bias.detach())
+    for key, value in lora.module.state_dict().items():
+        if "lora_" in key:
+            continue
+        if key in adapted:
+            name, tensor = adapted[key]
+            out[name] = tensor
+        else:
+            out[key.replace(".base_layer.", ".")] = value.detach()
     return out
+
+
+def build_roles(teacher: FlowModel, lora_rank: int = 0, lora_alpha: float | None = None):
+    """(teacher, student, fake) roles on ``teacher``'s transformer (frozen in place)."""
+    teacher.module.eval().requires_grad_(False)
+    if lora_rank:
+        lora = SharedLora(teacher.module, lora_rank, lora_alpha)
+        return Role(teacher, lora, None), Role(teacher, lora, "student"), Role(teacher, lora, "fake")
+
+    def copy_of():
+        module = copy.deepcopy(teacher.module).train().requires_grad_(True)
+        return Role(teacher.with_module(module))
+
+    return Role(teacher), copy_of(), copy_of()

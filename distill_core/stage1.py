@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xslim_core.adapters.base import merge_rows
-from xslim_lab.demo_model.latents import LATENT_SHAPE
-
 from .cache import CacheRange, Compensation, replaying
+from .conditioning import PromptCursor, PromptSet
 from .flow import euler, expand, renoise, student_schedule, teacher_grid
 from .importance import importance_weights, sample_in_windows
-from .nets import FlowNet, guided_real_velocity
-from .student import trajectory
+from .models import guided_velocity
+from .nets import Role
+from .student import blocks_of, merge_rows, trajectory
+from .parallel import wrap_role
 from .updates import Ranks, guarded_update
 
 
@@ -48,7 +48,7 @@ class Stage1Config:
     cache_first: int | None = None  # a cached block range for Distill-Cache co-training (None: every step full)
     cache_last: int | None = None
     lr_comp: float = 3e-4
-    classes: list[int] | None = None  # train on these class labels only (None: all ten, drawn exactly as before)
+    classes: list[int] | None = None  # demo teacher: train on these classes only (its prompt set's rows; None: all)
 
     @property
     def cache(self) -> CacheRange | None:
@@ -61,76 +61,83 @@ def pseudo_huber_dmd_loss(x_hat: torch.Tensor, target: torch.Tensor, normaliser:
 
 
 class Stage1:
-    def __init__(self, cfg: Stage1Config, student: FlowNet, fake: FlowNet, teacher: FlowNet, ranks: Ranks):
+    def __init__(self, cfg: Stage1Config, student: Role, fake: Role, teacher: Role, prompts: PromptSet, ranks: Ranks,
+                 seed: int = 0):
         self.cfg, self.student, self.fake, self.teacher, self.ranks = cfg, student, fake, teacher, ranks
+        self.prompts, self.cursor = prompts, PromptCursor(len(prompts), seed, ranks.rank, ranks.world)
+        self.device = next(student.module.parameters()).device
+        self.latent_shape = student.flow.latent_shape
+        self.blocks = blocks_of(student)
         self.grid = teacher_grid(cfg.shift)
         self.indices = student_schedule(cfg.steps, cfg.shift, self.grid)
         self.sigmas = [float(self.grid[i]) for i in self.indices]
         self.weights = importance_weights() if cfg.importance_sampling else None
         betas = (cfg.beta1, cfg.beta2)
-        self.student_params = [p for p in student.model.parameters() if p.requires_grad]
-        self.fake_params = [p for p in fake.model.parameters() if p.requires_grad]
+        self.student_params, self.fake_params = student.trainable(), fake.trainable()
         self.optimizers = {
             "student": torch.optim.AdamW(self.student_params, cfg.lr_student, betas, weight_decay=cfg.weight_decay),
             "fake": torch.optim.AdamW(self.fake_params, cfg.lr_fake, betas, weight_decay=cfg.weight_decay),
         }
-        self.modules = {"student": student.model, "fake": fake.model}
+        self.modules = {"student": student.state(), "fake": fake.state()}
         self.cache = cfg.cache
-        self.compensation = Compensation(student.width) if self.cache else None
+        self.compensation = Compensation(student.width).to(self.device) if self.cache else None
         if self.compensation:
             self.comp_params = list(self.compensation.parameters())
             self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
             self.modules["comp"] = self.compensation
+        # each role's loss is one module call: DDP under torchrun averages exactly that role's gradients
+        self.fake_objective = wrap_role(self._fake_loss, self.fake_params, ranks)
+        self.student_objective = wrap_role(self._student_loss, self.student_params + getattr(self, "comp_params", []), ranks)
 
     @torch.no_grad()
-    def simulate(self, z: torch.Tensor, labels: torch.Tensor):
+    def simulate(self, z: torch.Tensor, cond):
         """The student's own (deployed) trajectory from noise: states [N+1, B, ...], velocities [N, B, ...] and
         the cached segment's delta (None without a cache)."""
-        xs, vs, delta = trajectory(self.student, z, labels, self.sigmas, self.cache, self.compensation)
+        xs, vs, delta = trajectory(self.student, z, cond, self.sigmas, self.cache, self.compensation)
         return torch.stack(xs), torch.stack(vs), delta
 
-    def _student_velocity(self, x, sigma, labels, k, delta):
+    def _student_velocity(self, x, sigma, cond, k, delta):
         """The student's velocity as the deployed sampler computes it: rows in the last window replay the cache."""
         cached = k == self.cfg.steps - 1
         if self.cache is None or not bool(cached.any()):
-            return self.student(x, sigma, labels)
+            return self.student(x, sigma, cond)
         full, rows = (~cached).nonzero().flatten(), cached.nonzero().flatten()
-        with replaying(self.student.model, self.cache, {n: d[rows] for n, d in delta.items()}, self.compensation):
-            v_cached = self.student(x[rows], sigma[rows], labels[rows])
+        kept = {n: (None if d is None else d[rows]) for n, d in delta.items()}
+        with replaying(self.blocks, self.cache, kept, self.compensation):
+            v_cached = self.student(x[rows], sigma[rows], cond.rows(rows))
         if len(full) == 0:
             return v_cached
-        v_full = self.student(x[full], sigma[full], labels[full])
+        v_full = self.student(x[full], sigma[full], cond.rows(full))
         return merge_rows([v_full, v_cached], [full.tolist(), rows.tolist()])
 
     def _windows(self, n: int, gen: torch.Generator, weights):
         k = torch.randint(self.cfg.steps, (n,), generator=gen)
         sigma = self.grid[sample_in_windows(k, self.indices, weights, gen)].float()
         sig = torch.tensor(self.sigmas, dtype=torch.float32)
-        return k, sigma, sig[k], sig[k + 1]
+        on = (lambda t: t.to(self.device))
+        return on(k), on(sigma), on(sig[k]), on(sig[k + 1])
 
-    def fake_step(self, xs, vs, labels, gen) -> dict:
-        rows = torch.arange(len(labels))
-        k, sigma, s_start, s_end = self._windows(len(labels), gen, None)
+    def _noise(self, shape, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(self.device)
+
+    def fake_step(self, xs, vs, cond, gen) -> dict:
+        rows = torch.arange(len(cond), device=self.device)
+        k, sigma, s_start, s_end = self._windows(len(cond), gen, None)
         with torch.no_grad():
-            x_sigma = renoise(xs[k + 1, rows], s_end, sigma, torch.randn(xs.shape[1:], generator=gen))
+            x_sigma = renoise(xs[k + 1, rows], s_end, sigma, self._noise(xs.shape[1:], gen))
             x0_ref = xs[k, rows] - expand(s_start, x_sigma) * vs[k, rows]
             target = (x_sigma - x0_ref) / expand(sigma, x_sigma)
-        loss = F.mse_loss(self.fake(x_sigma, sigma, labels), target)
+        loss = self.fake_objective(x_sigma, sigma, cond, target)
         norm = guarded_update(loss, [(self.fake_params, self.optimizers["fake"], True)], self.cfg.clip_fake, self.ranks)
         return {"loss_fake": loss.item(), "grad_fake": norm}
 
-    def student_step(self, xs, labels, gen, delta=None) -> dict:
-        cfg, rows = self.cfg, torch.arange(len(labels))
-        k, sigma, s_start, s_end = self._windows(len(labels), gen, self.weights)
-        x_hat = euler(xs[k, rows], self._student_velocity(xs[k, rows], s_start, labels, k, delta), s_start, s_end)
-        with torch.no_grad():
-            x_sigma = renoise(x_hat, s_end, sigma, torch.randn(x_hat.shape, generator=gen))
-            v_real = guided_real_velocity(self.teacher, x_sigma, sigma, labels, cfg.guidance_scale, cfg.guidance_switch)
-            v_fake = self.fake(x_sigma, sigma, labels)
-            x_real, x_fake = euler(x_sigma, v_real, sigma, s_end), euler(x_sigma, v_fake, sigma, s_end)
-            target = x_hat + x_real - x_fake
-            normaliser = (x_hat - x_real).abs().mean(dim=tuple(range(1, x_hat.dim())), keepdim=True).clamp_min(1e-6)
-        loss = pseudo_huber_dmd_loss(x_hat, target, normaliser, cfg.huber_c)
+    def _fake_loss(self, x_sigma, sigma, cond, target) -> torch.Tensor:
+        return F.mse_loss(self.fake(x_sigma, sigma, cond), target)
+
+    def student_step(self, xs, cond, gen, delta=None) -> dict:
+        cfg = self.cfg
+        k, sigma, s_start, s_end = self._windows(len(cond), gen, self.weights)
+        loss = self.student_objective(xs, cond, gen, delta, k, sigma, s_start, s_end)
         steps = [(self.student_params, self.optimizers["student"], True)]
         if self.compensation:
             steps.append((self.comp_params, self.optimizers["comp"], True))
@@ -138,15 +145,27 @@ class Stage1:
         guided = (sigma <= cfg.guidance_switch).float().mean().item()
         return {"loss_student": loss.item(), "grad_student": norm, "cfg_fraction": guided}
 
+    def _student_loss(self, xs, cond, gen, delta, k, sigma, s_start, s_end) -> torch.Tensor:
+        """The whole student objective as one call (one DDP forward under torchrun): the deployed sampler's
+        step in a random window, re-noised, against the guided teacher and the fake score."""
+        cfg, rows = self.cfg, torch.arange(len(cond), device=self.device)
+        x_hat = euler(xs[k, rows], self._student_velocity(xs[k, rows], s_start, cond, k, delta), s_start, s_end)
+        with torch.no_grad():
+            x_sigma = renoise(x_hat, s_end, sigma, self._noise(x_hat.shape, gen))
+            uncond = self.prompts.uncond.to(self.device)
+            v_real = guided_velocity(self.teacher, x_sigma, sigma, cond, uncond, cfg.guidance_scale, cfg.guidance_switch)
+            v_fake = self.fake(x_sigma, sigma, cond)
+            x_real, x_fake = euler(x_sigma, v_real, sigma, s_end), euler(x_sigma, v_fake, sigma, s_end)
+            target = x_hat + x_real - x_fake
+            normaliser = (x_hat - x_real).abs().mean(dim=tuple(range(1, x_hat.dim())), keepdim=True).clamp_min(1e-6)
+        return pseudo_huber_dmd_loss(x_hat, target, normaliser, cfg.huber_c)
+
     def step(self, iteration: int, batch: int, gen: torch.Generator) -> dict:
-        z = torch.randn(batch, *LATENT_SHAPE, generator=gen)
-        if self.cfg.classes is None:
-            labels = torch.randint(10, (batch,), generator=gen)
-        else:
-            labels = torch.as_tensor(self.cfg.classes)[torch.randint(len(self.cfg.classes), (batch,), generator=gen)]
-        xs, vs, delta = self.simulate(z, labels)
+        z = self._noise((batch, *self.latent_shape), gen)
+        cond = self.prompts.batch(self.cursor.next(batch)).to(self.device)
+        xs, vs, delta = self.simulate(z, cond)
         metrics = {}
         for _ in range(self.cfg.fake_updates):
-            metrics.update(self.fake_step(xs, vs, labels, gen))
-        metrics.update(self.student_step(xs, labels, gen, delta))
+            metrics.update(self.fake_step(xs, vs, cond, gen))
+        metrics.update(self.student_step(xs, cond, gen, delta))
         return metrics

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from xslim_lab.demo_model.latents import LATENT_SHAPE
-
 from .cache import CacheRange, Compensation, recording, replaying
+from .conditioning import PromptCursor, PromptSet
 from .discriminator import Discriminator, TeacherFeatures, multilevel_bce
 from .flow import euler, student_schedule, teacher_grid
-from .nets import FlowNet
-from .student import Student, run_student
+from .nets import Role
+from .student import Student, blocks_of, run_student
+from .parallel import wrap_role
 from .updates import Ranks, guarded_update
 
 
@@ -51,54 +51,62 @@ class Stage2Config:
 
 
 class Stage2:
-    def __init__(self, cfg: Stage2Config, student: FlowNet, reference: Student, teacher: FlowNet, ranks: Ranks):
+    def __init__(self, cfg: Stage2Config, student: Role, reference: Student, teacher: Role, prompts: PromptSet, ranks: Ranks,
+                 seed: int = 0):
         self.cfg, self.student, self.reference, self.ranks = cfg, student, reference, ranks
+        self.prompts, self.cursor = prompts, PromptCursor(len(prompts), seed, ranks.rank, ranks.world)
+        self.device = next(student.module.parameters()).device
+        self.latent_shape = student.flow.latent_shape
+        self.blocks = blocks_of(student)
         grid = teacher_grid(cfg.shift)
         self.sigmas = [float(grid[i]) for i in student_schedule(cfg.steps, cfg.shift, grid)]
         self.cache = cfg.cache
-        self.compensation = Compensation(student.width) if self.cache else None
+        self.compensation = Compensation(student.width).to(self.device) if self.cache else None
         self.disc = Discriminator(TeacherFeatures(teacher, cfg.disc_blocks, cfg.disc_sigma_max))
+        self.disc.heads.to(self.device)
+        self.disc.pooled.to(self.device)
         betas = (cfg.beta1, cfg.beta2)
-        self.student_params = [p for p in student.model.parameters() if p.requires_grad]
+        self.student_params = student.trainable()
         self.comp_params = list(self.compensation.parameters()) if self.compensation else []
         self.disc_params = list(self.disc.trainable().parameters())
         self.optimizers = {
             "student": torch.optim.AdamW(self.student_params, cfg.lr_student, betas, weight_decay=cfg.weight_decay),
             "disc": torch.optim.AdamW(self.disc_params, cfg.lr_disc, betas, weight_decay=cfg.weight_decay),
         }
-        self.modules = {"student": student.model, "disc": self.disc.trainable()}
+        self.modules = {"student": student.state(), "disc": self.disc.trainable()}
         if self.compensation:
             self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
             self.modules["comp"] = self.compensation
+        # each role's loss is one module call: DDP under torchrun averages exactly that role's gradients
+        self.generator_objective = wrap_role(self._generator_loss, self.student_params + self.comp_params, ranks)
+        self.disc_objective = wrap_role(self._disc_loss, self.disc_params, ranks)
 
-    def _first_step(self, z, labels):
+    def _sigma(self, value: float, n: int) -> torch.Tensor:
+        return torch.full((n,), value, device=self.device)
+
+    def _first_step(self, z, cond):
         """Step 1 of the deployed sampler (no grad): x after step 1 and the cached segment's delta."""
         s0, s1 = self.sigmas[0], self.sigmas[1]
         with torch.no_grad():
-            ctx = recording(self.student.model, self.cache) if self.cache else contextlib.nullcontext({})
+            ctx = recording(self.blocks, self.cache) if self.cache else contextlib.nullcontext({})
             with ctx as store:
-                v0 = self.student(z, torch.full((len(z),), s0), labels)
+                v0 = self.student(z, self._sigma(s0, len(z)), cond)
             return euler(z, v0, s0, s1), dict(store)
 
-    def _last_step(self, x1, delta, labels):
+    def _last_step(self, x1, delta, cond):
         s1 = self.sigmas[1]
-        ctx = replaying(self.student.model, self.cache, delta, self.compensation) if self.cache else contextlib.nullcontext()
+        ctx = replaying(self.blocks, self.cache, delta, self.compensation) if self.cache else contextlib.nullcontext()
         with ctx:
-            v1 = self.student(x1, torch.full((len(x1),), s1), labels)
+            v1 = self.student(x1, self._sigma(s1, len(x1)), cond)
         return euler(x1, v1, s1, 0.0)
 
     def step(self, iteration: int, batch: int, gen: torch.Generator) -> dict:
         cfg = self.cfg
-        z = torch.randn(batch, *LATENT_SHAPE, generator=gen)
-        labels = torch.randint(10, (batch,), generator=gen)
-        x1, delta = self._first_step(z, labels)
+        z = torch.randn(batch, *self.latent_shape, generator=gen).to(self.device)
+        cond = self.prompts.batch(self.cursor.next(batch)).to(self.device)
+        x1, delta = self._first_step(z, cond)
         if iteration >= cfg.disc_warmup and iteration % cfg.g_every == 0:
-            fake = self._last_step(x1, delta, labels)
-            loss = multilevel_bce(self.disc(fake, labels, gen), cfg.real_label)
-            if cfg.output_weight and self.cache:
-                with torch.no_grad():
-                    full = euler(x1, self.student(x1, torch.full((batch,), self.sigmas[1]), labels), self.sigmas[1], 0.0)
-                loss = loss + cfg.output_weight * torch.nn.functional.mse_loss(fake, full)
+            loss = self.generator_objective(x1, delta, cond, gen)
             train_student = iteration >= cfg.comp_warmup or self.compensation is None
             steps = [(self.student_params, self.optimizers["student"], train_student)]
             if self.compensation:
@@ -106,8 +114,22 @@ class Stage2:
             norm = guarded_update(loss, steps, cfg.clip, self.ranks)
             return {"loss_g": loss.item(), "grad_g": norm}
         with torch.no_grad():
-            real = run_student(self.reference.net, z, labels, self.reference.sigmas)
-            fake = self._last_step(x1, delta, labels)
-        loss = multilevel_bce(self.disc(real, labels, gen), cfg.real_label) + multilevel_bce(self.disc(fake, labels, gen), 0.0)
+            real = run_student(self.reference.net, z, cond, self.reference.sigmas)
+            fake = self._last_step(x1, delta, cond)
+        loss = self.disc_objective(real, fake, cond, gen)
         norm = guarded_update(loss, [(self.disc_params, self.optimizers["disc"], True)], cfg.clip, self.ranks)
         return {"loss_d": loss.item(), "grad_d": norm}
+
+    def _generator_loss(self, x1, delta, cond, gen) -> torch.Tensor:
+        """The deployed cached last step judged by the discriminator (one DDP forward under torchrun)."""
+        cfg = self.cfg
+        fake = self._last_step(x1, delta, cond)
+        loss = multilevel_bce(self.disc(fake, cond, gen), cfg.real_label)
+        if cfg.output_weight and self.cache:
+            with torch.no_grad():
+                full = euler(x1, self.student(x1, self._sigma(self.sigmas[1], len(x1)), cond), self.sigmas[1], 0.0)
+            loss = loss + cfg.output_weight * torch.nn.functional.mse_loss(fake, full)
+        return loss
+
+    def _disc_loss(self, real, fake, cond, gen) -> torch.Tensor:
+        return multilevel_bce(self.disc(real, cond, gen), self.cfg.real_label) + multilevel_bce(self.disc(fake, cond, gen), 0.0)

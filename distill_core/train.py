@@ -1,4 +1,5 @@
-"""Command line: train one stage of 1.x-Distill; run it again to resume. Works under torchrun (gloo).
+"""Command line: train one stage of 1.x-Distill; run it again to resume. Works under torchrun (NCCL on GPUs,
+gloo on CPU; DDP averages each role's gradients).
 
     python -m distill_core.train --config run.json [--run-dir DIR] [--iterations N]
     torchrun --nproc_per_node 2 -m distill_core.train --config run.json
@@ -7,12 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import torch.distributed as dist
-
 from .config import RunConfig
+from .parallel import init_distributed, shutdown
 from .runtime import run_training
 
 
@@ -24,14 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long")
     args = parser.parse_args(argv)
     cfg = RunConfig.load(args.config, run_dir=args.run_dir, iterations=args.iterations, max_minutes=args.max_minutes)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        dist.init_process_group("gloo")
+    init_distributed(cfg.device)  # a no-op outside torchrun
     try:
         result = run_training(cfg)
     finally:
-        if distributed:
-            dist.destroy_process_group()
+        shutdown()
     print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
           + (f"; student {result['student']}" if result["student"] else ""))
     return 0 if result["status"] != "failed" else 1

@@ -1,8 +1,7 @@
-"""Optimiser steps that are guarded against non-finite values and averaged across data-parallel ranks.
+"""Optimiser steps that are guarded against non-finite values, with gradients averaged across ranks by torch.
 
-Data parallelism averages gradients with one all-reduce per parameter after backward (what DDP does, minus
-the bucketing); parameters a rank did not touch count as zero. This keeps working when a step leaves some
-parameters without gradients (the skipped blocks of a cached step), which DDP would need find_unused for.
+Each role's loss comes from one call of its ``parallel.wrap_role`` module (DDP under torchrun), so the
+gradient all-reduce happens inside ``loss.backward()``; nothing here averages gradients by hand.
 """
 
 from __future__ import annotations
@@ -12,39 +11,38 @@ import math
 import torch
 import torch.distributed as dist
 
+from .parallel import clip_grad_norm
+
 
 class Ranks:
-    """This process's place in the run; all collectives are no-ops in a single process."""
+    """This process's place in the run (a ``parallel.Dist`` view plus the few collectives the loop needs);
+    every collective is a no-op in a single process."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
+        self.device = device or torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.active and self.world > 1
+
     def all_true(self, flag: bool) -> bool:
         if not self.active:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self._collective_device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() > 0)
-
-    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
-        if not self.active:
-            return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world
 
     def mean(self, value: float) -> float:
         if not self.active:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self._collective_device)
         dist.all_reduce(t)
         return t.item() / self.world
 
@@ -52,10 +50,15 @@ class Ranks:
         if self.active:
             dist.broadcast(tensor, 0)
 
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
 
 def guarded_update(loss: torch.Tensor, steps: list[tuple[list, torch.optim.Optimizer, bool]], clip: float,
                    ranks: Ranks) -> float:
-    """Backward, average, clip and step. ``steps`` holds (params, optimiser, whether to step it now).
+    """Backward (averaging across ranks when ``loss`` came from a DDP-wrapped role), clip and step. ``steps``
+    holds (params, optimiser, whether to step it now).
 
     Returns the gradient norm before clipping, or NaN when the loss or the gradients were not finite on any
     rank: then nothing is stepped (every rank takes the same decision, so none waits on a collective).
@@ -66,9 +69,8 @@ def guarded_update(loss: torch.Tensor, steps: list[tuple[list, torch.optim.Optim
     if not ranks.all_true(bool(torch.isfinite(loss))):
         return math.nan
     loss.backward()
-    ranks.average_grads(params)
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    if not math.isfinite(norm):
+    norm = clip_grad_norm(params, clip)
+    if not ranks.all_true(math.isfinite(norm)):
         for _, opt, _ in steps:
             opt.zero_grad(set_to_none=True)
         return math.nan

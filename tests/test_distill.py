@@ -9,27 +9,34 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distill_core.cache import CacheRange, Compensation, effective_nfe, model_blocks, recording, replaying
+from distill_core.cache import CacheRange, Compensation, effective_nfe, recording, replaying
+from distill_core.conditioning import Conditioning
 from distill_core.flow import renoise, student_schedule, teacher_grid, window_bounds
 from distill_core.importance import importance_weights, sample_in_windows
-from distill_core.nets import FlowNet, frozen_teacher, guided_real_velocity, trainable_copy
+from distill_core.models import guided_velocity
+from distill_core.nets import build_roles
 from distill_core.stage1 import Stage1, Stage1Config, pseudo_huber_dmd_loss
 from distill_core.stage2 import Stage2, Stage2Config
-from distill_core.student import file_hash, load_student, run_student, save_student
-from xslim_lab.tiny import write_tiny_teacher
+from distill_core.student import blocks_of, load_student, run_student, save_student
 from distill_core.updates import Ranks
-from xslim_lab.demo_model.teacher import load_teacher
+from xslim_lab.demo_model.distill import load_demo_teacher
+from xslim_lab.tiny import write_tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = write_tiny_teacher(str(tmp_path_factory.mktemp("tiny") / "teacher.safetensors"))
-    return path, load_teacher(path)
+    return path, load_demo_teacher(path)
 
 
-def _inputs(n=4, seed=0):
+def _inputs(teacher, n=4, seed=0):
+    """Noise and the conditioning of n random classes (the demo's prompt set holds the ten classes in order)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 16, 1, 8, 8, generator=g), torch.randint(10, (n,), generator=g)
+    return torch.randn(n, 16, 1, 8, 8, generator=g), teacher.prompts.batch(torch.randint(10, (n,), generator=g))
+
+
+def _model_blocks(net):
+    return [spec.module for spec in blocks_of(net)]
 
 
 def test_student_schedule_is_snapped_to_the_shifted_teacher_grid():
@@ -67,23 +74,20 @@ def test_importance_sampling_stays_in_window_and_follows_the_weights():
     assert picks[400:].float().mean() < uniform[400:].float().mean() - 50
 
 
-class _Probe(torch.nn.Module):
-    """A fake teacher: conditional velocity = label + 1, unconditional (null class) = 0."""
-
-    null_class = 10
-
-    def forward(self, x, sigma, labels):
-        return (labels != self.null_class).float().mul(labels.float() + 1).reshape(-1, 1, 1, 1, 1).expand_as(x).clone()
+def _probe(x, sigma, cond):
+    """A fake teacher: its velocity is the conditioning's first value (the unconditional prompt encodes 0)."""
+    return cond.context[:, 0, 0].reshape(-1, 1, 1, 1, 1).expand_as(x).clone()
 
 
 def test_guidance_control_uses_cfg_only_below_the_switch():
     x = torch.zeros(4, 16, 1, 8, 8)
-    labels = torch.tensor([1, 2, 3, 4])
+    cond = Conditioning(torch.tensor([2.0, 3.0, 4.0, 5.0]).reshape(4, 1, 1))
+    uncond = Conditioning(torch.zeros(1, 1, 1))
     sigma = torch.tensor([0.99, 0.97, 0.5, 0.1])
-    out = guided_real_velocity(_Probe(), x, sigma, labels, scale=3.0, switch=0.96)
+    out = guided_velocity(_probe, x, sigma, cond, uncond, scale=3.0, switch=0.96)
     per_row = out.flatten(1)[:, 0]
     assert per_row.tolist() == pytest.approx([2, 3, 3 * 4, 3 * 5])  # cond above, 0 + 3 (cond - 0) below
-    plain = guided_real_velocity(_Probe(), x, sigma, labels, scale=3.0, switch=1.0).flatten(1)[:, 0]
+    plain = guided_velocity(_probe, x, sigma, cond, uncond, scale=3.0, switch=1.0).flatten(1)[:, 0]
     assert plain.tolist() == pytest.approx([6, 9, 12, 15])
 
 
@@ -96,34 +100,34 @@ def test_pseudo_huber_dmd_gradient_is_sign_like_and_normalised():
     assert torch.allclose(x_hat.grad, expected, rtol=1e-3)
 
 
-def _count_block_work(model):
+def _count_block_work(net):
     calls = []
     hooks = [b.norm1.register_forward_hook(lambda *a: calls.append(1)) if hasattr(b, "norm1") else
-             b.norm.register_forward_hook(lambda *a: calls.append(1)) for b in model_blocks(model)]
+             b.norm.register_forward_hook(lambda *a: calls.append(1)) for b in _model_blocks(net)]
     return calls, hooks
 
 
 def test_cache_replay_of_the_same_input_is_exact_and_skips_the_range(tiny):
     _, teacher = tiny
-    net = frozen_teacher(teacher)
-    x, labels = _inputs()
+    net, _, _ = build_roles(teacher.flow)
+    x, labels = _inputs(teacher)
     sigma = torch.full((4,), 0.75)
     cache = CacheRange(1, 2)
     full = net(x, sigma, labels)
-    with recording(net.model, cache) as store:
+    with recording(blocks_of(net), cache) as store:
         recorded = net(x, sigma, labels)
     assert torch.equal(full, recorded) and set(store) == {"img", "txt"}
-    calls, hooks = _count_block_work(net.model)
+    calls, hooks = _count_block_work(net)
     comp = Compensation(32)  # zero-initialised last layer: plain reuse
-    with replaying(net.model, cache, dict(store), comp):
+    with replaying(blocks_of(net), cache, dict(store), comp):
         replayed = net(x, sigma, labels)
     for h in hooks:
         h.remove()
-    assert len(calls) == len(model_blocks(net.model)) - cache.size
+    assert len(calls) == len(_model_blocks(net)) - cache.size
     assert torch.allclose(replayed, full, atol=1e-5)
-    with replaying(net.model, cache, dict(store), None):
+    with replaying(blocks_of(net), cache, dict(store), None):
         assert torch.allclose(net(x, sigma, labels), replayed)
-    assert "forward" not in vars(model_blocks(net.model)[1])  # patches are gone after the context
+    assert "forward" not in vars(_model_blocks(net)[1])  # patches are gone after the context
     other = net(x, torch.full((4,), 0.3), labels)
     assert not torch.allclose(other, full)
 
@@ -137,12 +141,12 @@ def test_effective_nfe():
 
 
 def _save_tiny_student(tiny, path, cache=CacheRange(1, 1)):
-    teacher_path, teacher = tiny
-    net = trainable_copy(teacher)
+    _, teacher = tiny
+    _, net, _ = build_roles(teacher.flow)
     comp = Compensation(32)
     torch.nn.init.normal_(comp.img.fc2.weight, std=0.1)  # a non-trivial compensation
-    base = {"family": "hunyuan_video", "hash": file_hash(teacher_path), "architecture": teacher.meta["architecture"]}
-    save_student(path, net, [1.0, 0.75, 0.0], 3.0, cache, comp, base)
+    base = teacher.base
+    save_student(path, net, [1.0, 0.75, 0.0], 3.0, cache, comp, base, class_table=teacher.class_table)
     return net, comp, base
 
 
@@ -152,7 +156,7 @@ def test_student_file_round_trip_configures_the_sampler(tiny, tmp_path):
     student = load_student(path, base_hash=base["hash"], base_family="hunyuan_video")
     assert student.sigmas == [1.0, 0.75, 0.0] and student.cache == CacheRange(1, 1)
     assert student.effective_nfe == pytest.approx(1 + 2 / 3) and student.meta["cfg"] == "1"
-    x, labels = _inputs()
+    x, labels = _inputs(tiny[1])
     with torch.no_grad():
         expected = run_student(net, x, labels, [1.0, 0.75, 0.0], CacheRange(1, 1), comp)
         without_comp = run_student(net, x, labels, [1.0, 0.75, 0.0], CacheRange(1, 1), None)
@@ -196,16 +200,20 @@ def _changed(before, module):
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
+def _stage1(teacher, cfg):
+    frozen, student, fake = build_roles(teacher.flow)
+    return Stage1(cfg, student, fake, frozen, teacher.prompts, Ranks())
+
+
 def test_stage1_step_updates_student_and_fake_score(tiny):
     _, teacher = tiny
-    stage = Stage1(Stage1Config(lr_student=1e-3, lr_fake=1e-3), trainable_copy(teacher), trainable_copy(teacher),
-                   frozen_teacher(teacher), Ranks())
-    teacher_before, s_before, f_before = _params(teacher.model), _params(stage.student.model), _params(stage.fake.model)
+    stage = _stage1(teacher, Stage1Config(lr_student=1e-3, lr_fake=1e-3))
+    teacher_before, s_before, f_before = _params(teacher.flow.module), _params(stage.student.module), _params(stage.fake.module)
     metrics = stage.step(0, 4, torch.Generator().manual_seed(0))
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-    assert _changed(s_before, stage.student.model) and _changed(f_before, stage.fake.model)
-    assert not _changed(teacher_before, teacher.model)
-    xs, vs, delta = stage.simulate(*_inputs())
+    assert _changed(s_before, stage.student.module) and _changed(f_before, stage.fake.module)
+    assert not _changed(teacher_before, teacher.flow.module)
+    xs, vs, delta = stage.simulate(*_inputs(teacher))
     assert xs.shape[0] == 3 and vs.shape[0] == 2 and delta is None
 
 
@@ -213,12 +221,12 @@ def test_stage1_cache_cotraining_trains_the_deployed_cached_sampler(tiny):
     """With a cached range, Stage I simulates exactly the 1.x sampler and steps student and compensation together."""
     _, teacher = tiny
     cfg = Stage1Config(lr_student=1e-3, lr_fake=1e-3, lr_comp=1e-2, cache_first=1, cache_last=2)
-    stage = Stage1(cfg, trainable_copy(teacher), trainable_copy(teacher), frozen_teacher(teacher), Ranks())
+    stage = _stage1(teacher, cfg)
     gen = torch.Generator().manual_seed(0)
     for i in range(3):
         stage.step(i, 4, gen)
     assert any(p.abs().sum() > 0 for p in stage.compensation.img.fc2.parameters())  # left its zero init
-    z, labels = _inputs()
+    z, labels = _inputs(teacher)
     xs, vs, delta = stage.simulate(z, labels)
     with torch.no_grad():
         deployed = run_student(stage.student, z, labels, stage.sigmas, stage.cache, stage.compensation)
@@ -232,14 +240,14 @@ def test_stage1_cache_cotraining_trains_the_deployed_cached_sampler(tiny):
 
 
 def test_stage2_schedule_warms_up_discriminator_then_compensation_then_student(tiny, tmp_path):
-    teacher_path, teacher = tiny
+    _, teacher = tiny
     ref_path = str(tmp_path / "ref.safetensors")
-    base = {"family": "hunyuan_video", "hash": file_hash(teacher_path), "architecture": teacher.meta["architecture"]}
-    save_student(ref_path, trainable_copy(teacher), [1.0, 0.9, 0.75, 0.5, 0.0], 3.0, None, None, base)
+    frozen, student, reference = build_roles(teacher.flow)
+    save_student(ref_path, reference, [1.0, 0.9, 0.75, 0.5, 0.0], 3.0, None, None, teacher.base, class_table=teacher.class_table)
     cfg = Stage2Config(cache_first=1, cache_last=1, disc_blocks=(0, 2), disc_warmup=2, comp_warmup=4, g_every=2)
-    stage = Stage2(cfg, trainable_copy(teacher), load_student(ref_path), frozen_teacher(teacher), Ranks())
+    stage = Stage2(cfg, student, load_student(ref_path), frozen, teacher.prompts, Ranks())
     gen = torch.Generator().manual_seed(0)
-    parts = {"student": stage.student.model, "comp": stage.compensation, "disc": stage.disc.trainable()}
+    parts = {"student": stage.student.module, "comp": stage.compensation, "disc": stage.disc.trainable()}
 
     def run(iteration):
         before = {k: _params(m) for k, m in parts.items()}

@@ -26,9 +26,9 @@ def student():
 
 def _sample_with_engine(student, noise, labels, transform):
     config = XSlimConfig(mode="segment", segment=(student.cache.first, student.cache.last))
-    with XSlim(student.net.model, config, segment_transform=transform) as cache:
+    with XSlim(student.net.module, config, segment_transform=transform) as cache:
         with cache.run(student.sigmas), torch.no_grad():
-            out = run_student(student.net, noise, labels, student.sigmas)  # plain steps: the engine caches
+            out = run_student(student.net, noise, student.conditioning(labels), student.sigmas)  # plain steps: the engine caches
         return out, cache.stats
 
 
@@ -46,7 +46,7 @@ def test_segment_mode_equals_the_students_own_cached_sampler(student):
 
 def test_segment_outside_the_model_or_malformed_is_refused(student):
     with pytest.raises(ValueError, match="outside this model's 12 blocks"):
-        XSlim(student.net.model, XSlimConfig(mode="segment", segment=(10, 12)))
+        XSlim(student.net.module, XSlimConfig(mode="segment", segment=(10, 12)))
     with pytest.raises(ValueError, match="segment=\\(first, last\\)"):
         XSlimConfig(mode="segment", segment=(5, 4))
     with pytest.raises(ValueError, match="only works in segment mode"):

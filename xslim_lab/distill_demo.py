@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from safetensors import safe_open
 
+from distill_core import SHIPPED_STUDENTS
 from distill_core.config import RunConfig
 from distill_core.files import save_atomic
 from distill_core.runtime import STATE_FILE, STUDENT_FILE, run_training
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ship:
         try:
-            ship(args.out, os.path.join(os.path.dirname(__file__), "weights"), overwrite=args.overwrite)
+            ship(args.out, SHIPPED_STUDENTS, overwrite=args.overwrite)
         except FileExistsError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

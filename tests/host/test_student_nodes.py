@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import comfy_env as ce
 from distill_core.cache import CacheRange, Compensation
 from distill_core.identity import weights_signature
+from distill_core.conditioning import Conditioning
 from distill_core.student import load_student, save_student_file
 from xslim_lab.demo_model.latents import COMFY_LATENT_SCALE
 from xslim_lab.demo_model.teacher import CLASSES, WEIGHTS_DIR, classes_path, default_weights_path
@@ -82,7 +83,8 @@ def test_shipped_student_equals_distill_cores_sampler_and_reports_its_nfe(demo_t
     reference = load_student(os.path.join(ce.REPO, "distill_core", "weights", name))
     # the same conditioning on both sides: the file keeps the class table in fp16, the graph's comes from the
     # base model's fp32 table (X-Slim Demo Class)
-    reference.net.conditioner.load_state_dict(load_file(classes_path(default_weights_path())))
+    table = load_file(classes_path(default_weights_path()))
+    reference.class_table = Conditioning(table["context"], table["pooled"])
     expected = reference.sample(noise, torch.tensor([3, 3]))
     torch.testing.assert_close(got * COMFY_LATENT_SCALE, expected, rtol=1e-4, atol=1e-4)
     stats = report(student).stats

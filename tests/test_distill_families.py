@@ -1,0 +1,196 @@
+"""1.x-Distill on any family the model protocol knows: tiny random-weight diffusers SD3, FLUX and HunyuanVideo
+transformers, text conditioning from a stored prompt set, student and fake score as LoRA adapters on one
+shared base. Each runs Stage I (with cache co-training), a 4-step reference, Stage II, exports a student
+and samples it at its declared effective NFE, counted by hooks on the blocks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from distill_core.conditioning import Conditioning, PromptSet, encode_prompt_set
+from distill_core.config import RunConfig
+from distill_core.models import load_diffusers_teacher
+from distill_core.nets import build_roles
+from distill_core.parallel import storage_bytes
+from distill_core.runtime import run_training
+from distill_core.student import load_student
+
+LOADER = "distill_core.models:load_diffusers_teacher"
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16,
+                                 num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=24,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8), (4, 8, 8), {}
+
+
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
+                                  guidance_embeds=True, axes_dims_rope=[4, 6, 6]), (16, 16), {"grid": [4, 4], "guidance": 3.5}
+
+
+def tiny_hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                          num_layers=1, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0,
+                                          patch_size=1, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                                          text_embed_dim=24, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)), (4, 1, 4, 4), {}
+
+
+FAMILIES = {"sd3": tiny_sd3, "flux": tiny_flux, "hunyuan_video": tiny_hunyuan_video}
+
+
+def fake_text_encoder(width: int = 24, pooled: int = 16, tokens: int = 6):
+    """A deterministic stand-in for a text encoder: each prompt's characters seed its embedding."""
+    def encode(prompts: list[str]) -> Conditioning:
+        rows = [torch.Generator().manual_seed(sum(map(ord, p)) + len(p)) for p in prompts]
+        context = torch.stack([torch.randn(tokens, width, generator=g) for g in rows])
+        return Conditioning(context, torch.stack([torch.randn(pooled, generator=g) for g in rows]), torch.ones(len(prompts), tokens))
+    return encode
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_run(request, tmp_path_factory):
+    """One family distilled end to end (Stage I with co-training, 4-step reference, Stage II), LoRA rank 4."""
+    torch.manual_seed(0)
+    module, latent_shape, extra = FAMILIES[request.param]()
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = str(root / "transformer")
+    module.save_pretrained(model_dir, safe_serialization=True)
+    prompts = encode_prompt_set(["a red cube", "a blue sphere", "a green cone"], fake_text_encoder())
+    prompts.save(str(root / "prompts.safetensors"))
+    common = dict(teacher=model_dir, teacher_loader=LOADER, teacher_options={"latent_shape": list(latent_shape), "extra": extra},
+                  prompts=str(root / "prompts.safetensors"), lora_rank=4, batch_size=2, checkpoint_every=2, preview_every=2, threads=1)
+    blocks = module.config.num_layers + module.config.get("num_single_layers", 0)
+    stage1 = RunConfig(run_dir=str(root / "stage1"), iterations=3, stage1={"cache_first": 1, "cache_last": 1, "lr_student": 1e-3}, **common)
+    reference = RunConfig(run_dir=str(root / "ref"), iterations=2, stage1={"steps": 4}, **common)
+    results = [run_training(stage1), run_training(reference)]
+    stage2 = RunConfig(run_dir=str(root / "stage2"), stage="stage2", iterations=3, init_student=results[0]["student"],
+                       reference=results[1]["student"], stage2={"cache_first": 1, "cache_last": 1, "disc_blocks": [0, blocks - 1],
+                                                                "disc_warmup": 1, "comp_warmup": 1, "g_every": 2}, **common)
+    results.append(run_training(stage2))
+    return request.param, root, results, prompts, latent_shape, blocks
+
+
+def test_a_short_stage1_reference_and_stage2_run_export_a_student(family_run):
+    family, root, results, _, _, _ = family_run
+    assert [r["status"] for r in results] == ["done"] * 3, results
+    assert all(os.path.isfile(r["student"]) for r in results)
+    assert os.listdir(root / "stage1" / "previews")  # a latent preview for a model without a decoder here
+    student = load_student(results[2]["student"])
+    assert student.meta["base_family"] == family and student.meta["lora_rank"] == "4"
+    assert student.cache is not None and student.compensation is not None
+
+
+def test_the_student_samples_at_its_declared_effective_nfe(family_run):
+    _, _, results, prompts, latent_shape, blocks = family_run
+    student = load_student(results[2]["student"])
+    calls = []
+    # on a part of each block: a skipped block is still called (its forward replaced) but computes nothing
+    hooks = [spec.module.attn.register_forward_pre_hook(lambda *a: calls.append(1)) for spec in student.net.blocks()]
+    try:
+        out = student.sample(torch.randn(2, *latent_shape), prompts.batch(torch.tensor([0, 2])))
+    finally:
+        for h in hooks:
+            h.remove()
+    counted = len(calls) / blocks
+    assert torch.isfinite(out).all() and out.shape == (2, *latent_shape)
+    assert counted == pytest.approx(student.effective_nfe) and counted == pytest.approx(1 + (blocks - 1) / blocks)
+
+
+def test_lora_training_holds_one_copy_of_the_base_weights(family_run):
+    family, root, *_ = family_run
+    def unique_storage_bytes(modules):  # parameters and buffers, shared storage counted once
+        return storage_bytes([t for m in modules for t in list(m.parameters()) + list(m.buffers())])
+
+    base_bytes = unique_storage_bytes([load_diffusers_teacher(str(root / "transformer"), (1,)).flow.module])
+    lora_teacher = load_diffusers_teacher(str(root / "transformer"), (1,))
+    shared = build_roles(lora_teacher.flow, lora_rank=4)
+    full = build_roles(load_diffusers_teacher(str(root / "transformer"), (1,)).flow, lora_rank=0)
+    lora_bytes = unique_storage_bytes([r.module for r in shared])
+    full_bytes = unique_storage_bytes([r.module for r in full])
+    adapters = sum(p.numel() * p.element_size() for r in shared[1:] for p in r.trainable())
+    assert lora_bytes == base_bytes + adapters  # the base once, plus the two adapters
+    assert full_bytes == pytest.approx(3 * base_bytes, rel=0.01)  # three full copies
+
+
+def test_a_resume_with_another_prompt_set_is_refused(family_run, tmp_path):
+    _, root, results, prompts, _, _ = family_run
+    import json
+
+    from distill_core.jobfiles import ResumeRefused
+
+    other = encode_prompt_set(["a yellow torus"], fake_text_encoder())
+    other.save(str(tmp_path / "other.safetensors"))
+    config = json.load(open(root / "stage1" / "fingerprint.json"))
+    assert config["base"]["prompts"] == prompts.content_hash()
+    from distill_core.state import read_state  # the run's own configuration, as its checkpoint recorded it
+
+    _, meta = read_state(str(root / "stage1" / "state.safetensors"))
+    cfg = RunConfig.from_dict({**json.loads(meta["config"]), "prompts": str(tmp_path / "other.safetensors"), "iterations": 4})
+    with pytest.raises(ResumeRefused, match="prompt set: hash"):
+        run_training(cfg)
+
+
+def test_a_prompt_set_of_another_text_encoder_is_refused_before_training(family_run, tmp_path):
+    _, root, _, _, latent_shape, _ = family_run
+    wide = encode_prompt_set(["a red cube"], fake_text_encoder(width=40))
+    wide.save(str(tmp_path / "wide.safetensors"))
+    cfg = RunConfig(run_dir=str(tmp_path / "run"), teacher=str(root / "transformer"), teacher_loader=LOADER,
+                    teacher_options={"latent_shape": list(latent_shape)}, prompts=str(tmp_path / "wide.safetensors"), lora_rank=4,
+                    iterations=1)
+    with pytest.raises(ValueError, match="encoded 40 wide but the .* model takes text conditioning 24 wide"):
+        run_training(cfg)
+    assert not os.path.exists(tmp_path / "run" / "state.safetensors")
+
+
+def test_bad_lora_rank_and_prompt_files_are_refused(tmp_path):
+    from distill_core.conditioning import read_prompt_file
+
+    with pytest.raises(ValueError, match="lora_rank must be a whole number >= 1"):
+        RunConfig(run_dir=str(tmp_path), lora_rank=-1)
+    from distill_core.nets import SharedLora
+
+    for rank in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="LoRA rank must be a whole number > 0"):
+            SharedLora(torch.nn.Linear(2, 2), rank)
+    (tmp_path / "empty.txt").write_text("\n  \n# only a comment\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompt_file(str(tmp_path / "empty.txt"))
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError, match="not a text file"):
+        read_prompt_file(str(tmp_path / "binary.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_prompt_file(str(tmp_path / "latin1.txt"))
+    (tmp_path / "ok.txt").write_text("a cat\n\n# skip\n  a dog  \n")
+    assert read_prompt_file(str(tmp_path / "ok.txt")) == ["a cat", "a dog"]
+    with pytest.raises(ValueError, match="not a readable prompt-set file"):
+        PromptSet.load(str(tmp_path / "ok.txt"))
+
+
+def load_diffusers_teacher_for_test(tmp_path):
+    module, shape, extra = tiny_sd3()
+    module.save_pretrained(str(tmp_path / "sd3"), safe_serialization=True)
+    return load_diffusers_teacher(str(tmp_path / "sd3"), shape, extra)
+
+
+def test_a_cached_range_outside_the_model_is_refused(tmp_path):
+    teacher = load_diffusers_teacher_for_test(tmp_path)
+    prompts = encode_prompt_set(["a red cube"], fake_text_encoder())
+    prompts.save(str(tmp_path / "p.safetensors"))
+    cfg = RunConfig(run_dir=str(tmp_path / "run"), teacher=str(tmp_path / "sd3"), teacher_loader=LOADER,
+                    teacher_options={"latent_shape": [4, 8, 8]}, prompts=str(tmp_path / "p.safetensors"), lora_rank=2,
+                    iterations=1, stage1={"cache_first": 2, "cache_last": 5})
+    with pytest.raises(ValueError, match="cache range 2..5 exceeds the model's 3 blocks"):
+        run_training(cfg)
+    del teacher
