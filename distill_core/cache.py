@@ -107,8 +107,8 @@ def recording(blocks: list, cache: CacheRange):
 
     def run(spec, inner, args, kwargs):
         call = spec.bind(args, kwargs)
-        if spec is first:
-            store["img_in"], store["txt_in"] = call.img, call.txt
+        if spec is first:  # copies: some hosts' blocks (ComfyUI's) add their residuals into their inputs in place
+            store["img_in"], store["txt_in"] = call.img.clone(), None if call.txt is None else call.txt.clone()
         img, txt = call.call(inner)
         if spec is last:
             store["img"], store["txt"] = img - store.pop("img_in"), _minus(txt, store.pop("txt_in"))

@@ -40,6 +40,8 @@ class RunConfig:
     device: str | None = None  # "cpu", "cuda", "cuda:N"; None: CUDA when present (cuda:LOCAL_RANK under torchrun)
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimiser states stay fp32)
     gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
+    parallel: str = "ddp"  # under torchrun: "ddp" (each rank holds the whole base) or "fsdp" (FSDP2: the LoRA base sharded)
+    memory_budget_gib: float | None = None  # memory per process the planner checks the run against (None: the GPU's own)
     init_student: str | None = None  # stage2: the Stage-I 2-step student file; stage1: optional starting student
     init_fake: str | None = None  # stage1: optional training state (state.safetensors) whose fake score to start from
     reference: str | None = None  # stage2: the 4-step Stage-I student that makes the reference images
@@ -62,6 +64,14 @@ class RunConfig:
             raise ValueError(f"run config: teacher_loader must name 'package.module:function', got {self.teacher_loader!r}.")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"run config: precision must be 'fp32' or 'bf16', got {self.precision!r}.")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"run config: parallel must be 'ddp' or 'fsdp', got {self.parallel!r}.")
+        if self.parallel == "fsdp" and self.lora_rank == 0:
+            raise ValueError("run config: parallel 'fsdp' shards the one shared base of the LoRA layout; set lora_rank >= 1 "
+                             "(full copies train with parallel 'ddp').")
+        budget = self.memory_budget_gib
+        if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0):
+            raise ValueError(f"run config: memory_budget_gib must be a number > 0 or null (the GPU's own memory), got {budget!r}.")
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
         if isinstance(self.stage1, dict):

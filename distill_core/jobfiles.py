@@ -35,7 +35,8 @@ HEARTBEAT_EVERY_S = 2.0
 STALE_AFTER_S = 30.0
 # Settings a resumed run may change: how long it trains and how often it reports. Everything else shapes the
 # result, so changing it would silently mix two different trainings in one checkpoint.
-RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "preview_every", "run_dir")
+RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "preview_every", "run_dir", "device", "parallel",
+             "memory_budget_gib")  # placement and budget: a run may resume elsewhere
 
 
 def write_json(path: str, data: dict) -> None:
@@ -56,9 +57,9 @@ def read_json(path: str) -> dict | None:
         return None
 
 
-def safetensors_header(path: str, limit: int = 64 << 20) -> tuple[list[str], dict]:
-    """Tensor names and metadata of a safetensors file, read from its JSON header only (no tensor is loaded,
-    nothing is unpickled). Raises ValueError for anything that is not safetensors."""
+def safetensors_entries(path: str, limit: int = 64 << 20) -> tuple[dict, dict]:
+    """A safetensors file's JSON header: {tensor name: {"dtype", "shape", ...}} and its metadata (no tensor is
+    loaded, nothing is unpickled). Raises ValueError for anything that is not safetensors."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -75,7 +76,13 @@ def safetensors_header(path: str, limit: int = 64 << 20) -> tuple[list[str], dic
     if not isinstance(header, dict):
         raise ValueError(f"{os.path.basename(path)} is not a safetensors file")
     meta = header.pop("__metadata__", None) or {}
-    return list(header), dict(meta)
+    return {k: v for k, v in header.items() if isinstance(v, dict)}, dict(meta)
+
+
+def safetensors_header(path: str, limit: int = 64 << 20) -> tuple[list[str], dict]:
+    """Tensor names and metadata of a safetensors file, from its header only (``safetensors_entries``)."""
+    entries, meta = safetensors_entries(path, limit)
+    return list(entries), meta
 
 
 class RunFolderBusy(RuntimeError):

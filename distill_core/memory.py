@@ -283,7 +283,7 @@ class Plan:
     tried: list = field(default_factory=list)
 
 
-def _candidates(s: Setup, allow_lora: bool, lora_rank: int):
+def _candidates(s: Setup, allow_lora: bool, lora_rank: int, allow_offload: bool = True):
     """Settings in the order they cost least: speed first (checkpointing), then sharding, then the method
     (LoRA changes what is trained), then host round-trips (optimizer offload), then the batch."""
     multi = s.gpus > 1
@@ -295,15 +295,16 @@ def _candidates(s: Setup, allow_lora: bool, lora_rank: int):
     for batch in batches:
         for mode in modes:
             rank = lora_rank if mode == "lora" and s.mode == "full" else s.lora_rank
-            for offload in (False, True):
+            for offload in ((False, True) if allow_offload else (s.offload_optimizer,)):
                 for ckpt in (False, True):
                     for sharding in (["ddp", "fsdp"] if multi else ["none"]):
                         yield replace(base, batch=batch, mode=mode, lora_rank=rank, offload_optimizer=offload,
                                       checkpointing=ckpt or s.checkpointing, sharding=sharding)
 
 
-def plan(s: Setup, budget_gib: float, allow_lora: bool = True, lora_rank: int = 64) -> Plan:
-    """Pick the cheapest settings whose predicted reserved memory fits ``budget_gib`` per GPU, or refuse."""
+def plan(s: Setup, budget_gib: float, allow_lora: bool = True, lora_rank: int = 64, allow_offload: bool = True) -> Plan:
+    """Pick the cheapest settings whose predicted reserved memory fits ``budget_gib`` per GPU, or refuse.
+    ``allow_offload=False``: never propose AdamW states on the CPU (a trainer that cannot do it)."""
     s.validate()
     if not budget_gib > 0:
         raise ValueError(f"the memory budget must be positive, got {budget_gib!r} GiB")
@@ -311,7 +312,7 @@ def plan(s: Setup, budget_gib: float, allow_lora: bool = True, lora_rank: int = 
         raise ValueError(f"LoRA rank must be a positive integer, got {lora_rank!r}")
     budget = budget_gib * GIB
     tried = []
-    for c in _candidates(s, allow_lora, lora_rank):
+    for c in _candidates(s, allow_lora, lora_rank, allow_offload):
         pred = predict(c)
         tried.append(pred)
         if pred.reserved <= budget:
@@ -388,3 +389,72 @@ def as_dict(p: Prediction) -> dict:
     d = asdict(p.setup)
     d.update(parts=p.parts, phase=p.phase, peak=p.peak, reserved=p.reserved, cpu_bytes=p.cpu_bytes)
     return d
+
+
+# -- a run's setup, read before anything is loaded -------------------------------------------------------------
+# diffusers transformer classes -> planner family
+CLASS_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
+                  "HunyuanVideoTransformer3DModel": "hunyuan_video"}
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                     "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_shapes(path: str, limit: int = 64 << 20) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's JSON header alone (no tensor is read)."""
+    from .jobfiles import safetensors_entries
+
+    entries, _ = safetensors_entries(path, limit)
+    return {k: (str(v.get("dtype")), list(v.get("shape", []))) for k, v in entries.items()}
+
+
+def weights_params(path: str) -> tuple[int, str]:
+    """(parameter count, dominant safetensors dtype) of a weights file or a diffusers folder's safetensors files,
+    from their headers."""
+    import os
+
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{path} holds no .safetensors weights to plan from.")
+    count, by_dtype = 0, {}
+    for f in files:
+        for dtype, shape in safetensors_shapes(f).values():
+            n = math.prod(shape)
+            count += n
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+    return count, max(by_dtype, key=by_dtype.get)
+
+
+def diffusers_run_setup(path: str, latent_shape, extra: dict | None = None, text_tokens: int | None = None,
+                        **kw) -> Setup:
+    """The planner's Setup for a diffusers transformer folder (config.json + safetensors) trained on latents of
+    ``latent_shape`` (one sample, as the run's ``teacher_options``): the architecture from its config, the
+    parameter count from the safetensors headers, and a resolution giving exactly the model's image tokens.
+    Nothing is loaded. ``kw``: the Setup's other fields (batch, mode, lora_rank, checkpointing, dtype, ...)."""
+    import json
+    import os
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    family = CLASS_FAMILIES.get(str(config.get("_class_name")))
+    if family is None:
+        raise ValueError(f"{path}: the planner knows no family for {config.get('_class_name')!r} "
+                         f"(it knows {', '.join(CLASS_FAMILIES)}).")
+    params, _ = weights_params(path)
+    dual = config.get("dual_attention_layers") or ()
+    arch = Architecture(family, int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+                        int(config["num_attention_heads"]), int(config.get("num_layers", 0)),
+                        int(config.get("num_single_layers", 0) or 0), len(dual), float(config.get("mlp_ratio", 4.0)),
+                        params, note=os.path.basename(os.path.normpath(path)))
+    fam, shape, extra = FAMILIES[family], list(latent_shape), dict(extra or {})
+    patch = int(config.get("patch_size", 1) or 1)
+    frames = 1
+    if family == "flux":  # packed tokens [N, C] on a grid of (h, w) tokens
+        grid = extra.get("grid") or [math.isqrt(shape[0]), math.ceil(shape[0] / max(1, math.isqrt(shape[0])))]
+        th, tw = int(grid[0]), int(grid[1])
+    elif family == "hunyuan_video":  # [C, F, H, W]
+        th, tw = math.ceil(shape[2] / patch), math.ceil(shape[3] / patch)
+        frames = (math.ceil(shape[1] / int(config.get("patch_size_t", 1) or 1)) - 1) * fam.temporal_downscale + 1
+    else:  # [C, H, W]
+        th, tw = math.ceil(shape[1] / patch), math.ceil(shape[2] / patch)
+    step = fam.latent_downscale * fam.patch  # the family's pixels per token: the planner's own token count
+    return Setup(arch=arch, resolution=(th * step, tw * step), frames=frames, text_tokens=text_tokens, **kw)

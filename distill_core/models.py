@@ -99,15 +99,20 @@ class FlowModel(nn.Module):
 
 
 def guided_velocity(net: Callable, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, uncond: Conditioning,
-                    scale: float, switch: float) -> torch.Tensor:
+                    scale: float, switch: float, pad: bool = False) -> torch.Tensor:
     """CFG with ``scale`` where sigma <= ``switch``, the plain conditional velocity above it (guidance control).
 
     ``switch`` >= 1 applies CFG at every noise level (plain DMD). Only rows that need guidance pay for the
-    unconditional pass; ``uncond`` is one row, broadcast.
+    unconditional pass; ``uncond`` is one row, broadcast. ``pad`` (FSDP2, where every rank must make the same
+    module calls): a batch with no guided row still runs the unconditional pass, on one row, and ignores it.
     """
     v_cond = net(x, sigma, cond)
     guided = sigma <= switch
-    if scale == 1.0 or not bool(guided.any()):
+    if scale == 1.0:
+        return v_cond
+    if not bool(guided.any()):
+        if pad:
+            net(x[:1], sigma[:1], uncond.expand(1))
         return v_cond
     rows = guided.nonzero().flatten()
     v_uncond = net(x[rows], sigma[rows], uncond.expand(len(rows)))
@@ -122,8 +127,10 @@ class Teacher:
     the base description written into student files (family, hash, signature, architecture) and an optional
     ``preview(latents) -> PIL image`` for progress pictures."""
 
-    def __init__(self, flow: FlowModel, prompts, base: dict, preview: Callable | None = None, class_table: dict | None = None):
+    def __init__(self, flow: FlowModel, prompts, base: dict, preview: Callable | None = None, class_table: dict | None = None,
+                 student_loader: Callable | None = None):
         self.flow, self.prompts, self.base, self.preview, self.class_table = flow, prompts, base, preview, class_table
+        self.student_loader = student_loader  # (path, base_hash=...) -> student.Student; None: the diffusers loader
 
 
 def weights_hash(path: str) -> str:

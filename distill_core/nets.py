@@ -36,8 +36,12 @@ class SharedLora:
     def __init__(self, module: nn.Module, rank: int, alpha: float | None = None, targets: str = LORA_TARGETS):
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"LoRA rank must be a whole number > 0, got {rank!r}; use lora_rank 0 for full trainable copies.")
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+            from peft.tuners.tuners_utils import BaseTunerLayer
+        except ImportError:
+            raise ImportError("LoRA training needs the peft package: pip install 'peft>=0.17' (in ComfyUI's Python), "
+                              "or use lora_rank 0 (full copies) for a small model.") from None
 
         module.requires_grad_(False)
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
@@ -140,26 +144,27 @@ class Role(nn.Module):
         return merged_weights(self.lora, self.adapter)
 
 
-def merged_weights(lora: SharedLora, role: str) -> dict[str, torch.Tensor]:
-    """base + scale * B @ A for every adapted linear layer, without touching the shared module."""
+def merged_weights(lora: SharedLora, role: str, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """base + scale * B @ A for every adapted linear layer (peft's own delta: ``transpose(B @ A, fan_in_fan_out)
+    * scaling``), under the base's own names, without touching the shared module. ``state``: the module's full
+    state dict when it is sharded (FSDP gathers it on rank 0); None reads the module itself."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    out = {}
+    state = {k: v.detach() for k, v in (state if state is not None else lora.module.state_dict()).items()}
     adapted = {}
     for name, m in lora.module.named_modules():
         if isinstance(m, LoraLinear) and role in m.lora_A:
-            delta = m.get_delta_weight(role).detach()
-            adapted[f"{name}.base_layer.weight"] = (f"{name}.weight", m.base_layer.weight.detach() + delta)
-            if m.base_layer.bias is not None:
-                adapted[f"{name}.base_layer.bias"] = (f"{name}.bias", m.base_layer.bias.detach())
-    for key, value in lora.module.state_dict().items():
+            delta = state[f"{name}.lora_B.{role}.weight"] @ state[f"{name}.lora_A.{role}.weight"]
+            delta = (delta.T if m.fan_in_fan_out else delta) * m.scaling[role]
+            adapted[f"{name}.base_layer.weight"] = (f"{name}.weight", state[f"{name}.base_layer.weight"] + delta)
+            if f"{name}.base_layer.bias" in state:
+                adapted[f"{name}.base_layer.bias"] = (f"{name}.bias", state[f"{name}.base_layer.bias"])
+    out = {}
+    for key, value in state.items():
         if "lora_" in key:
             continue
-        if key in adapted:
-            name, tensor = adapted[key]
-            out[name] = tensor
-        else:
-            out[key.replace(".base_layer.", ".")] = value.detach()
+        name, tensor = adapted.get(key, (key.replace(".base_layer.", "."), value))
+        out[name] = tensor
     return out
 
 
@@ -167,7 +172,7 @@ def build_roles(teacher: FlowModel, lora_rank: int = 0, lora_alpha: float | None
     """(teacher, student, fake) roles on ``teacher``'s transformer (frozen in place)."""
     teacher.module.eval().requires_grad_(False)
     if lora_rank:
-        lora = SharedLora(teacher.module, lora_rank, lora_alpha)
+        lora = SharedLora(teacher.module, lora_rank, lora_alpha, getattr(teacher, "lora_targets", LORA_TARGETS))
         return Role(teacher, lora, None), Role(teacher, lora, "student"), Role(teacher, lora, "fake")
 
     def copy_of():

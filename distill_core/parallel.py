@@ -211,7 +211,7 @@ def keep_trainable(params: Iterable[nn.Parameter]):
 
 
 def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Dist, extra: Iterable[nn.Module] = (),
-          reshard_after_forward: bool = True) -> nn.Module:
+          reshard_after_forward: bool = True, reshard_root_after_forward: bool | None = None) -> nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, each module in ``extra`` (e.g. the compensation MLP, which
     lives outside the base but must still be averaged), then the root ``model`` (the rest: embeddings, norms,
     output projection). Each rank keeps 1/N of every parameter; a block is all-gathered just for its forward
@@ -221,7 +221,12 @@ def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Dist, extra: Iterabl
     all-reduce per backward): every rank calls the same modules in the same order in a step (a cached step
     with no rows on some rank still calls the model, e.g. on an empty slice), and every rank updates the same
     role. ``reshard_after_forward=False`` keeps the blocks gathered between forward and backward (faster,
-    more memory). Single process: the model unchanged.
+    more memory). ``reshard_root_after_forward`` (default: the same) for the root's own parameters only
+    (embeddings, norms, output layer): ``False`` when a forward's root output is not part of the loss but
+    gradients still flow through the root's layers - e.g. block features taken with forward hooks on a sample
+    that requires grad (Stage II's discriminator backbone): FSDP2 re-gathers a module for backward from a hook on
+    its *output*, so such a root would run its backward on freed storage ("setStorage ... storage of size 0").
+    Single process: the model unchanged.
     """
     if not d.distributed:
         return model
@@ -233,7 +238,8 @@ def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Dist, extra: Iterabl
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for module in extra:
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    root_reshard = reshard_after_forward if reshard_root_after_forward is None else reshard_root_after_forward
+    fully_shard(model, mesh=mesh, reshard_after_forward=root_reshard)
     return model
 
 

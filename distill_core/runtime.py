@@ -20,31 +20,89 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from . import memory as M
+from . import parallel as P
+from .cache import Compensation
 from .conditioning import PromptSet
 from .config import RunConfig
 from .jobfiles import RunLock, check_resume
 from .models import Teacher, load_teacher_from
-from .nets import build_roles
+from .nets import RoleState, build_roles, merged_weights
 from .parallel import pick_device
 from .stage1 import Stage1
 from .stage2 import Stage2
-from .state import load_module, load_state, save_state
+from .state import load_module, load_state, optimizer_state_dict, read_state, save_state, save_state_dicts
 from .student import load_student, run_student, save_student
 from .updates import Ranks
 
 DEMO_LOADER = "xslim_lab.demo_model.distill:load_demo_teacher"
 STATE_FILE, STUDENT_FILE, METRICS_FILE = "state.safetensors", "student.safetensors", "metrics.jsonl"
+DIFFUSERS_LOADER = "distill_core.models:load_diffusers_teacher"
 
 
-def load_run_teacher(cfg: RunConfig) -> Teacher:
-    """The run's base model through its loader, and the prompt set it trains on (the run's own file, else the
-    loader's default, e.g. the demo teacher's class names), checked against the model's text widths."""
-    options = dict(cfg.teacher_options)
-    if cfg.stage1.classes is not None and cfg.teacher_loader == DEMO_LOADER:
-        options["classes"] = cfg.stage1.classes
-    teacher = load_teacher_from(cfg.teacher_loader, cfg.teacher, options)
-    if cfg.prompts:
-        teacher.prompts = PromptSet.load(cfg.prompts)
+class MemoryPlanRefused(ValueError):
+    """The memory planner predicts that this run does not fit the memory per process."""
+
+
+def run_memory_setup(cfg: RunConfig, world: int, device: torch.device):
+    """The planner's Setup for this run, from the base model's config and safetensors headers (nothing is loaded),
+    or None when the run's loader gives no way to know the shape before loading."""
+    cache = cfg.stage1.cache if cfg.stage == "stage1" else cfg.stage2.cache
+    common = dict(batch=cfg.batch_size, mode="lora" if cfg.lora_rank else "full", lora_rank=cfg.lora_rank or 64,
+                  checkpointing=cfg.gradient_checkpointing, gpus=world, sharding="none" if world == 1 else cfg.parallel,
+                  device="cuda" if device.type == "cuda" else "cpu", compensation_streams=2 if cache else 0,
+                  cfg=cfg.stage == "stage1" and cfg.stage1.guidance_scale != 1.0,
+                  # the loaders give fp32 weights; bf16 autocast only shrinks the activations (planned as fp32: the safe side)
+                  dtype="fp32")
+    if cfg.teacher_loader == DIFFUSERS_LOADER and cfg.teacher:
+        text = None
+        if cfg.prompts and os.path.isfile(cfg.prompts):
+            shapes = M.safetensors_shapes(cfg.prompts)
+            context = [shape for name, (_, shape) in shapes.items() if name.endswith("context") and len(shape) == 3]
+            text = context[0][1] if context else None
+        options = cfg.teacher_options
+        return M.diffusers_run_setup(cfg.teacher, options.get("latent_shape", ()), options.get("extra"), text, **common)
+    if cfg.teacher_loader == DEMO_LOADER:
+        return M.model_setup("demo", resolution=(32, 32), **common)  # 8x8 latent, patch 1: 64 image tokens
+    return None
+
+
+def check_memory(cfg: RunConfig, ranks: Ranks) -> str | None:
+    """Before the teacher is loaded: refuse a run the planner predicts will not fit (``memory_budget_gib``, else the
+    GPU's memory; no check on a CPU without a budget), naming the reason and the smallest change that fits.
+    Returns the prediction line to log, or None when nothing was checked."""
+    budget = cfg.memory_budget_gib
+    if budget is None and ranks.device.type == "cuda":
+        budget = torch.cuda.get_device_properties(ranks.device).total_memory / M.GIB
+    if budget is None:
+        return None
+    setup = run_memory_setup(cfg, ranks.world, ranks.device)
+    if setup is None:
+        return f"memory plan: skipped (the loader {cfg.teacher_loader} gives no model shape before loading)"
+    pred = M.predict(setup)
+    where = f"{budget:.3g} GiB per process" + ("" if cfg.memory_budget_gib is not None else f" ({ranks.device})")
+    if pred.reserved <= budget * M.GIB:
+        return f"memory plan: {pred.summary()}; fits {where}"
+    parts = ", ".join(f"{k} {v / M.GIB:.3g}" for k, v in sorted(pred.parts.items(), key=lambda kv: -kv[1]))
+    alternative = M.plan(setup, budget, allow_lora=True, lora_rank=cfg.lora_rank or 64, allow_offload=False)
+    advice = (f"Settings that fit: {alternative.prediction.summary()}." if alternative.fits
+              else f"Nothing the trainer offers fits: {alternative.message}")
+    raise MemoryPlanRefused(f"memory plan: this run does not fit {where}: it needs {pred.reserved / M.GIB:.3g} GiB "
+                            f"({pred.summary()}) [{parts} GiB]. {advice} Nothing was loaded; change the run's settings "
+                            "(or memory_budget_gib).")
+
+
+def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
+    """The run's base model through its loader (or ``teacher``, a model a host has loaded already, e.g.
+    ComfyUI's), and the prompt set it trains on (the run's own file, else the loader's default, e.g. the demo
+    teacher's class names), checked against the model's text widths."""
+    if teacher is None:
+        options = dict(cfg.teacher_options)
+        if cfg.stage1.classes is not None and cfg.teacher_loader == DEMO_LOADER:
+            options["classes"] = cfg.stage1.classes
+        teacher = load_teacher_from(cfg.teacher_loader, cfg.teacher, options)
+    if cfg.prompts:  # a relative path is the run folder's own file (the ComfyUI node writes conditioning.safetensors there)
+        teacher.prompts = PromptSet.load(cfg.prompts if os.path.isabs(cfg.prompts) else os.path.join(cfg.run_dir, cfg.prompts))
     if teacher.prompts is None:
         raise ValueError("this run has no prompts: give 'prompts', a prompt-set file (conditioning.encode_prompt_set writes one "
                          "with the model's text encoder; the 1.x-Distill Train node does it from its prompt list).")
@@ -61,18 +119,25 @@ def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher | None = None):
     frozen, student, fake = build_roles(teacher.flow, cfg.lora_rank, cfg.lora_alpha)
     if cfg.stage == "stage1":
         if cfg.init_student:  # e.g. Distill-Cache co-training as a fine-tune of a finished Stage-I run
-            student.state().load_state_dict(_role_weights(cfg.init_student, base, student))
+            finished = None if student.lora else student_loader(teacher)(cfg.init_student, base_hash=base["hash"])
+            student.state().load_state_dict(_role_weights(cfg.init_student, base, student, finished))
         if cfg.init_fake:
             fake.state().load_state_dict(load_module(cfg.init_fake, "fake"))
         task = Stage1(cfg.stage1, student, fake, frozen, teacher.prompts, ranks, cfg.seed)
     else:
-        init = load_student(cfg.init_student, base_hash=base["hash"])
+        init = student_loader(teacher)(cfg.init_student, base_hash=base["hash"])
         student.state().load_state_dict(_role_weights(cfg.init_student, base, student, init))
-        reference = load_student(cfg.reference, base_hash=base["hash"])
-        task = Stage2(cfg.stage2, student, reference, frozen, teacher.prompts, ranks, cfg.seed)
-        if init.compensation is not None and init.cache == task.cache:  # co-trained in Stage I: continue from it
-            task.compensation.load_state_dict(init.compensation.state_dict())
+        reference = student_loader(teacher)(cfg.reference, base_hash=base["hash"])
+        # co-trained in Stage I: continue from its compensation (loaded before an FSDP run shards it)
+        comp = init.compensation.state_dict() if init.compensation is not None and init.cache == cfg.stage2.cache else None
+        task = Stage2(cfg.stage2, student, reference, frozen, teacher.prompts, ranks, cfg.seed, init_compensation=comp)
     return task, teacher
+
+
+def student_loader(teacher: Teacher):
+    """How this base model's student files load: a host's own loader (ComfyUI's classes keep their key names),
+    else the diffusers one."""
+    return getattr(teacher, "student_loader", None) or load_student
 
 
 def enable_checkpointing(module: torch.nn.Module) -> None:
@@ -101,8 +166,13 @@ def _stop_requested(stop) -> bool:
     return stop.is_set() if hasattr(stop, "is_set") else bool(stop())
 
 
-def _all_finite(modules: dict) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in modules.values() for p in m.parameters())
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _all_finite(modules: dict, ranks: Ranks) -> bool:
+    finite = all(bool(torch.isfinite(_local(p)).all()) for m in modules.values() for p in m.parameters())
+    return ranks.all_true(finite) if ranks.fsdp else finite  # FSDP: each rank sees only its shard
 
 
 def _gather_generator_states(gen: torch.Generator, ranks: Ranks) -> dict[str, torch.Tensor]:
@@ -121,14 +191,97 @@ class Run:
         self.base = self.teacher.base
         for module in self.task.modules.values():  # rank 0's initial weights everywhere
             for t in module.state_dict().values():
-                ranks.broadcast_(t)
+                if not hasattr(t, "to_local"):  # FSDP shards were made from rank 0's values already
+                    ranks.broadcast_(t)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ranks.rank)
         self.iteration, self.path = 0, os.path.join(cfg.run_dir, STATE_FILE)
+        self.sharded = None
+        if ranks.fsdp:  # one namespace for the sharded modules' full state dicts: base.* and comp.*
+            t = self.task
+            self.sharded = torch.nn.ModuleDict({"base": t.student.module, **({"comp": t.compensation} if t.compensation else {})})
+
+    def placement(self) -> str:
+        """Under FSDP: how much of the frozen base each rank holds (storage of its shards), for the log."""
+        base = [p for n, p in self.task.student.module.named_parameters() if "lora_" not in n]
+        held = [None] * self.ranks.world
+        dist.all_gather_object(held, P.storage_bytes(base))
+        dense = sum(p.numel() * p.element_size() for p in base)
+        return f"FSDP over {self.ranks.world} processes: base weight bytes per rank {held} of {dense}"
+
+    def _is_sharded(self, opt: torch.optim.Optimizer) -> bool:
+        return self.sharded is not None and any(hasattr(p, "to_local") for g in opt.param_groups for p in g["params"])
+
+    def _gathered(self) -> tuple[dict | None, dict | None]:
+        """Module and optimiser states as full tensors in the single-process layout, on rank 0 (None elsewhere):
+        a collective under FSDP, so a checkpoint written by N processes resumes with any number."""
+        t, main = self.task, self.ranks.is_main
+        full = P.full_state_dict(self.sharded, self.ranks, trainable_only=True)
+        modules = {}
+        for name, module in t.modules.items():
+            if isinstance(module, RoleState):
+                modules[name] = {k: full[f"base.{k}"] for k in module.named} if main else None
+            elif module is t.compensation:
+                modules[name] = {k: full[f"comp.{k}"] for k in module.state_dict()} if main else None
+            else:  # replicated (Stage II's discriminator heads)
+                modules[name] = module.state_dict()
+        optimizers = {}
+        for name, opt in t.optimizers.items():
+            if not self._is_sharded(opt) or not opt.state:  # replicated, or never stepped (only its settings)
+                optimizers[name] = opt.state_dict()
+                continue
+            state = P.full_optimizer_state(self.sharded, opt, self.ranks)
+            if main:  # parameter names -> positions, as a single process numbers them
+                order = [n for g in state["param_groups"] for n in g["params"]]
+                index = {n: i for i, n in enumerate(order)}
+                groups, at = [], 0
+                for g in state["param_groups"]:
+                    groups.append({**g, "params": list(range(at, at + len(g["params"])))})
+                    at += len(g["params"])
+                optimizers[name] = {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+        return (modules, optimizers) if main else (None, None)
+
+    def _load_sharded(self) -> tuple[dict, dict]:
+        """``load_state`` under FSDP: every rank reads the file (full tensors, the single-process layout); rank 0's
+        module tensors are broadcast into each rank's shards, the optimiser states are re-sharded."""
+        t = self.task
+        tensors, meta = read_state(self.path)
+
+        def under(name):
+            prefix = f"module.{name}."
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        full = {}
+        for name, module in t.modules.items():
+            saved = under(name)
+            if isinstance(module, RoleState) or module is t.compensation:
+                expected = set(module.named) if isinstance(module, RoleState) else set(module.state_dict())
+                if set(saved) != expected:
+                    raise ValueError(f"{self.path}: the saved {name!r} state does not fit this network: missing "
+                                     f"{sorted(expected - set(saved))[:3]}, unexpected {sorted(set(saved) - expected)[:3]}")
+                prefix = "base." if isinstance(module, RoleState) else "comp."
+                full.update({prefix + k: v for k, v in saved.items()})
+            else:
+                module.load_state_dict(saved)
+        P.load_full_state_dict(self.sharded, full if self.ranks.is_main else {}, self.ranks)
+        names = {id(p): n for n, p in self.sharded.named_parameters()}
+        for name, opt in t.optimizers.items():
+            saved = optimizer_state_dict(name, tensors, meta)
+            if not self._is_sharded(opt) or not saved["state"]:
+                opt.load_state_dict(saved)
+                continue
+            order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+            groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+            state = {"state": {order[int(i)]: v for i, v in saved["state"].items()}, "param_groups": groups}
+            P.load_full_optimizer_state(self.sharded, opt, state, self.ranks)
+        return {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}, meta
 
     def resume(self) -> bool:
         if not os.path.exists(self.path):
             return False
-        rng, meta = load_state(self.path, self.task.modules, self.task.optimizers)
+        if self.sharded is not None:
+            rng, meta = self._load_sharded()
+        else:
+            rng, meta = load_state(self.path, self.task.modules, self.task.optimizers)
         self.iteration = int(meta["iteration"])
         if "cursor" in meta:
             self.task.cursor.load(json.loads(meta["cursor"]))
@@ -142,15 +295,19 @@ class Run:
 
     def checkpoint(self) -> bool:
         """Write the state (main process), refusing if any weight is non-finite."""
-        if not _all_finite(self.task.modules):
+        if not _all_finite(self.task.modules, self.ranks):
             return False
         rng = _gather_generator_states(self.gen, self.ranks)
+        gathered = self._gathered() if self.sharded is not None else None
         if self.ranks.is_main:
             rng["torch"] = torch.get_rng_state()
             meta = {"iteration": self.iteration, "world": self.ranks.world, "stage": self.cfg.stage, "config": self.cfg.to_json(),
                     "base_hash": self.base["hash"], "prompts_hash": self.base.get("prompts"),
                     "cursor": json.dumps(self.task.cursor.state())}
-            save_state(self.path, self.task.modules, self.task.optimizers, rng, meta)
+            if gathered is not None:
+                save_state_dicts(self.path, *gathered, rng, meta)
+            else:
+                save_state(self.path, self.task.modules, self.task.optimizers, rng, meta)
         return True
 
     def sample(self, noise: torch.Tensor, cond) -> torch.Tensor:
@@ -158,19 +315,45 @@ class Run:
         with torch.no_grad():
             return run_student(t.student, noise.to(t.device), cond.to(t.device), t.sigmas, t.cache, t.compensation)
 
-    def preview(self) -> None:
+    def preview(self, write: bool = True) -> None:
         """A picture of what the student makes now: the teacher's own renderer (the demo's class grid) or
-        the first latent channels of four samples."""
+        the first latent channels of four samples. Under FSDP every rank samples (the model's calls are
+        collectives) and only rank 0 writes (``write``)."""
         render = self.teacher.preview or latent_preview(self.teacher.prompts, self.teacher.flow.latent_shape)
-        os.makedirs(os.path.join(self.cfg.run_dir, "previews"), exist_ok=True)
-        render(self.sample).save(os.path.join(self.cfg.run_dir, "previews", f"{self.iteration:05d}.png"))
+        image = render(self.sample)
+        if write:
+            os.makedirs(os.path.join(self.cfg.run_dir, "previews"), exist_ok=True)
+            image.save(os.path.join(self.cfg.run_dir, "previews", f"{self.iteration:05d}.png"))
 
-    def export(self) -> str:
+    def export(self) -> str | None:
+        """Write the student file (rank 0). Under FSDP a collective: the base and the adapters are gathered to
+        full tensors on rank 0 first and the LoRA merged there, so the file is the one a single process writes."""
         t, path = self.task, os.path.join(self.cfg.run_dir, STUDENT_FILE)
-        save_student(path, t.student, t.sigmas, t.cfg.shift, t.cache, t.compensation, self.base,
+        net, compensation = t.student, t.compensation
+        if self.sharded is not None:
+            full = P.full_state_dict(self.sharded, self.ranks)
+            if not self.ranks.is_main:
+                return None
+            base = {k[len("base."):]: v for k, v in full.items() if k.startswith("base.")}
+            net = _Merged(t.student, merged_weights(t.student.lora, t.student.adapter, base))
+            if compensation is not None:
+                with torch.random.fork_rng(devices=[]):  # a CPU copy, without moving rank 0's RNG
+                    compensation = Compensation(t.student.width)
+                compensation.load_state_dict({k[len("comp."):]: v for k, v in full.items() if k.startswith("comp.")})
+        save_student(path, net, t.sigmas, t.cfg.shift, t.cache, compensation, self.base,
                      extra={"stage": self.cfg.stage, "iterations": self.iteration, "lora_rank": self.cfg.lora_rank},
                      class_table=self.teacher.class_table)
         return path
+
+
+class _Merged:
+    """The student role as ``save_student`` reads it, with merged weights gathered from FSDP shards."""
+
+    def __init__(self, role, merged: dict):
+        self.flow, self.module, self._merged = role.flow, role.module, merged
+
+    def merged_state_dict(self) -> dict:
+        return self._merged
 
 
 def latent_preview(prompts: PromptSet, latent_shape: tuple):
@@ -208,16 +391,20 @@ def _log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None, stop=None) -> dict:
-    """Train (or resume) one stage; returns {"status": done|stopped|failed, "iteration", "message", "student"}."""
+def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None, stop=None, teacher: Teacher | None = None) -> dict:
+    """Train (or resume) one stage; returns {"status": done|stopped|failed, "iteration", "message", "student"}.
+    ``teacher``: a base model the host loaded (``models.Teacher``); None loads ``cfg.teacher`` by its loader."""
     torch.set_num_threads(max(1, min(cfg.threads, torch.get_num_threads())))
-    ranks = Ranks(pick_device(cfg.device))
+    ranks = Ranks(pick_device(cfg.device), cfg.parallel)
+    planned = check_memory(cfg, ranks) if teacher is None else None  # before anything is loaded (MemoryPlanRefused)
+    if planned and ranks.is_main:
+        print(f"[1.x-Distill] {planned}", flush=True)
     os.makedirs(cfg.run_dir, exist_ok=True)
     # one writer per run folder (a ComfyUI worker already holds the lock of its own folder)
     lock = RunLock(cfg.run_dir).acquire() if ranks.is_main and not RunLock.held_here(cfg.run_dir) else None
     try:
-        teacher = load_run_teacher(cfg)
-        name = os.path.basename(os.path.normpath(cfg.teacher)) if cfg.teacher else "the shipped demo teacher"
+        teacher = load_run_teacher(cfg, teacher)
+        name = teacher.base.get("name") or (os.path.basename(os.path.normpath(cfg.teacher)) if cfg.teacher else "the shipped demo teacher")
         check_resume(cfg.run_dir, asdict(cfg), {"name": name, "hash": teacher.base["hash"], "prompts": teacher.base["prompts"]},
                      write=ranks.is_main)
         return _train(cfg, ranks, progress, stop, teacher)
@@ -230,6 +417,10 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
     run = Run(cfg, ranks, teacher)
     resumed = run.resume()
     main = ranks.is_main
+    if run.sharded is not None:
+        placement = run.placement()
+        if main:
+            print(f"[1.x-Distill] {placement}", flush=True)
     bar = tqdm(total=cfg.iterations, initial=run.iteration, desc=f"1.x-Distill {cfg.stage}", unit="it", disable=not main)
     start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
     if main and resumed:
@@ -260,12 +451,12 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
             break
         if finite and run.iteration % cfg.checkpoint_every == 0:
             run.checkpoint()
-        if main and finite and cfg.preview_every and run.iteration % cfg.preview_every == 0:
-            run.preview()
+        if (main or run.sharded is not None) and finite and cfg.preview_every and run.iteration % cfg.preview_every == 0:
+            run.preview(write=main)
     bar.close()
     student = None
     if status != "failed" and run.checkpoint():
-        if main:
+        if main or run.sharded is not None:
             student = run.export()
     elif status != "failed":
         status, message = "failed", "the weights are not finite; nothing was written"

@@ -25,8 +25,7 @@ from .importance import importance_weights, sample_in_windows
 from .models import guided_velocity
 from .nets import Role
 from .student import blocks_of, merge_rows, trajectory
-from .parallel import wrap_role
-from .updates import Ranks, guarded_update
+from .updates import Ranks, guarded_update, place_shared_base
 
 
 @dataclass
@@ -73,21 +72,25 @@ class Stage1:
         self.sigmas = [float(self.grid[i]) for i in self.indices]
         self.weights = importance_weights() if cfg.importance_sampling else None
         betas = (cfg.beta1, cfg.beta2)
+        self.cache = cfg.cache
+        self.compensation = Compensation(student.width).to(self.device) if self.cache else None
+        # FSDP2 (parallel="fsdp" under torchrun): shard the shared base before any optimiser exists, and make every
+        # rank call the same modules in the same order (``pad``: both passes of a split batch always run)
+        place_shared_base(ranks, student, [self.compensation.img, self.compensation.txt] if self.compensation else [])
+        self.pad = ranks.fsdp
         self.student_params, self.fake_params = student.trainable(), fake.trainable()
         self.optimizers = {
             "student": torch.optim.AdamW(self.student_params, cfg.lr_student, betas, weight_decay=cfg.weight_decay),
             "fake": torch.optim.AdamW(self.fake_params, cfg.lr_fake, betas, weight_decay=cfg.weight_decay),
         }
         self.modules = {"student": student.state(), "fake": fake.state()}
-        self.cache = cfg.cache
-        self.compensation = Compensation(student.width).to(self.device) if self.cache else None
         if self.compensation:
             self.comp_params = list(self.compensation.parameters())
             self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
             self.modules["comp"] = self.compensation
         # each role's loss is one module call: DDP under torchrun averages exactly that role's gradients
-        self.fake_objective = wrap_role(self._fake_loss, self.fake_params, ranks)
-        self.student_objective = wrap_role(self._student_loss, self.student_params + getattr(self, "comp_params", []), ranks)
+        self.fake_objective = ranks.objective(self._fake_loss, self.fake_params)
+        self.student_objective = ranks.objective(self._student_loss, self.student_params + getattr(self, "comp_params", []))
 
     @torch.no_grad()
     def simulate(self, z: torch.Tensor, cond):
@@ -99,6 +102,8 @@ class Stage1:
     def _student_velocity(self, x, sigma, cond, k, delta):
         """The student's velocity as the deployed sampler computes it: rows in the last window replay the cache."""
         cached = k == self.cfg.steps - 1
+        if self.pad and self.cache is not None:
+            return self._student_velocity_padded(x, sigma, cond, cached, delta)
         if self.cache is None or not bool(cached.any()):
             return self.student(x, sigma, cond)
         full, rows = (~cached).nonzero().flatten(), cached.nonzero().flatten()
@@ -108,6 +113,30 @@ class Stage1:
         if len(full) == 0:
             return v_cached
         v_full = self.student(x[full], sigma[full], cond.rows(full))
+        return merge_rows([v_full, v_cached], [full.tolist(), rows.tolist()])
+
+    def _student_velocity_padded(self, x, sigma, cond, cached, delta):
+        """``_student_velocity`` for FSDP2, where every rank must make the same module calls: the cached pass, then
+        the full pass, always. A rank with no rows of one kind runs that pass on row 0 and adds 0 x its output, so
+        the pass is in the graph (its gradients, zero, are reduced like every rank's) and changes nothing."""
+        full, rows = (~cached).nonzero().flatten(), cached.nonzero().flatten()
+        # what DDP leaves without a gradient, FSDP must too: a pass no rank had rows for (AdamW then skips those
+        # parameters instead of stepping them on a zero gradient): the compensation, or the skipped blocks' adapters
+        if self.ranks.all_true(len(rows) == 0):
+            self._idle += self.comp_params
+        if self.ranks.all_true(len(full) == 0):
+            skipped = {id(p) for spec in self.blocks[self.cache.first: self.cache.last + 1] for p in spec.module.parameters()}
+            self._idle += [p for p in self.student_params if id(p) in skipped]
+        dummy = torch.zeros(1, dtype=torch.long, device=x.device)
+        pick_c, pick_f = (rows if len(rows) else dummy), (full if len(full) else dummy)
+        kept = {n: (None if d is None else d[pick_c]) for n, d in delta.items()}
+        with replaying(self.blocks, self.cache, kept, self.compensation):
+            v_cached = self.student(x[pick_c], sigma[pick_c], cond.rows(pick_c))
+        v_full = self.student(x[pick_f], sigma[pick_f], cond.rows(pick_f))
+        if not len(rows):
+            return v_full + 0.0 * v_cached.sum()
+        if not len(full):
+            return v_cached + 0.0 * v_full.sum()
         return merge_rows([v_full, v_cached], [full.tolist(), rows.tolist()])
 
     def _windows(self, n: int, gen: torch.Generator, weights):
@@ -137,11 +166,12 @@ class Stage1:
     def student_step(self, xs, cond, gen, delta=None) -> dict:
         cfg = self.cfg
         k, sigma, s_start, s_end = self._windows(len(cond), gen, self.weights)
+        self._idle = []
         loss = self.student_objective(xs, cond, gen, delta, k, sigma, s_start, s_end)
         steps = [(self.student_params, self.optimizers["student"], True)]
         if self.compensation:
             steps.append((self.comp_params, self.optimizers["comp"], True))
-        norm = guarded_update(loss, steps, cfg.clip_student, self.ranks)
+        norm = guarded_update(loss, steps, cfg.clip_student, self.ranks, idle=self._idle)
         guided = (sigma <= cfg.guidance_switch).float().mean().item()
         return {"loss_student": loss.item(), "grad_student": norm, "cfg_fraction": guided}
 
@@ -153,7 +183,8 @@ class Stage1:
         with torch.no_grad():
             x_sigma = renoise(x_hat, s_end, sigma, self._noise(x_hat.shape, gen))
             uncond = self.prompts.uncond.to(self.device)
-            v_real = guided_velocity(self.teacher, x_sigma, sigma, cond, uncond, cfg.guidance_scale, cfg.guidance_switch)
+            v_real = guided_velocity(self.teacher, x_sigma, sigma, cond, uncond, cfg.guidance_scale, cfg.guidance_switch,
+                                     pad=self.pad)
             v_fake = self.fake(x_sigma, sigma, cond)
             x_real, x_fake = euler(x_sigma, v_real, sigma, s_end), euler(x_sigma, v_fake, sigma, s_end)
             target = x_hat + x_real - x_fake

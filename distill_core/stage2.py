@@ -20,8 +20,7 @@ from .discriminator import Discriminator, TeacherFeatures, multilevel_bce
 from .flow import euler, student_schedule, teacher_grid
 from .nets import Role
 from .student import Student, blocks_of, run_student
-from .parallel import wrap_role
-from .updates import Ranks, guarded_update
+from .updates import Ranks, guarded_update, place_shared_base
 
 
 @dataclass
@@ -52,7 +51,7 @@ class Stage2Config:
 
 class Stage2:
     def __init__(self, cfg: Stage2Config, student: Role, reference: Student, teacher: Role, prompts: PromptSet, ranks: Ranks,
-                 seed: int = 0):
+                 seed: int = 0, init_compensation: dict | None = None):
         self.cfg, self.student, self.reference, self.ranks = cfg, student, reference, ranks
         self.prompts, self.cursor = prompts, PromptCursor(len(prompts), seed, ranks.rank, ranks.world)
         self.device = next(student.module.parameters()).device
@@ -62,6 +61,10 @@ class Stage2:
         self.sigmas = [float(grid[i]) for i in student_schedule(cfg.steps, cfg.shift, grid)]
         self.cache = cfg.cache
         self.compensation = Compensation(student.width).to(self.device) if self.cache else None
+        if self.compensation is not None and init_compensation is not None:  # co-trained in Stage I: continue from it
+            self.compensation.load_state_dict(init_compensation)
+        # FSDP2: the shared base (and the compensation) sharded before the optimisers; the heads stay replicated (DDP)
+        place_shared_base(ranks, student, [self.compensation.img, self.compensation.txt] if self.compensation else [])
         self.disc = Discriminator(TeacherFeatures(teacher, cfg.disc_blocks, cfg.disc_sigma_max))
         self.disc.heads.to(self.device)
         self.disc.pooled.to(self.device)
@@ -78,8 +81,8 @@ class Stage2:
             self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
             self.modules["comp"] = self.compensation
         # each role's loss is one module call: DDP under torchrun averages exactly that role's gradients
-        self.generator_objective = wrap_role(self._generator_loss, self.student_params + self.comp_params, ranks)
-        self.disc_objective = wrap_role(self._disc_loss, self.disc_params, ranks)
+        self.generator_objective = ranks.objective(self._generator_loss, self.student_params + self.comp_params)
+        self.disc_objective = ranks.objective(self._disc_loss, self.disc_params, sharded=False)
 
     def _sigma(self, value: float, n: int) -> torch.Tensor:
         return torch.full((n,), value, device=self.device)

@@ -16,8 +16,9 @@ from .files import save_atomic
 FORMAT = "xslim-1x-distill-state/1"
 
 
-def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def optimizer_tensors(name: str, opt: torch.optim.Optimizer | dict) -> tuple[dict, dict]:
+    """An optimiser (or its ``state_dict()``, e.g. gathered from FSDP shards) as flat tensors + metadata."""
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors = {}
     for pid, entry in sd["state"].items():
         for key, value in entry.items():
@@ -25,18 +26,29 @@ def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict
     return tensors, {f"optim.{name}.groups": json.dumps(sd["param_groups"])}
 
 
-def load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def optimizer_state_dict(name: str, tensors: dict, meta: dict) -> dict:
+    """The ``state_dict()`` of optimiser ``name`` as stored (parameters numbered in the optimiser's order)."""
     prefix = f"optim.{name}."
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(prefix):
             pid, field = key[len(prefix):].split(".", 1)
             state.setdefault(int(pid), {})[field] = value
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"optim.{name}.groups"])})
+    return {"state": state, "param_groups": json.loads(meta[f"optim.{name}.groups"])}
+
+
+def load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    opt.load_state_dict(optimizer_state_dict(name, tensors, meta))
 
 
 def save_state(path: str, modules: dict, optimizers: dict, rng: dict[str, torch.Tensor], meta: dict) -> None:
-    tensors = {f"module.{n}.{k}": v.detach().contiguous().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
+    save_state_dicts(path, {n: m.state_dict() for n, m in modules.items()}, optimizers, rng, meta)
+
+
+def save_state_dicts(path: str, modules: dict[str, dict], optimizers: dict, rng: dict[str, torch.Tensor], meta: dict) -> None:
+    """``save_state`` from state dicts (module name -> tensors; optimiser name -> optimiser or its state_dict):
+    the same file whether they come from live modules or were gathered from FSDP shards."""
+    tensors = {f"module.{n}.{k}": v.detach().contiguous().clone() for n, sd in modules.items() for k, v in sd.items()}
     header = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
     for name, opt in optimizers.items():
         t, h = optimizer_tensors(name, opt)

@@ -95,11 +95,12 @@ def save_student(path: str, net, sigmas: list[float], shift: float, cache: Cache
     """Write atomically. ``net``: the student role (its LoRA merged into full weights) or a ``FlowModel``;
     ``base`` carries family, hash, signature and architecture of the teacher; ``class_table`` the demo's classes."""
     state = net.merged_state_dict() if hasattr(net, "merged_state_dict") else net.module.state_dict()
-    module = net.module
+    flow = getattr(net, "flow", net)
     more = {k: v.detach().cpu() for k, v in (class_table or {}).items()}
-    latent = {"latent_shape": json.dumps(list(getattr(net, "flow", net).latent_shape)),
-              "call_extra": json.dumps(getattr(net, "flow", net).extra)}
-    save_student_file(path, state, "diffusers", adapter_for(module).stack_sizes(module), sigmas, shift, cache, compensation,
+    latent = {"latent_shape": json.dumps(list(flow.latent_shape)), "call_extra": json.dumps(flow.extra)}
+    # a host's own classes (ComfyUI's) keep their key names and block stacks; diffusers models the adapter's
+    stacks = flow.stack_sizes() if hasattr(flow, "stack_sizes") else adapter_for(flow.module).stack_sizes(flow.module)
+    save_student_file(path, state, getattr(flow, "model_keys", "diffusers"), stacks, sigmas, shift, cache, compensation,
                       base, dtype, {**latent, **(extra or {})}, more)
 
 

@@ -88,6 +88,27 @@ class StopRequest:
         return seen if not ranks.active else not ranks.all_true(not seen)
 
 
+def bootstrap(job: dict) -> None:
+    """What the submitter says this process needs importable before the model loads: extra ``sys_path`` entries
+    (e.g. ComfyUI's folder) and ``packages`` registered by name from a folder (e.g. the node pack, so a teacher
+    loader such as ``comfyui_xslim.nodes.distill_host:...`` resolves). Nothing ComfyUI-specific lives here."""
+    import importlib.util
+
+    spec = job.get("bootstrap") or {}
+    for folder in spec.get("sys_path", []):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    for name, root in (spec.get("packages") or {}).items():
+        if name in sys.modules:
+            continue
+        module_spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+        if module_spec is None:
+            raise ValueError(f"job.json bootstrap: no package at {root}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+
+
 def load_job(run_dir: str):
     """The run config (its run_dir forced to this folder) and the base model description from job.json."""
     from .config import RunConfig
@@ -106,8 +127,20 @@ def load_job(run_dir: str):
 
 
 def check_fingerprint(run_dir: str, cfg, base: dict, write: bool) -> None:
-    """Refuse early (before torchrun's process group) when the base model or settings changed."""
+    """Refuse early (before torchrun's process group) when the base model, the prompt set or settings changed."""
+    base = {**base, "prompts": _prompts_hash(run_dir, cfg.prompts)}
     jf.check_resume(run_dir, asdict(cfg), base, write)
+
+
+def _prompts_hash(run_dir: str, prompts: str | None) -> str | None:
+    """The run's prompt-set hash from its file's header (written by ``PromptSet.save``), without loading it."""
+    if not prompts:
+        return None
+    path = prompts if os.path.isabs(prompts) else os.path.join(run_dir, prompts)
+    try:
+        return jf.safetensors_header(path)[1].get("hash")
+    except (OSError, ValueError):
+        return None  # the trainer reports a missing or damaged prompt set by name when it loads it
 
 
 def apply_gpu_sharing(job: dict) -> None:
@@ -120,8 +153,8 @@ def apply_gpu_sharing(job: dict) -> None:
         fraction = float(gpu.get("memory_fraction", 0.5))
         torch.cuda.set_per_process_memory_fraction(fraction, 0)
         _say(f"shared GPU: capped at {fraction:.0%} of the device's memory")
-    # the demo-teacher trainer (distill_core today) trains on the CPU; GPU placement comes with other families
-    _say(f"training on the CPU with {job['config'].get('threads', 2)} thread(s)")
+    device = job["config"].get("device") or "cpu"
+    _say(f"training on {device} with {job['config'].get('threads', 2)} CPU thread(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     distributed = False
     try:
         job, cfg, base = load_job(run_dir)
+        bootstrap(job)
         beat.beat["iterations"] = cfg.iterations
         check_fingerprint(run_dir, cfg, base, write=is_main)
         if world > 1:
-            import torch.distributed as dist
+            from .parallel import init_distributed
 
-            dist.init_process_group("gloo")
+            init_distributed(cfg.device)  # NCCL on GPUs, gloo on the CPU
             distributed = True
         apply_gpu_sharing(job)
         from .runtime import run_training
@@ -174,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         beat.stop()
         if distributed:
-            import torch.distributed as dist
+            from .parallel import shutdown
 
-            dist.destroy_process_group()
+            shutdown()
         if is_main:
             outcome.update(time=time.time(), pid=os.getpid())
             jf.write_json(os.path.join(run_dir, jf.STATUS), outcome)

@@ -243,16 +243,18 @@ class JobManager:
 
     # -- actions ------------------------------------------------------------------------------------------
     def submit(self, name: str, base: dict, config: dict, gpu: dict, overwrite_student: bool = False,
-               write_extra=None) -> tuple[dict, str]:
+               write_extra=None, bootstrap: dict | None = None) -> tuple[dict, str]:
         """Start a new job, or continue the run of that name when only resumable settings differ.
-        Returns (summary, what happened). ``write_extra(run_dir)`` writes e.g. conditioning.safetensors."""
+        Returns (summary, what happened). ``write_extra(run_dir)`` writes e.g. conditioning.safetensors;
+        ``bootstrap`` tells the worker what to make importable first (``distill_core.worker.bootstrap``)."""
         with self.lock:
             run_dir = self.run_dir(name)
             devices = parse_devices(gpu.get("device", "cpu"))
             job = self.job(name, must_exist=False)
             old = jf.read_json(job.path(jf.JOB))
             spec = {"format": "xslim-distill-job/1", "config": config, "base": base, "gpu": gpu,
-                    "export": {"overwrite": bool(overwrite_student)}, "created": time.time()}
+                    "export": {"overwrite": bool(overwrite_student)}, "created": time.time(),
+                    **({"bootstrap": bootstrap} if bootstrap else {})}
             if old is None:
                 self._check_export_target(name, overwrite_student, None)
                 os.makedirs(run_dir, exist_ok=True)

@@ -15,6 +15,7 @@ import time
 from comfy_api.latest import io
 
 from ..distill_core import jobfiles as jf
+from .distill_host import latent_shape_for
 from .jobs import ACTIVE, JobError, check_run_name, manager, parse_devices
 
 CATEGORY = "X-Slim/1.x-Distill"
@@ -22,7 +23,16 @@ GPU_SHARING = ["exclusive", "shared", "separate device"]
 DEMO_FORMAT = "xslim-demo-teacher/1"
 DEMO = "demo"
 ALL_CLASSES = "all classes"
+FAMILY_NAMES = {"sd3": "SD3/SD3.5", "flux": "FLUX", "hunyuan_video": "HunyuanVideo"}
 NAME_RULE_TIP = "letters, digits, '.', '_' and '-'"
+PACK = __name__.rsplit(".", 2)[0]  # the package name ComfyUI loaded this pack under (the worker registers it again)
+PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _comfy_root() -> str:
+    import comfy
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__)))
 
 
 # -- what the chosen model file is ---------------------------------------------------------------------------
@@ -68,13 +78,58 @@ def probe_model(name: str, path: str) -> dict:
             raise JobError(f"1.x-Distill Train: {name} declares no readable architecture in its metadata.") from None
         return {"family": DEMO, "blocks": blocks, "classes_path": classes, "class_names": json.loads(meta.get("classes", "[]"))}
     family = _guess_family(keys)
+    trainable = {name: family for family, name in FAMILY_NAMES.items()}
+    if family in trainable:
+        return {"family": trainable[family], "blocks": _count_blocks(keys), "classes_path": None, "class_names": []}
     what = "a model this trainer does not recognise" if family == "unrecognised" else f"a {family} model"
     raise JobError(
-        f"1.x-Distill Train: {name} is {what}. The background trainer can distil only the demo-teacher family so far "
-        "(a class-conditioned model with a .classes.safetensors table, e.g. demo_teacher.safetensors). Distilling "
-        f"{family if family != 'unrecognised' else 'other families'} needs what distill_core does not have yet: a loader for its "
-        "weights, text conditioning from a prompt list and GPU training (the issue 'Distil any supported model family'). "
-        "Nothing was started.")
+        f"1.x-Distill Train: {name} is {what}. The background trainer distils SD3/SD3.5, FLUX and HunyuanVideo "
+        "diffusion-model files (and the demo teacher). Nothing was started.")
+
+
+def _count_blocks(keys: list[str]) -> int:
+    """Blocks of a ComfyUI-format DiT file, from its tensor names (the stacks the cached range counts through)."""
+    import re
+
+    found = {m.group(1, 2) for k in keys for m in [re.search(r"(double_blocks|single_blocks|joint_blocks)\.(\d+)\.", k)] if m}
+    return len(found)
+
+
+def encode_prompts(clip, prompts: list[str], negative: str = ""):
+    """The prompt list through ComfyUI's CLIP (tokenize + encode_from_tokens, its public calls), padded to one
+    length with a mask, as a ``distill_core`` PromptSet; ``negative`` is the unconditional prompt."""
+    import torch
+
+    from ..distill_core.conditioning import Conditioning, encode_prompt_set
+
+    def encode(texts):
+        rows = []
+        for text in texts:
+            context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            rows.append((context[0].float().cpu(), None if pooled is None else pooled[0].float().cpu()))
+        length = max(c.shape[0] for c, _ in rows)
+        context = torch.zeros(len(rows), length, rows[0][0].shape[-1])
+        mask = torch.zeros(len(rows), length)
+        for i, (c, _) in enumerate(rows):
+            context[i, : c.shape[0]], mask[i, : c.shape[0]] = c, 1
+        pooled = None if rows[0][1] is None else torch.stack([p for _, p in rows])
+        return Conditioning(context, pooled, mask)
+
+    return encode_prompt_set(prompts, encode, negative)
+
+
+def _text_conditioning_writer(clip, prompts: list[str]):
+    def write(run_dir: str) -> None:
+        encode_prompts(clip, prompts).save(os.path.join(run_dir, jf.CONDITIONING))
+    return write
+
+
+def _prompt_lines(prompts: str) -> list[str]:
+    lines = [line.strip() for line in (prompts or "").splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise JobError("1.x-Distill Train: the prompt list is empty. Give one prompt per line (the prompts your users "
+                       "will sample; a few hundred varied ones are typical).")
+    return lines
 
 
 def parse_classes(prompts: str, class_names: list[str]) -> list[int] | None:
@@ -156,11 +211,11 @@ class DistillTrain(io.ComfyNode):
             "iterations). Finished students land in models/students.",
             inputs=[
                 io.Combo.Input("model_name", options=_model_names(folder_paths), tooltip=(
-                    "The model to distil, from the diffusion_models folders (the worker loads the file itself). Today: "
-                    "the demo-teacher family (demo_teacher.safetensors).")),
+                    "The model to distil, from the diffusion_models folders (the worker loads the file with ComfyUI's own "
+                    "loader): SD3/SD3.5, FLUX, HunyuanVideo, or the demo teacher.")),
                 io.String.Input("prompts", multiline=True, default=ALL_CLASSES, tooltip=(
-                    "The conditioning to train on, one prompt per line. For the demo teacher: its class names (or "
-                    "'all classes').")),
+                    "The conditioning to train on, one prompt per line, encoded once by the clip input. For the demo "
+                    "teacher: its class names (or 'all classes').")),
                 io.String.Input("run_name", default="demo-distill", tooltip=(
                     f"Names the job, its run folder (user/xslim/distill/<name>) and the exported student; {NAME_RULE_TIP}.")),
                 io.Int.Input("iterations", default=300, min=1, max=1_000_000, tooltip="Training iterations of the run."),
@@ -182,12 +237,18 @@ class DistillTrain(io.ComfyNode):
                     "exclusive: ComfyUI unloads its models before the worker starts. shared: the worker takes at most "
                     "memory_fraction of the GPU. separate device: nothing is unloaded; give the worker its own device.")),
                 io.String.Input("device", default="cpu", tooltip=(
-                    "The worker's device: cpu, cuda, cuda:1, or several GPUs as cuda:0,1 (then it runs under torchrun). "
-                    "The demo-teacher trainer runs on the CPU whatever is chosen.")),
+                    "The worker's device: cpu, cuda, cuda:1, or several GPUs as cuda:0,1 (then it runs under torchrun, "
+                    "DDP over the GPUs).")),
                 io.Float.Input("memory_fraction", default=0.5, min=0.05, max=1.0, step=0.05, tooltip="shared only."),
                 io.Int.Input("cpu_threads", default=cpu_threads, min=1, max=256, tooltip="torch threads of the worker."),
                 io.Boolean.Input("overwrite_student", default=False, tooltip=(
                     "Replace models/students/<run_name>.safetensors if it exists. Off: a run name whose student exists is refused.")),
+                io.Int.Input("lora_rank", default=32, min=0, max=512, tooltip=(
+                    "Text-conditioned families: student and fake score are LoRA adapters of this rank on one shared copy "
+                    "of the base (0: full copies - three copies of the weights). The demo teacher always trains full copies.")),
+                io.Int.Input("width", default=1024, min=16, max=4096, step=16, tooltip="Training resolution (pixels), text families."),
+                io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Training resolution (pixels), text families."),
+                io.Int.Input("frames", default=1, min=1, max=257, step=4, tooltip="HunyuanVideo: frames per sample (4k+1)."),
                 io.Clip.Input("clip", optional=True, tooltip=(
                     "Encodes the prompt list for text-conditioned families (not needed by the demo teacher).")),
             ],
@@ -203,7 +264,8 @@ class DistillTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, prompts, run_name, iterations, batch_size, student_steps, cached_blocks, guidance_scale,
                 guidance_switch, lr_student, lr_fake, checkpoint_every, preview_every, seed, gpu_sharing, device,
-                memory_fraction, cpu_threads, overwrite_student, clip=None) -> io.NodeOutput:
+                memory_fraction, cpu_threads, overwrite_student, lora_rank=32, width=1024, height=1024, frames=1,
+                clip=None) -> io.NodeOutput:
         import folder_paths
 
         check_run_name(run_name)
@@ -215,22 +277,41 @@ class DistillTrain(io.ComfyNode):
             raise JobError(f"1.x-Distill Train: {model_name!r} is not in the diffusion_models folders "
                            f"({', '.join(folder_paths.get_folder_paths('diffusion_models'))}).")
         model = probe_model(model_name, path)
-        classes = parse_classes(prompts, model["class_names"])
+        if model["family"] != DEMO and clip is None:
+            raise JobError(f"1.x-Distill Train: {model_name} is a {FAMILY_NAMES[model['family']]} model conditioned on text: "
+                           "connect its text encoder (a CLIP output, e.g. from the checkpoint loader or DualCLIPLoader / "
+                           "TripleCLIPLoader) to the clip input, so the prompt list can be encoded once before training. "
+                           "Nothing was started.")
         first, last = parse_cached_blocks(cached_blocks, model["blocks"], student_steps)
         config = {
             "stage": "stage1", "teacher": os.path.abspath(path), "iterations": iterations, "batch_size": batch_size,
             "seed": seed, "checkpoint_every": checkpoint_every, "preview_every": preview_every, "threads": cpu_threads,
+            "device": "cuda" if parse_devices(device) else "cpu",
             "stage1": {"steps": student_steps, "guidance_scale": guidance_scale, "guidance_switch": guidance_switch,
-                       "lr_student": lr_student, "lr_fake": lr_fake, "cache_first": first, "cache_last": last,
-                       "classes": classes},
+                       "lr_student": lr_student, "lr_fake": lr_fake, "cache_first": first, "cache_last": last},
         }
+        bootstrap = None
+        if model["family"] == DEMO:
+            classes = parse_classes(prompts, model["class_names"])
+            config["stage1"]["classes"] = classes
+            write_extra = _demo_conditioning_writer(model["classes_path"], classes, prompts)
+        else:
+            try:
+                shape = latent_shape_for(model["family"], width, height, frames)
+            except ValueError as err:
+                raise JobError(f"1.x-Distill Train: {err}") from None
+            on_gpu = config["device"] == "cuda"  # a GPU run keeps the base in bf16 and computes under bf16 autocast
+            config.update(teacher_loader=f"{PACK}.nodes.distill_host:load_comfy_file_teacher", prompts=jf.CONDITIONING,
+                          lora_rank=lora_rank, precision="bf16" if on_gpu else "fp32",
+                          teacher_options={"latent_shape": list(shape), "name": model_name, "dtype": "bf16" if on_gpu else "fp32"})
+            write_extra = _text_conditioning_writer(clip, _prompt_lines(prompts))
+            bootstrap = {"sys_path": [_comfy_root()], "packages": {PACK: PACK_FOLDER}}
         base = {"name": model_name, "family": model["family"], "hash": _hash(path)}
         gpu = {"mode": {"separate device": "device"}.get(gpu_sharing, gpu_sharing), "device": device, "memory_fraction": memory_fraction}
         jobs = manager()
         if gpu["mode"] == "exclusive" and _would_start(jobs, run_name):
             _free_comfy_memory()
-        summary, what = jobs.submit(run_name, base, config, gpu, overwrite_student,
-                                    write_extra=_demo_conditioning_writer(model["classes_path"], classes, prompts))
+        summary, what = jobs.submit(run_name, base, config, gpu, overwrite_student, write_extra=write_extra, bootstrap=bootstrap)
         print(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}); "
               "follow it in the '1.x-Distill jobs' sidebar panel")
         return io.NodeOutput(run_name)

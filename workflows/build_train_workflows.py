@@ -23,7 +23,7 @@ SOCKETS.update({
 # lr_student, lr_fake, checkpoint_every, preview_every, seed, gpu_sharing, device, memory_fraction, cpu_threads,
 # overwrite_student: about four minutes on two CPU cores
 DEMO_TRAIN = ["demo_teacher.safetensors", "all classes", "demo-distill", 300, 8, 2, "4-6", 2.0, 0.96, 4e-5, 3.2e-4,
-              25, 25, 0, "exclusive", "cpu", 0.5, 2, False]
+              25, 25, 0, "exclusive", "cpu", 0.5, 2, False, 0, 32, 32, 1]  # lora_rank, size: text families only
 
 
 def link_widget(w: Workflow, src: int, slot: int, dst: int, name: str, type_: str) -> None:
@@ -71,20 +71,22 @@ SD35_PROMPTS = ("a lighthouse on a cliff at dusk, oil painting\na bowl of ramen,
                 "35mm photo\nan isometric city block at night, neon")
 # as DEMO_TRAIN, for SD3.5 Large on one GPU: 2000 iterations, batch 1, cached blocks 16..21 of 38
 SD35_TRAIN = ["sd3.5_large.safetensors", SD35_PROMPTS, "sd35-large-1x", 2000, 1, 2, "16-21", 4.5, 0.96, 4e-5, 3.2e-4,
-              100, 100, 0, "exclusive", "cuda:0", 0.5, 4, False]
+              100, 100, 0, "exclusive", "cuda:0", 0.5, 4, False, 32, 1024, 1024, 1]
 
 
 def distill_sd35() -> Workflow:
-    """SD3.5 Large: distil from a prompt list encoded with the checkpoint's CLIP, then sample the student. The
-    training node refuses non-demo families until distill_core can load them (it says so when queued)."""
+    """SD3.5 Large: distil from a prompt list encoded with the checkpoint's CLIP (LoRA rank 32 on one shared
+    bf16 base), then sample the student."""
     from build_workflows import about
 
     w = Workflow("1.x-Distill: distil SD3.5 Large from a prompt list, then sample the 1.x student")
     about(w, "Distils **SD3.5 Large** into a 2-step 1.x student in the background (the queue stays free), then "
              "samples it with the student nodes. The prompt list is encoded once with the checkpoint's CLIP and stored "
-             "in the run folder. **Not yet runnable:** today the training worker can distil the demo teacher only; "
-             "queuing this workflow stops at the Train node with a message naming what is missing (the model-family "
-             "support of `distill_core`). The sampling half works with any SD3.5 student file in `models/students`.")
+             "in the run folder; the worker loads `diffusion_models/sd3.5_large.safetensors` with ComfyUI's own loader "
+             "and trains the student and the fake score as **LoRA adapters (rank 32) on one bf16 copy** of the base. "
+             "The planner (docs/MEMORY.md) predicts 41 GiB per GPU for SD3.5 Large at 1024² with LoRA r64 and 18 GiB "
+             "for SD3.5 Medium; a 24 GB card needs Medium, or Large with checkpointing and CPU optimizer states. Not run here: no GPU and no SD3.5 weights in CI; "
+             "the same path is tested on the demo teacher's file (tests/host/test_distill_worker_comfy.py).")
     w.group("Load the base model", 0)
     ckpt = w.node("CheckpointLoaderSimple", ["sd3.5_large_fp8_scaled.safetensors"])
     shift = w.node("ModelSamplingSD3", [3.0])

@@ -40,6 +40,8 @@ def srv(tmp_path_factory):
     write_tiny_teacher(os.path.join(models, "tiny_teacher.safetensors"))
     write_tiny_teacher(os.path.join(models, "tiny_teacher_b.safetensors"), seed=1)
     save_file({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(8, 4)}, os.path.join(models, "sd3_like.safetensors"))
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4), "blocks.0.cross_attn.q.weight": torch.zeros(4, 4)},
+              os.path.join(models, "wan_like.safetensors"))
     with open(os.path.join(models, "pickled.ckpt"), "wb") as f:  # must never be opened as a pickle
         f.write(b"\x80\x04\x95 not a safetensors file")
     server = Server(base).start()
@@ -260,7 +262,8 @@ def test_bad_input_comes_back_as_a_clear_message_and_nothing_is_overwritten(srv)
     cases = [
         (train_prompt("empty", prompts="  \n \n"), "the prompt list is empty"),
         (train_prompt("unknown-class", prompts="Pullover\nunicorn"), "['unicorn'] are not among them"),
-        (train_prompt("sd3", model="sd3_like.safetensors"), "is a SD3/SD3.5 model"),
+        (train_prompt("sd3", model="sd3_like.safetensors"), "is a SD3/SD3.5 model conditioned on text: connect its text encoder"),
+        (train_prompt("wan", model="wan_like.safetensors"), "is a Wan model. The background trainer distils SD3/SD3.5, FLUX and HunyuanVideo"),
         (train_prompt("pickle", model="pickled.ckpt"), "only safetensors are read"),
         (train_prompt("../escape"), "is not allowed"),
         (train_prompt("bad-range", cached_blocks="2-9"), "outside the model's 3 blocks"),
@@ -274,7 +277,7 @@ def test_bad_input_comes_back_as_a_clear_message_and_nothing_is_overwritten(srv)
     assert os.stat(taken).st_mtime_ns == before and open(taken, "rb").read() == b"the user's own file"
     root = os.path.join(srv.base, "user", "xslim", "distill")
     roots = os.listdir(root) if os.path.isdir(root) else []
-    assert not {"empty", "unknown-class", "sd3", "pickle", "bad-range", "bad-device", "taken"} & set(roots)
+    assert not {"empty", "unknown-class", "sd3", "wan", "pickle", "bad-range", "bad-device", "taken"} & set(roots)
     # a path instead of a model name: refused by ComfyUI's list check where it runs one, else by the node
     status, answer = srv.post("/prompt", {"prompt": train_prompt("outside", model="../../../etc/passwd")})
     if status == 200:

@@ -1,0 +1,284 @@
+"""ComfyUI's own DiT classes behind 1.x-Distill's model protocol (``distill_core.models.FlowModel``).
+
+``distill_core`` never imports ComfyUI: this host layer supplies what it needs for ComfyUI's classes - the
+velocity call (ComfyUI's flow models predict noise - x0, as diffusers' do; only the time scale and argument
+names differ), the block specs the cached step patches (the same ``BlockSpec`` the X-Slim engine binds by
+signature; MMDiT's joint blocks take positional ``(context, x)`` and get a small positional spec), LoRA
+targets under ComfyUI's layer names, and the student file's key convention ("comfy"), so a student trained
+here loads through *Load 1.x Student* with no key mapping. The family table is ``families.py``'s.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from ..distill_core.conditioning import Conditioning
+from ..distill_core.models import FlowModel
+from ..xslim_core.adapters.base import BlockSpec
+from ..xslim_core.hooks import wrap_forward
+from ..xslim_core.tokens import join_sequence, split_sequence
+from .families import family_for, supported_families
+
+# LoRA on the attention and MLP projections of every block, under ComfyUI's names (FLUX/HunyuanVideo layers,
+# MMDiT's context/x blocks)
+COMFY_LORA_TARGETS = (r".*(double_blocks\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.(0|2)|txt_mlp\.(0|2))|"
+                      r"single_blocks\.\d+\.(linear1|linear2)|"
+                      r"joint_blocks\.\d+\.(context_block|x_block)\.(attn2?\.(qkv|proj)|mlp\.(fc1|fc2)))")
+# one model call's time input: sigma x this (ComfyUI's model_sampling multipliers for these families)
+TIME_SCALE = {"flux": 1.0, "sd3": 1000.0, "hunyuan_video": 1000.0}
+
+
+class PositionalCall:
+    """One call of an MMDiT joint block: ``block(context, x, c=..., ...)`` returning ``(context, x)``."""
+
+    def __init__(self, spec: "PositionalBlockSpec", args, kwargs):
+        self.spec, self.args, self.kwargs = spec, list(args), dict(kwargs)
+
+    @property
+    def img(self) -> torch.Tensor:
+        return self.args[1]
+
+    @property
+    def txt(self) -> torch.Tensor:
+        return self.args[0]
+
+    def call(self, forward):
+        txt, img = forward(*self.args, **self.kwargs)
+        return img, txt
+
+    def pack(self, img, txt):
+        return txt, img
+
+
+class PositionalBlockSpec:
+    outputs = ("txt", "img")
+
+    def __init__(self, index: int, stack: str, module: torch.nn.Module):
+        self.index, self.stack, self.module = index, stack, module
+
+    def bind(self, args, kwargs) -> PositionalCall:
+        return PositionalCall(self, args, kwargs)
+
+
+class SingleStreamCall:
+    """One call of a FLUX/HunyuanVideo single-stream block, ``block(x, vec=..., pe=...)`` with x = text and image
+    tokens in one sequence: seen as two streams, split as ComfyUI's X-Slim engine splits them (``families``),
+    so the compensation a student learns here is applied the same way when it samples in ComfyUI."""
+
+    def __init__(self, spec: "SingleStreamSpec", args, kwargs):
+        self.spec, self.args, self.kwargs = spec, list(args), dict(kwargs)
+        n_txt = spec.root.__dict__.get("_distill_text_tokens")
+        if n_txt is None:
+            raise RuntimeError("a single-stream block was called outside a 1.x-Distill velocity call")
+        self.n_txt = n_txt
+        self.txt, self.img = split_sequence(self.x, spec.layout, n_txt, dim=1)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["x"]
+
+    def call(self, forward):
+        out = forward(*self.args, **self.kwargs)
+        txt, img = split_sequence(out, self.spec.layout, self.n_txt, dim=1)
+        return img, txt
+
+    def pack(self, img, txt):
+        return join_sequence(txt, img, self.spec.layout, dim=1)
+
+
+class SingleStreamSpec:
+    outputs = ("img",)
+
+    def __init__(self, index: int, stack: str, module: torch.nn.Module, root: torch.nn.Module, layout: str):
+        self.index, self.stack, self.module, self.root, self.layout = index, stack, module, root, layout
+
+    def bind(self, args, kwargs) -> SingleStreamCall:
+        return SingleStreamCall(self, args, kwargs)
+
+
+def comfy_blocks(diffusion_model) -> list:
+    """Block specs of a ComfyUI diffusion model, in execution order (the family table's stacks)."""
+    family = _family(diffusion_model)
+    specs = []
+    for stack, attr, kind in family.comfy_stacks:
+        for block in getattr(diffusion_model, attr):
+            if family.family == "sd3":
+                specs.append(PositionalBlockSpec(len(specs), stack, block))
+            elif kind == "single_block":  # [txt; img] (or [img; txt]) in one sequence named x
+                specs.append(SingleStreamSpec(len(specs), stack, block, diffusion_model, family.single_layout))
+            else:
+                specs.append(BlockSpec(len(specs), stack, block, "img", "txt", ("img", "txt"), []))
+    return specs
+
+
+def _family(diffusion_model):
+    family = family_for(diffusion_model)
+    if family is None or family.family not in TIME_SCALE:
+        raise TypeError(f"1.x-Distill cannot train ComfyUI's {type(diffusion_model).__name__} yet; it trains "
+                        f"{', '.join(sorted(TIME_SCALE))} (X-Slim caches {supported_families()}).")
+    return family
+
+
+@contextmanager
+def _out_of_place_blocks(module):
+    """ComfyUI's blocks (some versions) add residuals in place (``x += ...``) after a norm has saved ``x`` for
+    backward, which autograd refuses. While gradients are on, every tensor a block saves for backward that
+    shares storage with one of its stream inputs is saved as a copy (``saved_tensors_hooks``); nothing else is
+    copied and the blocks' code runs unchanged."""
+    def guarded(inner, *args, **kwargs):
+        streams = {t.untyped_storage().data_ptr() for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.is_floating_point()}
+
+        def pack(t):
+            return t.clone() if t.untyped_storage().data_ptr() in streams else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return inner(*args, **kwargs)
+
+    undo = [wrap_forward(spec.module, guarded) for spec in comfy_blocks(module)]
+    try:
+        yield
+    finally:
+        for u in reversed(undo):
+            u()
+
+
+def comfy_velocity(module, x: torch.Tensor, sigma, cond: Conditioning, extra: dict) -> torch.Tensor:
+    family = extra["family"]
+    t = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * TIME_SCALE[family]
+    kwargs = {"y": cond.pooled}
+    if family in ("flux", "hunyuan_video") and getattr(module.params, "guidance_embed", False):
+        kwargs["guidance"] = torch.full_like(t, extra.get("guidance", 3.5 if family == "flux" else 6.0))
+    if family == "hunyuan_video" and cond.mask is not None and not bool(cond.mask.all()):
+        kwargs["attention_mask"] = cond.mask.long()
+    module.__dict__["_distill_text_tokens"] = cond.context.shape[1]  # where single-stream blocks split their sequence
+    with _out_of_place_blocks(module) if torch.is_grad_enabled() else nullcontext():
+        return module(x, t, context=cond.context, **kwargs)
+
+
+class ComfyFlowModel(FlowModel):
+    """A ComfyUI diffusion model (``model.model.diffusion_model`` of a MODEL) as a 1.x-Distill flow model."""
+
+    model_keys = "comfy"
+    lora_targets = COMFY_LORA_TARGETS
+
+    def __init__(self, module: torch.nn.Module, latent_shape: tuple, extra: dict | None = None):
+        family = _family(module).family
+        super().__init__(module, latent_shape, {**(extra or {}), "family": family}, blocks=comfy_blocks, call=comfy_velocity,
+                         family=family)
+
+    @property
+    def width(self) -> int:
+        return int(self.module.hidden_size)
+
+    @property
+    def text_dims(self) -> tuple[int | None, int | None]:
+        family = self.extra["family"]
+        if family == "sd3":
+            embedder = self.module.context_embedder
+            return getattr(embedder, "in_features", None), getattr(self.module.y_embedder.mlp[0], "in_features", None)
+        params = self.module.params
+        return params.context_in_dim, params.vec_in_dim
+
+    def stack_sizes(self) -> list[tuple[str, int]]:
+        return _family(self.module).stack_sizes(self.module)
+
+    def with_module(self, module: torch.nn.Module) -> "ComfyFlowModel":
+        return ComfyFlowModel(module, self.latent_shape, {k: v for k, v in self.extra.items() if k != "family"})
+
+
+def load_comfy_student(path: str, template: torch.nn.Module, latent_shape: tuple, extra: dict | None = None,
+                       base_hash: str | None = None):
+    """A student file with ComfyUI key names on a copy of ``template`` (the base's diffusion model), as
+    ``distill_core.student.Student``: what a host-trained Stage II starts from and compares against."""
+    import copy
+
+    from ..distill_core.cache import Compensation
+    from ..distill_core.student import Student, _check_keys, _read, read_header
+
+    header = read_header(path)
+    if header.model_keys != "comfy":
+        raise ValueError(f"{path} holds {header.model_keys!r} weights; this base is one of ComfyUI's own classes.")
+    if base_hash is not None and header.meta.get("base_hash") != base_hash:
+        raise ValueError(f"{path} was distilled from base model {header.meta.get('base_hash')}; this base is {base_hash}.")
+    tensors, _ = _read(path)
+    module = _without_adapters(copy.deepcopy(template)).eval().requires_grad_(False)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    _check_keys(path, "model", set(module.state_dict()), set(weights))
+    module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in weights.items()})
+    flow = ComfyFlowModel(module, latent_shape, extra)
+    compensation = None
+    if header.cache is not None:
+        compensation = Compensation(flow.width)
+        compensation.load_state_dict({k[len("comp."):]: v.float() for k, v in tensors.items() if k.startswith("comp.")})
+        compensation.eval().requires_grad_(False)
+    return Student(flow, header.sigmas, header.cache, compensation, header.meta)
+
+
+def comfy_teacher(diffusion_model: torch.nn.Module, latent_shape: tuple, prompts, base: dict, extra: dict | None = None):
+    """A ``distill_core.models.Teacher`` for one of ComfyUI's diffusion models: its velocity, blocks, LoRA
+    targets and key names, and a student loader for its Stage II."""
+    from functools import partial
+
+    from ..distill_core.models import Teacher
+
+    flow = ComfyFlowModel(diffusion_model, latent_shape, extra)
+    loader = partial(_load_for, template=diffusion_model, latent_shape=latent_shape, extra=extra)
+    return Teacher(flow, prompts, {**base, "family": flow.family}, student_loader=loader)
+
+
+def _load_for(path: str, base_hash: str | None = None, *, template, latent_shape, extra):
+    return load_comfy_student(path, template, latent_shape, extra, base_hash)
+
+
+def _without_adapters(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with any peft LoRA layer replaced by the layer it wraps (a LoRA run's base, copied)."""
+    for name, child in list(module.named_modules()):
+        base = getattr(child, "base_layer", None)
+        if base is not None and hasattr(child, "lora_A"):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, base)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        module.__dict__.pop(attr, None)
+    return module
+
+
+# -- the background worker's side: a ComfyUI model file, loaded by ComfyUI's own loader ------------------------
+LATENT = {"flux": (16, 8, 1), "sd3": (16, 8, 1), "hunyuan_video": (16, 8, 4)}  # channels, spatial, temporal downscale
+
+
+def latent_shape_for(family: str, width: int, height: int, frames: int = 1) -> tuple:
+    """The diffusion model's input shape for one sample at ``width`` x ``height`` pixels (and ``frames``)."""
+    channels, down, time_down = LATENT[family]
+    if width % (down * 2) or height % (down * 2):
+        raise ValueError(f"width and height must be multiples of {down * 2} for {family}, got {width}x{height}.")
+    if family == "hunyuan_video":
+        if (frames - 1) % time_down:
+            raise ValueError(f"HunyuanVideo takes 4k+1 frames (1, 5, 9, ...), got {frames}.")
+        return (channels, (frames - 1) // time_down + 1, height // down, width // down)
+    return (channels, height // down, width // down)
+
+
+def load_comfy_file_teacher(path: str, latent_shape: list, extra: dict | None = None, name: str | None = None,
+                            dtype: str = "fp32"):
+    """``RunConfig.teacher_loader`` for a ComfyUI diffusion-model file (run in the worker process, which the job
+    manager starts with ComfyUI importable): ComfyUI's loader detects the class. ``dtype`` of the frozen base:
+    "fp32", or "bf16" on a GPU (with bf16 autocast; peft keeps the LoRA adapters in fp32)."""
+    import os
+
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():  # a CPU worker (no GPU visible to it): ComfyUI must not look for a driver
+        comfy.cli_args.args.cpu = True
+    import comfy.sd
+
+    from ..distill_core.jobfiles import content_hash
+    from ..distill_core.student_file import file_signature
+
+    patcher = comfy.sd.load_diffusion_model(path)
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}.")
+    module = patcher.model.diffusion_model.to(torch.float32 if dtype == "fp32" else torch.bfloat16)
+    base = {"hash": content_hash(path), "name": name or os.path.basename(path), "signature": file_signature(path)}
+    return comfy_teacher(module, tuple(latent_shape), None, base, extra)

@@ -1,0 +1,104 @@
+"""Bad input to 1.x-Distill on any family (issue 'distil any supported model family'): prompt files that are
+empty or not text, a prompt set of another text encoder, a LoRA rank <= 0, a cached block range outside the
+model, a resume with a changed base model. Each is refused with a message naming the problem, before anything
+trains, and nothing in the run folder is lost."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from distill_core.conditioning import PromptSet, encode_prompt_set, read_prompt_file
+from distill_core.config import RunConfig
+from distill_core.jobfiles import ResumeRefused
+from distill_core.nets import SharedLora
+from distill_core.runtime import run_training
+from test_distill_families import LOADER, fake_text_encoder, tiny_sd3
+
+CLEAR = pytest.mark.bad_input("clear error")
+
+
+@pytest.fixture()
+def sd3(tmp_path):
+    torch.manual_seed(0)
+    module, shape, _ = tiny_sd3()
+    module.save_pretrained(str(tmp_path / "sd3"), safe_serialization=True)
+    encode_prompt_set(["a red cube", "a blue sphere"], fake_text_encoder()).save(str(tmp_path / "prompts.safetensors"))
+
+    def config(**changes):
+        cfg = dict(run_dir=str(tmp_path / "run"), teacher=str(tmp_path / "sd3"), teacher_loader=LOADER,
+                   teacher_options={"latent_shape": list(shape)}, prompts=str(tmp_path / "prompts.safetensors"), lora_rank=2,
+                   iterations=2, batch_size=2, checkpoint_every=1, preview_every=0, threads=1)
+        cfg.update(changes)
+        return RunConfig(**cfg)
+
+    return tmp_path, config
+
+
+@CLEAR
+@pytest.mark.parametrize("content,message", [
+    (b"", "holds no prompts"),
+    (b"\n   \n# a comment only\n", "holds no prompts"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
+    ("caf\xe9 au lait\n".encode("latin-1"), "not UTF-8 text"),
+])
+def test_a_prompt_file_that_is_empty_or_not_text_is_refused(tmp_path, content, message):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        read_prompt_file(str(path))
+    assert str(path) in str(err.value)
+
+
+@CLEAR
+def test_a_text_file_given_as_a_prompt_set_is_refused(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match="not a readable prompt-set file"):
+        PromptSet.load(str(tmp_path / "prompts.txt"))
+
+
+@CLEAR
+def test_a_prompt_set_of_another_text_encoder_is_refused_before_training(sd3):
+    root, config = sd3
+    encode_prompt_set(["a red cube"], fake_text_encoder(width=40)).save(str(root / "wide.safetensors"))
+    with pytest.raises(ValueError, match="encoded 40 wide but the sd3 model takes text conditioning 24 wide"):
+        run_training(config(prompts=str(root / "wide.safetensors")))
+    encode_prompt_set(["a red cube"], fake_text_encoder(pooled=8)).save(str(root / "pooled.safetensors"))
+    with pytest.raises(ValueError, match="pooled vectors are 8 wide but the sd3 model takes 16"):
+        run_training(config(prompts=str(root / "pooled.safetensors")))
+    assert not os.path.exists(root / "run" / "state.safetensors")
+
+
+@CLEAR
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+def test_a_lora_rank_below_one_is_refused(tmp_path, rank):
+    with pytest.raises(ValueError, match="LoRA rank must be a whole number > 0"):
+        SharedLora(torch.nn.Linear(2, 2), rank)
+    if rank != 0:  # 0 is valid in a run config: full copies instead of LoRA
+        with pytest.raises(ValueError, match="lora_rank must be a whole number >= 1 for LoRA, or 0"):
+            RunConfig(run_dir=str(tmp_path), lora_rank=rank)
+
+
+@CLEAR
+def test_a_cached_range_outside_the_model_is_refused(sd3):
+    _, config = sd3
+    with pytest.raises(ValueError, match="cache range 2..5 exceeds the model's 3 blocks"):
+        run_training(config(stage1={"cache_first": 2, "cache_last": 5}))
+
+
+@CLEAR
+def test_a_resume_with_a_changed_base_model_is_refused_and_the_checkpoint_kept(sd3):
+    root, config = sd3
+    assert run_training(config())["status"] == "done"
+    before = (root / "run" / "state.safetensors").read_bytes()
+    from diffusers import SD3Transformer2DModel
+
+    changed = SD3Transformer2DModel.from_pretrained(str(root / "sd3"))
+    with torch.no_grad():
+        changed.proj_out.weight.mul_(1.05)
+    changed.save_pretrained(str(root / "sd3"), safe_serialization=True)
+    with pytest.raises(ResumeRefused, match="base model: sd3 \\(hash [0-9a-f]+\\) -> sd3 \\(hash [0-9a-f]+\\)"):
+        run_training(config(iterations=4))
+    assert (root / "run" / "state.safetensors").read_bytes() == before
