@@ -109,6 +109,7 @@ def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
     context, pooled = teacher.flow.text_dims
     teacher.prompts.check_model(context, pooled, f"the {teacher.flow.family} model")
     teacher.base["prompts"] = teacher.prompts.content_hash()
+    teacher.base.setdefault("family", teacher.flow.family)
     return teacher
 
 
