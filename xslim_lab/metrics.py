@@ -74,3 +74,41 @@ def within_class_diversity(features: torch.Tensor, labels: torch.Tensor) -> floa
         d = torch.cdist(fc, fc)
         values.append(d.sum() / (len(fc) * (len(fc) - 1)))
     return torch.stack(values).mean().item() if values else float("nan")  # needs two samples of a class
+
+
+# --- Added for the distillation evaluation over several seed sets (xslim_lab/distill_evaluate.py). Additions
+# only: the functions above keep their signatures, which the X-Slim benchmarks use.
+
+
+def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``fake_features`` against ``real_features``.
+
+    Precision: the fraction of fake points inside the union of the real points' k-NN balls (fidelity);
+    recall: the fraction of real points inside the union of the fake points' k-NN balls (coverage). Both lie in
+    [0, 1]; a set measured against itself scores 1 on both. Each set needs more than ``k`` points.
+    """
+    for name, f in (("real_features", real_features), ("fake_features", fake_features)):
+        if f.ndim != 2 or f.shape[0] <= k:
+            raise ValueError(f"precision_recall: {name} must be [N, D] with N > k = {k}, got shape {tuple(f.shape)}")
+    real, fake = real_features.float(), fake_features.float()
+    return {"precision": _coverage(fake, real, k), "recall": _coverage(real, fake, k)}
+
+
+def standard_error(values) -> float:
+    """Standard error of the mean of independent measurements: sample std (ddof 1) / sqrt(n); needs n >= 2."""
+    v = torch.as_tensor(list(values), dtype=torch.float64)
+    if v.numel() < 2:
+        raise ValueError(f"standard_error needs at least 2 values, got {v.numel()}")
+    return (v.std(unbiased=True) / v.numel() ** 0.5).item()
+
+
+def mean_and_standard_error(values) -> tuple[float, float]:
+    """(mean, standard error of the mean) of per-set measurements (n >= 2)."""
+    v = [float(x) for x in values]
+    return sum(v) / len(v) if v else float("nan"), standard_error(v)
+
+
+@torch.no_grad()
+def classifier_features(classifier: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The classifier's feature vectors of images in [0, 1] (the space of FD, precision/recall and diversity)."""
+    return torch.cat([classifier.features(images[i : i + batch]) for i in range(0, len(images), batch)])
