@@ -36,7 +36,7 @@ STALE_AFTER_S = 30.0
 # Settings a resumed run may change: how long it trains and how often it reports. Everything else shapes the
 # result, so changing it would silently mix two different trainings in one checkpoint.
 RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "preview_every", "run_dir", "device", "parallel",
-             "memory_budget_gib")  # placement and budget: a run may resume elsewhere
+             "memory_budget_gib", "offload_optimizer")  # placement and budget: a run may resume elsewhere
 
 
 def write_json(path: str, data: dict) -> None:

@@ -49,7 +49,8 @@ def run_memory_setup(cfg: RunConfig, world: int, device: torch.device):
     or None when the run's loader gives no way to know the shape before loading."""
     cache = cfg.stage1.cache if cfg.stage == "stage1" else cfg.stage2.cache
     common = dict(batch=cfg.batch_size, mode="lora" if cfg.lora_rank else "full", lora_rank=cfg.lora_rank or 64,
-                  checkpointing=cfg.gradient_checkpointing, gpus=world, sharding="none" if world == 1 else cfg.parallel,
+                  checkpointing=cfg.gradient_checkpointing, offload_optimizer=cfg.offload_optimizer, gpus=world,
+                  sharding="none" if world == 1 else cfg.parallel,
                   device="cuda" if device.type == "cuda" else "cpu", compensation_streams=2 if cache else 0,
                   cfg=cfg.stage == "stage1" and cfg.stage1.guidance_scale != 1.0,
                   # the loaders give fp32 weights; bf16 autocast only shrinks the activations (planned as fp32: the safe side)
@@ -396,7 +397,7 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
     """Train (or resume) one stage; returns {"status": done|stopped|failed, "iteration", "message", "student"}.
     ``teacher``: a base model the host loaded (``models.Teacher``); None loads ``cfg.teacher`` by its loader."""
     torch.set_num_threads(max(1, min(cfg.threads, torch.get_num_threads())))
-    ranks = Ranks(pick_device(cfg.device), cfg.parallel)
+    ranks = Ranks(pick_device(cfg.device), cfg.parallel, cfg.offload_optimizer)
     planned = check_memory(cfg, ranks) if teacher is None else None  # before anything is loaded (MemoryPlanRefused)
     if planned and ranks.is_main:
         print(f"[1.x-Distill] {planned}", flush=True)

@@ -80,13 +80,13 @@ class Stage1:
         self.pad = ranks.fsdp
         self.student_params, self.fake_params = student.trainable(), fake.trainable()
         self.optimizers = {
-            "student": torch.optim.AdamW(self.student_params, cfg.lr_student, betas, weight_decay=cfg.weight_decay),
-            "fake": torch.optim.AdamW(self.fake_params, cfg.lr_fake, betas, weight_decay=cfg.weight_decay),
+            "student": ranks.adamw(self.student_params, cfg.lr_student, betas, cfg.weight_decay),
+            "fake": ranks.adamw(self.fake_params, cfg.lr_fake, betas, cfg.weight_decay),
         }
         self.modules = {"student": student.state(), "fake": fake.state()}
         if self.compensation:
             self.comp_params = list(self.compensation.parameters())
-            self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
+            self.optimizers["comp"] = ranks.adamw(self.comp_params, cfg.lr_comp, betas, cfg.weight_decay)
             self.modules["comp"] = self.compensation
         # each role's loss is one module call: DDP under torchrun averages exactly that role's gradients
         self.fake_objective = ranks.objective(self._fake_loss, self.fake_params)

@@ -73,12 +73,12 @@ class Stage2:
         self.comp_params = list(self.compensation.parameters()) if self.compensation else []
         self.disc_params = list(self.disc.trainable().parameters())
         self.optimizers = {
-            "student": torch.optim.AdamW(self.student_params, cfg.lr_student, betas, weight_decay=cfg.weight_decay),
-            "disc": torch.optim.AdamW(self.disc_params, cfg.lr_disc, betas, weight_decay=cfg.weight_decay),
+            "student": ranks.adamw(self.student_params, cfg.lr_student, betas, cfg.weight_decay),
+            "disc": ranks.adamw(self.disc_params, cfg.lr_disc, betas, cfg.weight_decay),
         }
         self.modules = {"student": student.state(), "disc": self.disc.trainable()}
         if self.compensation:
-            self.optimizers["comp"] = torch.optim.AdamW(self.comp_params, cfg.lr_comp, betas, weight_decay=cfg.weight_decay)
+            self.optimizers["comp"] = ranks.adamw(self.comp_params, cfg.lr_comp, betas, cfg.weight_decay)
             self.modules["comp"] = self.compensation
         # each role's loss is one module call: DDP under torchrun averages exactly that role's gradients
         self.generator_objective = ranks.objective(self._generator_loss, self.student_params + self.comp_params)

@@ -243,12 +243,15 @@ class DistillTrain(io.ComfyNode):
                 io.Int.Input("cpu_threads", default=cpu_threads, min=1, max=256, tooltip="torch threads of the worker."),
                 io.Boolean.Input("overwrite_student", default=False, tooltip=(
                     "Replace models/students/<run_name>.safetensors if it exists. Off: a run name whose student exists is refused.")),
-                io.Int.Input("lora_rank", default=32, min=0, max=512, tooltip=(
+                # optional, so prompts and workflows saved before these inputs existed still run
+                io.Int.Input("lora_rank", default=32, min=0, max=512, optional=True, tooltip=(
                     "Text-conditioned families: student and fake score are LoRA adapters of this rank on one shared copy "
                     "of the base (0: full copies - three copies of the weights). The demo teacher always trains full copies.")),
-                io.Int.Input("width", default=1024, min=16, max=4096, step=16, tooltip="Training resolution (pixels), text families."),
-                io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Training resolution (pixels), text families."),
-                io.Int.Input("frames", default=1, min=1, max=257, step=4, tooltip="HunyuanVideo: frames per sample (4k+1)."),
+                io.Int.Input("width", default=1024, min=16, max=4096, step=16, optional=True,
+                             tooltip="Training resolution (pixels), text families."),
+                io.Int.Input("height", default=1024, min=16, max=4096, step=16, optional=True,
+                             tooltip="Training resolution (pixels), text families."),
+                io.Int.Input("frames", default=1, min=1, max=257, step=4, optional=True, tooltip="HunyuanVideo: frames per sample (4k+1)."),
                 io.Clip.Input("clip", optional=True, tooltip=(
                     "Encodes the prompt list for text-conditioned families (not needed by the demo teacher).")),
             ],

@@ -46,7 +46,7 @@ class XSlimCache(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("preset", options=PRESET_NAMES, default="auto", tooltip=(
-                    "slow: about 3.2x fewer block evaluations, quality first. fast: about 4.6x. auto: slow. custom: your "
+                    "slow: about 3.2x fewer block evaluations, quality first. fast: about 4x. auto: slow. custom: your "
                     "thresholds below. With a profile the presets hit these ratios on that model; without one the "
                     "online controller uses fixed lines.")),
                 io.Combo.Input("profile", options=profile_names(), default=profile_names()[0], tooltip=(
@@ -148,9 +148,18 @@ class XSlimProfile(io.ComfyNode):
         settings = XSlimSettings(XSlimConfig(mode="off"), record_profile=True)
         out, _, report = cached_run(model, settings, lambda m: sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative))
         if report is None or report.profile is None:
+            stats = report.stats if report is not None else None
+            if stats is not None and not stats.one_call_per_step:
+                raise XSlimSetupError(
+                    f"X-Slim Profile: sampler {sampler_name!r} evaluates the model more than once per step "
+                    f"({stats.uncached_calls} calls between steps, {stats.repeated_calls} repeated steps in this run), so "
+                    "the change from step to step cannot be recorded. Profile with a sampler that makes one model call "
+                    "per step (euler, euler_ancestral, dpmpp_2m, res_multistep, ddim, lcm); the profile "
+                    "then serves any sampler."
+                )
             raise XSlimSetupError(
-                f"X-Slim Profile: the run did not visit every step of its schedule (sampler {sampler_name!r} evaluates "
-                "between steps). Profile with a one-evaluation-per-step sampler such as euler."
+                f"X-Slim Profile: the run did not visit every step of its schedule (sampler {sampler_name!r}). Profile "
+                "with a one-evaluation-per-step sampler such as euler."
             )
         path = save_profile(report.profile, profile_name)
         return io.NodeOutput({"samples": out}, path)

@@ -139,3 +139,29 @@ def test_a_resume_with_another_prompt_set_is_refused(family_run, tmp_path):
     cfg = RunConfig.from_dict({**json.loads(meta["config"]), "prompts": str(tmp_path / "other.safetensors"), "iterations": 4})
     with pytest.raises(ResumeRefused, match="prompt set: hash"):
         run_training(cfg)
+
+
+def test_optimizer_states_offloaded_to_the_cpu_train_bit_identically(tmp_path):
+    """offload_optimizer keeps AdamW's moments and fp32 master weights in host memory; on the CPU that must be
+    exactly the plain AdamW (a full-copy run, where the states are as large as the model)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    module, shape, _ = tiny_sd3()
+    module.save_pretrained(str(tmp_path / "sd3"), safe_serialization=True)
+    encode_prompt_set(["a red cube", "a blue sphere"], fake_text_encoder()).save(str(tmp_path / "p.safetensors"))
+    results = {}
+    for offload in (False, True):
+        cfg = RunConfig(run_dir=str(tmp_path / f"run{offload}"), teacher=str(tmp_path / "sd3"), teacher_loader=LOADER,
+                        teacher_options={"latent_shape": list(shape)}, prompts=str(tmp_path / "p.safetensors"), lora_rank=0,
+                        iterations=4, batch_size=2, checkpoint_every=2, preview_every=0, threads=1, offload_optimizer=offload,
+                        stage1={"cache_first": 1, "cache_last": 1, "lr_student": 1e-3})
+        assert run_training(cfg)["status"] == "done"
+        results[offload] = load_file(str(tmp_path / f"run{offload}" / "student.safetensors"))
+    assert results[False].keys() == results[True].keys()
+    assert all(torch.equal(results[False][k], results[True][k]) for k in results[False])
+    # a resume of the offloaded run restores the host-side moments and master weights from its checkpoint
+    more = RunConfig.from_dict({**json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__)), "iterations": 6})
+    assert run_training(more)["iteration"] == 6

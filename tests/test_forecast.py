@@ -58,3 +58,31 @@ def test_batch_and_cfg_rows_stay_isolated_with_forecasting(fam):
 def test_bad_forecast_orders_are_refused(bad):
     with pytest.raises(ValueError, match="forecast"):
         XSlimConfig(forecast=bad)
+
+
+def test_online_error_with_forecasting_is_the_remainder_of_the_linear_forecast():
+    from types import SimpleNamespace
+
+    from xslim_core.controller import OnlineController
+    from xslim_core.engine import _CallContext
+
+    sigmas = [1.0 - k / 20 for k in range(21)]
+    base, slope, curve = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    d = lambda s: base + slope * s + curve * s * s  # noqa: E731
+    errors = {}
+    for order in (0, 1):
+        ctx = SimpleNamespace(sigma=0.6, engine=SimpleNamespace(config=XSlimConfig(mode="online", forecast=order)))
+        row = RowState(delta_last=d(0.7), sigma_last=0.7, delta_prev=d(0.8), sigma_prev=0.8)
+        _CallContext._track_change(ctx, row, d(0.6))  # what the engine measures after a computed step at 0.6
+        rel = ((d(0.6) - d(0.7)).abs().sum() / d(0.7).abs().sum()).item()
+        assert row.rate == pytest.approx(rel / 0.1, rel=1e-5)
+        if order == 0:
+            assert row.curvature is None
+        else:  # the second divided difference of a quadratic is its curvature coefficient, exactly
+            assert row.curvature == pytest.approx((curve.abs().sum() / d(0.7).abs().sum()).item(), rel=1e-3)
+        row.delta_prev, row.sigma_prev, row.delta_last, row.sigma_last = row.delta_last, 0.7, d(0.6), 0.6
+        controller = OnlineController(XSlimConfig(mode="online", forecast=order), sigmas, 0)
+        errors[order] = [controller.error(row, k) for k in (9, 10, 11)]  # 0.55, 0.5, 0.45
+    assert errors[0] == pytest.approx([row.rate * x for x in (0.05, 0.1, 0.15)])
+    assert errors[1] == pytest.approx([row.curvature * a * b for a, b in ((0.05, 0.15), (0.1, 0.2), (0.15, 0.25))])
+    assert errors[1][2] / errors[1][0] > 1.5 * (0.15 / 0.05)  # grows faster than linearly with the distance

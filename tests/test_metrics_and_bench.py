@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -51,19 +52,62 @@ def test_distribution_metrics_separate_real_images_from_noise():
 
 
 @pytest.mark.skipif(not os.path.exists(default_weights_path()), reason="the demo teacher weights are not built yet")
-def test_benchmark_runs_end_to_end_and_writes_its_table_plot_and_grid(tmp_path, capsys):
-    from xslim_core import bench
+def test_benchmark_runs_end_to_end_and_writes_its_tables_plot_and_grid(tmp_path):
+    import json
 
-    bench.main(["--images", "20", "--steps", "10", "--timing-images", "10", "--repeats", "1", "--out", str(tmp_path),
-                "--skip-compute-bound"])
+    from xslim_lab import bench
+
+    bench.main(["--quick", "--out", str(tmp_path)])
     table = (tmp_path / "teacher.md").read_text()
-    for name in ("full 10 steps", "5 steps", "uniform reuse N=2", "X-Slim(C2F)-fast", "X-Slim online",
-                 "diffusers FBC", "diffusers TaylorSeer", "diffusers MagCache"):
+    for heading in ("## 10 steps, Euler", "## 10 steps, AB2"):
+        assert heading in table
+    for name in ("full 10 steps", "5 steps", "AB2 5 steps", "uniform reuse N=2", "X-Slim fast", "X-Slim online slow",
+                 "diffusers FBC", "diffusers TaylorSeer-Lite", "diffusers MagCache"):
         assert name in table
+    assert "seed 1, classes [1, 3, 5, 7, 9]" in table and "seed 7, classes [0, 2, 4, 6, 8]" in table
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
     assert (tmp_path / "grid.png").stat().st_size > 1_000
-    full_row = next(line for line in table.splitlines() if line.startswith("| full 10 steps"))
-    assert "| 120 | 10.0 | 1.00 |" in full_row  # 12 blocks x 10 steps, counted by hooks
+    results = json.loads((tmp_path / "results.json").read_text())["10"]
+    for sampler in ("euler", "ab2"):
+        rows = {r["name"]: r for r in results[sampler]}
+        full = rows["full 10 steps"]
+        assert full["block_evals"] == 120 and full["psnr"] == 100.0  # 12 blocks x 10 steps, counted by hooks
+        assert rows["5 steps"]["block_evals"] == 60 and rows["5 steps"]["psnr"] < 100.0
+        for name, row in rows.items():
+            assert row["psnr_p5"] <= row["psnr"] + 1e-9, name
+            if name.startswith("X-Slim"):  # every X-Slim row has a same-sampler step baseline at <= its compute
+                assert any(r["group"] == "steps" and r["block_evals"] <= row["block_evals"] for r in rows.values())
+    timed = [r for r in results["euler"] if "wall_x" in r]
+    assert {"full 10 steps", "X-Slim fast"} <= {r["name"] for r in timed}
+    verdicts = [line for line in table.splitlines() if line.startswith("- **X-Slim")]
+    assert len(verdicts) == 2 * 4 and all(any(w in v for w in ("beats", "ties", "loses", "no baseline")) for v in verdicts)
+
+
+def test_verdicts_compare_median_and_p5_with_every_cheaper_baseline():
+    from xslim_lab.bench import Method, verdict
+
+    def m(name, evals, psnr, p5, group="steps"):
+        return Method(name, group, None, {"block_evals": evals, "psnr": psnr, "psnr_p5": p5, "nfe": evals / 12})
+
+    x = m("x", 120, 35.0, 30.0, "X-Slim")
+    assert verdict(x, [m("10 steps", 120, 33.0, 25.0), m("8 steps", 96, 31.0, 22.0)]) == ("beats", m("10 steps", 120, 33.0, 25.0))
+    word, b = verdict(x, [m("10 steps", 120, 36.0, 24.0)])  # better median, much worse p5: mixed
+    assert word == "ties" and b.name == "10 steps"
+    word, b = verdict(x, [m("cheap", 60, 30.0, 20.0), m("strong", 108, 35.5, 30.1)])  # strong wins on both
+    assert word == "loses" and b.name == "strong"
+    assert verdict(x, [m("costly", 240, 50.0, 45.0)])[0] == "no baseline at <= compute"  # only cheaper ones count
+
+
+def test_ab2_is_second_order_and_euler_first_order_on_a_linear_ode():
+    from xslim_lab.sampling import flow_sigmas, sample_ab2, sample_euler
+
+    # dx/dsigma = -x has x(0) = x(1) * e; the error of each sampler shrinks with its order as steps double
+    exact = torch.tensor([math.e])
+    err = {name: [((f(lambda x, s: -x, torch.ones(1), flow_sigmas(n)) - exact).abs().item()) for n in (10, 20)]
+           for name, f in (("euler", sample_euler), ("ab2", sample_ab2))}
+    assert 1.8 < err["euler"][0] / err["euler"][1] < 2.2
+    assert 3.2 < err["ab2"][0] / err["ab2"][1] < 4.8
+    assert err["ab2"][1] < err["euler"][1] / 10
 
 
 def test_classifier_file_is_shipped_and_checked(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from families import BUILDERS
-from xslim_core import Profile, StepKind, XSlim, XSlimConfig, build_schedule, preset_config, record_profile
+from xslim_core import PRESETS, Profile, StepKind, XSlim, XSlimConfig, build_schedule, preset_config, record_profile
 from xslim_lab.sampling import flow_sigmas, sample_euler
 from xslim_core.schedule import coarse_pass, fine_pass, resample_change
 
@@ -53,8 +53,9 @@ def test_presets_meet_their_compute_targets_on_a_u_shaped_profile_and_transfer_o
     slow = build_schedule(prof, prof.sigmas, preset_config("slow"), stacks)
     fast = build_schedule(prof, prof.sigmas, preset_config("fast"), stacks)
     assert slow.pattern[:4] == "FFFF" and slow.pattern[-1] == "F"
-    assert 50 / slow.predicted_nfe >= 3.2 and 50 / fast.predicted_nfe >= 4.6  # the presets' compute targets
-    assert 50 / slow.predicted_nfe < 3.6 and 50 / fast.predicted_nfe < 5.2  # ... and not far past them
+    for schedule, name in ((slow, "slow"), (fast, "fast")):
+        target = PRESETS[name]["target_speedup"]
+        assert target <= 50 / schedule.predicted_nfe < 1.13 * target  # the preset's compute target, not far past it
     assert {"B", "T"} <= set(slow.pattern)
     # over sigma, 100 steps compute far fewer than twice the steps 50 did (only the forced head and tail,
     # which are counted in steps, grow)

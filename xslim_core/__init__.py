@@ -4,7 +4,7 @@ Pure PyTorch: this package never imports ComfyUI. The ComfyUI nodes in ``nodes/`
 """
 
 from .adapters import adapter_for, supported_models
-from .config import ONLINE_PRESETS, PRESETS, StepKind, XSlimConfig, preset_config
+from .config import ONLINE_PRESETS, PRESETS, StepKind, XSlimConfig, online_preset_config, preset_config
 from .engine import XSlim, XSlimEngine, check_profile, record_profile, run_cached
 from .profile import Profile
 from .schedule import Schedule, build_schedule
@@ -12,5 +12,5 @@ from .state import RunStats
 
 __all__ = [
     "ONLINE_PRESETS", "PRESETS", "Profile", "RunStats", "Schedule", "StepKind", "XSlim", "XSlimConfig", "XSlimEngine", "check_profile", "adapter_for",
-    "build_schedule", "preset_config", "record_profile", "run_cached", "supported_models",
+    "build_schedule", "online_preset_config", "preset_config", "record_profile", "run_cached", "supported_models",
 ]

@@ -51,26 +51,34 @@ class OnlineController:
         self.num_layers = num_attention_layers
 
     def error(self, row: RowState, step: int) -> float:
+        """The predicted relative error of the residual a skipped step would add. Plain reuse: the rate of change
+        times the sigma travelled since the last computed step. With forecasting (once three computed steps give
+        a curvature): the remainder of the linear extrapolation, curvature x (sigma - sigma_last) x (sigma -
+        sigma_prev), which is second order in the distance."""
         if row.rate is None or row.sigma_last is None:
             return float("inf")
-        return row.rate * abs(row.sigma_last - self.sigmas[step])
+        sigma = self.sigmas[step]
+        if self.config.forecast >= 1 and row.curvature is not None and row.sigma_prev is not None:
+            return row.curvature * abs(row.sigma_last - sigma) * abs(row.sigma_prev - sigma)
+        return row.rate * abs(row.sigma_last - sigma)
 
     def plan(self, row: RowState, step: int) -> StepPlan:
         cfg = self.config
         levels = cfg.levels
         kind = StepKind.FULL
+        band = cfg.crit > cfg.warn  # equal lines: skip or compute fully, so nothing is recorded for refreshes
         if self.eligible[step]:
             err = self.error(row, step)
             if err < cfg.warn and "step" in levels and row.skips_in_row < cfg.max_skips:
                 kind = StepKind.SKIP
-            elif err < cfg.crit and row.refreshes_in_row < cfg.max_refreshes:
+            elif band and err < cfg.crit and row.refreshes_in_row < cfg.max_refreshes:
                 kind = self._refresh_kind(row)
         kind = _downgrade(kind, row, len(row.kv) == self.num_layers)
         return StepPlan(
             kind,
             skip_blocks=row.skip_blocks if kind is StepKind.BLOCK else frozenset(),
-            record_blocks=kind is StepKind.FULL and "block" in levels,
-            capture_kv=kind in (StepKind.FULL, StepKind.BLOCK) and "token" in levels,
+            record_blocks=band and kind is StepKind.FULL and "block" in levels,
+            capture_kv=band and kind in (StepKind.FULL, StepKind.BLOCK) and "token" in levels,
         )
 
     def _refresh_kind(self, row: RowState) -> StepKind:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import threading
 import warnings
@@ -41,22 +42,43 @@ def forecast_residual(row: RowState, sigma: float, order: int, limit: float, lik
     """Newton extrapolation over sigma of a row's step residuals (order 1: last two computed steps, order 2: last
     three), computed in fp32. Falls back to the next lower order while the history is short or when the
     correction exceeds ``limit`` x the last residual (a diverging forecast is worse than plain reuse)."""
+    return forecast_rows([row], sigma, order, limit, like)
+
+
+def _history(row: RowState, order: int) -> list:
     history = [(row.delta_last, row.sigma_last), (row.delta_prev, row.sigma_prev), (row.delta_prev2, row.sigma_prev2)]
     known = next((i for i, (d, s) in enumerate(history[: order + 1]) if d is None or s is None), order + 1)
-    ds = [TensorStore.get(d, like).float() for d, _ in history[:known]]  # each residual converted once
+    return history[:known]
+
+
+def forecast_rows(rows: list[RowState], sigma: float, order: int, limit: float, like: torch.Tensor) -> torch.Tensor:
+    """``forecast_residual`` for several rows at once, as one batch [rows, ...]. Rows that share their sigma
+    history (the usual case: every row of a call was computed at the same steps) are extrapolated together, with
+    the divergence check per row and no host sync; others one by one."""
+    histories = [_history(r, order) for r in rows]
+    if any([s for _, s in h] != [s for _, s in histories[0]] for h in histories[1:]):
+        return torch.cat([forecast_rows([r], sigma, order, limit, like) for r in rows])
+    ss = [float(s) for _, s in histories[0]]
+    ds = [TensorStore.batch([h[i][0] for h in histories], like).float() for i in range(len(ss))]  # each converted once
     last = ds[0]
-    for k in range(known - 1, 0, -1):
-        ss = [float(s) for _, s in history[: k + 1]]
-        if len(set(ss)) < len(ss):
+    dims = tuple(range(1, last.ndim))
+    bound = limit * last.abs().sum(dim=dims)
+    out = last
+    for k in range(1, len(ss)):  # ascending: the highest accepted order wins
+        if len(set(ss[: k + 1])) < k + 1:
             continue
         first = (ds[0] - ds[1]) / (ss[0] - ss[1])
         correction = first * (sigma - ss[0])
         if k == 2:
             second = (first - (ds[1] - ds[2]) / (ss[1] - ss[2])) / (ss[0] - ss[2])
             correction = correction + second * (sigma - ss[0]) * (sigma - ss[1])
-        if correction.abs().sum() <= limit * last.abs().sum():
-            return (last + correction).to(like.dtype)
-    return last.to(like.dtype)
+        ok = (correction.abs().sum(dim=dims) <= bound).reshape(-1, *([1] * len(dims)))
+        out = torch.where(ok, last + correction, out)
+    return out.to(like.dtype)
+
+
+def _nonzero(x: float) -> float:
+    return x if abs(x) > 1e-8 else 1e-8
 
 
 def locate_step(sigmas: list[float], sigma: float, resolution: float = 0.0) -> int | None:
@@ -124,11 +146,19 @@ class _Run:
             self.block_thresholds = {name: 0.0 for name, _ in engine.stacks}
             self.adaptive_blocks = True
         self.profile_steps: dict[int, list] = {}  # step -> [sum step change, sum block changes, count]
+        self.visited: set = set()  # (row key, step) evaluated so far
         self.keeps_state = engine.recording or cfg.mode != "off"  # "off" only counts
         self.tracks_rate = isinstance(self.controller, OnlineController)
 
     def row(self, key) -> RowState:
         return self.rows.setdefault(key, RowState())
+
+    def count_visits(self, keys, step: int) -> None:
+        """A second evaluation of a step for the same row (Heun's corrector lands on the next step's sigma) is
+        counted: a profile of such a run would mix two evaluations per step."""
+        if any((key, step) in self.visited for key in keys):
+            self.stats.repeated_calls += 1
+        self.visited.update((key, step) for key in keys)
 
 
 class _CallContext:
@@ -183,6 +213,10 @@ class _CallContext:
             self.run.stats.block_evals += len(self.rows)
             self.run.stats.block_calls += 1
             return forward(*args, **kwargs)  # nothing to observe in the middle of a plain full step
+        if kind is StepKind.SKIP and not (first or last) and hasattr(spec, "passthrough"):
+            out = spec.passthrough(args, kwargs)  # the middle of a skipped step: inputs pass through as they are
+            if out is not None:
+                return out
         call = spec.bind(args, kwargs)
         img, txt = call.img, call.txt
         if first:  # a block that adds to its input in place would change I under us
@@ -219,7 +253,7 @@ class _CallContext:
         order = self.engine.config.forecast
         if order == 0:
             return self._batch("delta_last", like)
-        return torch.cat([forecast_residual(row, self.sigma, order, self.engine.config.forecast_limit, like) for row in self.rows])
+        return forecast_rows(self.rows, self.sigma, order, self.engine.config.forecast_limit, like)
 
     def _reuse_block(self, index: int, img, txt):
         parts = [row.block_residuals[index] for row in self.rows]
@@ -305,9 +339,7 @@ class _CallContext:
             if kind is not StepKind.SKIP:
                 delta = out - self.I[j : j + 1]
                 if run.tracks_rate and row.delta_last is not None:  # online controller only: one host sync
-                    last = TensorStore.get(row.delta_last, delta).float()
-                    rel = ((delta.float() - last).abs().sum() / last.abs().sum().clamp_min(1e-12)).item()
-                    row.rate = rel / max(abs(row.sigma_last - self.sigma), 1e-8)
+                    self._track_change(row, delta)
                 if self.engine.config.forecast >= 2:
                     row.delta_prev2, row.sigma_prev2 = row.delta_prev, row.sigma_prev
                 row.delta_prev, row.sigma_prev = row.delta_last, row.sigma_last
@@ -338,6 +370,24 @@ class _CallContext:
                 start += count
         run.stats.cache_bytes = sum(r.nbytes() for r in run.rows.values())
         run.stats.cache_bytes_peak = max(run.stats.cache_bytes_peak, run.stats.cache_bytes)
+
+    def _track_change(self, row: RowState, delta: torch.Tensor) -> None:
+        """Online controller: the relative L1 change of the step residual per unit sigma (the error of plain reuse
+        grows with it) and, with forecasting, the relative L1 second divided difference over sigma (the error of
+        a linear forecast grows with it). One host sync either way."""
+        new, last = delta.float(), TensorStore.get(row.delta_last, delta).float()
+        last_norm = last.abs().sum().clamp_min(1e-12)
+        parts = [(new - last).abs().sum() / last_norm]
+        curvature = self.engine.config.forecast >= 1 and row.delta_prev is not None and row.sigma_prev is not None
+        if curvature:
+            prev = TensorStore.get(row.delta_prev, delta).float()
+            h, h_prev = _nonzero(self.sigma - row.sigma_last), _nonzero(row.sigma_last - row.sigma_prev)
+            second = ((new - last) / h - (last - prev) / h_prev).abs().sum() / _nonzero(abs(self.sigma - row.sigma_prev))
+            parts += [second, last_norm]
+        values = torch.stack(parts).tolist() if curvature else [parts[0].item()]
+        row.rate = values[0] / max(abs(row.sigma_last - self.sigma), 1e-8)
+        if curvature:
+            row.curvature = values[1] / max(values[2], 1e-12)
 
     def _record_profile_step(self) -> None:
         change = [
@@ -421,7 +471,8 @@ class XSlimEngine:
     def recorded_profile(self) -> Profile:
         self.end_run()
         if self._last_profile is None:
-            raise RuntimeError("X-Slim: no complete profiled run yet.")
+            problem = getattr(self._thread, "profile_problem", None)
+            raise RuntimeError("X-Slim: no complete profiled run yet" + (f": {problem}." if problem else "."))
         return self._last_profile
 
     @contextlib.contextmanager
@@ -443,7 +494,12 @@ class XSlimEngine:
             return
         self._last_stats = self._run.stats
         if self.recording:
-            self._last_profile = self._build_profile(self._run) or self._last_profile
+            built = self._build_profile(self._run)
+            self._last_profile = built or self._last_profile
+            stats = self._run.stats
+            self._thread.profile_problem = None if built or stats.one_call_per_step else (
+                f"the sampler evaluated the model more than once per step ({stats.uncached_calls} calls between steps, "
+                f"{stats.repeated_calls} repeated steps); record the profile with a one-call-per-step sampler such as Euler")
         self._run = None
 
     @property
@@ -471,6 +527,7 @@ class XSlimEngine:
         run, step = located
         run.max_step = max(run.max_step, step)
         keys = call.keys
+        run.count_visits(keys, step)
         plans = [run.controller.plan(run.row(k), step) for k in keys]
         groups = self._group(plans)
         outputs = []
@@ -490,6 +547,7 @@ class XSlimEngine:
         if located is not None:
             run, step = located
             run.max_step = max(run.max_step, step)
+            run.count_visits(call.keys, step)
             for key in call.keys:
                 run.stats.record(key, step, StepKind.FULL)
             run.stats.add_uncached(call.batch)
@@ -541,8 +599,8 @@ class XSlimEngine:
 
     def _build_profile(self, run: _Run) -> Profile | None:
         steps = run.profile_steps
-        if len(steps) != len(run.sigmas) - 1:
-            return None
+        if len(steps) != len(run.sigmas) - 1 or not run.stats.one_call_per_step:
+            return None  # a step not visited, or a sampler that evaluates more than once per step
         ordered = [steps[k] for k in range(len(steps))]
         return Profile(
             family=self.adapter.family,
@@ -609,6 +667,7 @@ class XSlim(XSlimEngine):
             segment_transform=segment_transform,
         )
         self._undo: list[Callable[[], None]] = []
+        self._forward_signature = None
         self._install()
         model.__dict__["_xslim_cache"] = self  # plain attribute: not a submodule, not in the state dict
         self._undo.append(lambda: model.__dict__.pop("_xslim_cache", None))
@@ -653,7 +712,9 @@ class XSlim(XSlimEngine):
     def _model_forward(self, forward, *args, **kwargs):
         if self._call is not None:
             return forward(*args, **kwargs)
-        call = ModelCall(self.adapter, type(self.model).forward.__get__(self.model), args, kwargs)  # names from the class
+        if self._forward_signature is None:  # names from the class's own forward, looked up once
+            self._forward_signature = inspect.signature(type(self.model).forward.__get__(self.model))
+        call = ModelCall(self.adapter, None, args, kwargs, self._forward_signature)
         reason = self.adapter.unsupported(call)
         if reason:
             self.warn_once(f"X-Slim: this call runs uncached ({reason}).")

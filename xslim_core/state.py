@@ -69,6 +69,7 @@ class RowState:
     block_residuals: dict = field(default_factory=dict)  # block index -> (image residual, text residual | None)
     skip_blocks: frozenset | None = None  # blocks chosen for reuse at the last full step (None: not scored)
     rate: float | None = None  # relative L1 change of the step residual per unit sigma (online controller)
+    curvature: float | None = None  # relative L1 second divided difference over sigma (online, forecasting on)
     last_partial: StepKind | None = None
     kv: dict = field(default_factory=dict)  # attention layer -> (K, V) of image tokens, [1, H, N, Dh]
     segment_delta: tuple | None = None  # segment mode: (image, text | None) delta of the block range
@@ -99,6 +100,7 @@ class RunStats:
     cache_bytes: int = 0
     cache_bytes_peak: int = 0
     uncached_calls: int = 0  # model calls run without X-Slim (midpoints, ControlNet steps): counted in full
+    repeated_calls: int = 0  # model calls at a step a row was already evaluated at (e.g. Heun's corrector)
 
     def add_uncached(self, rows: int) -> None:
         self.uncached_calls += 1
@@ -146,4 +148,10 @@ class RunStats:
             "tokens_total": self.tokens_total,
             "cache_bytes_peak": self.cache_bytes_peak,
             "uncached_calls": self.uncached_calls,
+            "repeated_calls": self.repeated_calls,
         }
+
+    @property
+    def one_call_per_step(self) -> bool:
+        """True when every model call was the single evaluation of its step (what a profile needs)."""
+        return self.uncached_calls == 0 and self.repeated_calls == 0

@@ -122,3 +122,18 @@ def tiny_lumina2():
     return native_model("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2,
                                         n_refiner_layers=1, n_heads=2, n_kv_heads=2, multiple_of=16, cap_feat_dim=64,
                                         axes_dims=[8, 12, 12], axes_lens=[1, 64, 64]))
+
+
+def counting(model):
+    """A clone whose every block counts the rows it really runs (a dit patch placed before any cache's wrappers)."""
+    from comfyui_xslim.nodes.families import family_for
+
+    counter = {"rows": 0}
+    m = model.clone()
+    for spec in family_for(m.model.diffusion_model).specs(m.model.diffusion_model):
+        def patch(args, extra):
+            counter["rows"] += args["img"].shape[0]
+            return extra["original_block"](args)
+
+        m.set_model_patch_replace(patch, "dit", *spec.patch)
+    return m, counter

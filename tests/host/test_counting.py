@@ -8,19 +8,7 @@ import pytest
 import comfy_env as ce
 
 
-def counting(model):
-    """A clone whose every block counts the rows it really runs (a dit patch placed before X-Slim's)."""
-    from comfyui_xslim.nodes.families import family_for
-
-    counter = {"rows": 0}
-    m = model.clone()
-    for spec in family_for(m.model.diffusion_model).specs(m.model.diffusion_model):
-        def patch(args, extra):
-            counter["rows"] += args["img"].shape[0]
-            return extra["original_block"](args)
-
-        m.set_model_patch_replace(patch, "dit", *spec.patch)
-    return m, counter
+counting = ce.counting  # shared with the other counting tests (comfy_env)
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2s_ancestral", "heun", "dpmpp_sde", "euler"])

@@ -29,9 +29,29 @@ class BlockSpec:
 
     def __post_init__(self):
         self.signature = class_signature(self.module)
+        names = list(self.signature.parameters)
+        self._positions = {name: names.index(name) for name in (self.img_arg, self.txt_arg) if name in names}
 
     def bind(self, args, kwargs) -> "BoundBlock":
         return BoundBlock(self, args, kwargs)
+
+    def _argument(self, name: str | None, args, kwargs):
+        if name is None:
+            return None
+        if name in kwargs:
+            return kwargs[name]
+        pos = self._positions.get(name)
+        return args[pos] if pos is not None and pos < len(args) else None
+
+    def passthrough(self, args, kwargs):
+        """The block's output when it returns its inputs unchanged (a block inside a skipped step), without binding
+        every argument by signature; None when the streams cannot be found this way."""
+        img, txt = self._argument(self.img_arg, args, kwargs), self._argument(self.txt_arg, args, kwargs)
+        if img is None or (len(self.outputs) > 1 and self.txt_arg is not None and txt is None):
+            return None
+        if len(self.outputs) == 1:
+            return img
+        return tuple(img if name == "img" else txt for name in self.outputs)
 
 
 def class_signature(module: nn.Module) -> inspect.Signature:
@@ -91,9 +111,10 @@ class BoundBlock:
 class ModelCall:
     """One call of the whole model: its sigma, batch size, and the batch sliced by rows."""
 
-    def __init__(self, adapter: "Adapter", forward, args, kwargs):
+    def __init__(self, adapter: "Adapter", forward, args, kwargs, signature: inspect.Signature | None = None):
         self.adapter = adapter
-        bound = inspect.signature(forward).bind(*args, **kwargs)  # the engine passes the class's own forward
+        signature = signature or inspect.signature(forward)  # the engine passes the class's own forward
+        bound = signature.bind(*args, **kwargs)
         self.arguments = bound.arguments
         self._bound = bound
         self.img = self.arguments[adapter.img_arg]
