@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from xslim_core import XSlimConfig, preset_config, record_profile
+from xslim_core import XSlimConfig, adapter_for, preset_config, record_profile
 from .random_models import random_flux, random_sd3
 from xslim_core.engine import run_cached
 from .sampling import flow_sigmas, sample_euler
@@ -100,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def model_blocks(model) -> list:
-    return [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(model, name, [])]
+    """The model's blocks as the engine sees them (its adapter: the one list of block stacks)."""
+    return [spec.module for spec in adapter_for(model).blocks(model)]
 
 
 def without_blocks(model, sample):
     """One run with the model's block lists emptied: the cost of everything X-Slim never skips."""
-    names = [n for n in ("transformer_blocks", "single_transformer_blocks") if hasattr(model, n)]
+    names = [attr for _, attr in adapter_for(model).stacks]
     saved = {n: getattr(model, n) for n in names}
     for n in names:
         setattr(model, n, torch.nn.ModuleList())
