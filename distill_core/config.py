@@ -39,7 +39,7 @@ class RunConfig:
     lora_alpha: float | None = None  # LoRA scale numerator (None: = rank)
     device: str | None = None  # "cpu", "cuda", "cuda:N"; None: CUDA when present (cuda:LOCAL_RANK under torchrun)
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimiser states stay fp32)
-    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (nets.checkpoint_blocks)
     offload_optimizer: bool = False  # AdamW moments and fp32 master weights in CPU memory (updates.OffloadedAdamW)
     parallel: str = "ddp"  # under torchrun: "ddp" (each rank holds the whole base) or "fsdp" (FSDP2: the LoRA base sharded)
     memory_budget_gib: float | None = None  # memory per process the planner checks the run against (None: the GPU's own)

@@ -22,6 +22,11 @@ from torch import nn
 
 from .models import FlowModel
 
+try:
+    from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
+except ImportError:  # run from the repository root, where distill_core is a top-level package
+    from xslim_core.hooks import wrap_forward
+
 ROLES = ("student", "fake")
 # LoRA on the blocks' attention and MLP projections (diffusers names); other layers stay frozen.
 LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
@@ -168,15 +173,47 @@ def merged_weights(lora: SharedLora, role: str, state: dict | None = None) -> di
     return out
 
 
-def build_roles(teacher: FlowModel, lora_rank: int = 0, lora_alpha: float | None = None):
-    """(teacher, student, fake) roles on ``teacher``'s transformer (frozen in place)."""
+def checkpoint_blocks(flow: FlowModel, lora: SharedLora | None = None) -> None:
+    """Per-block activation checkpointing of a trainable transformer: each block recomputes its activations in
+    backward instead of keeping them. Installed under the cached step's patches (``xslim_core.hooks``), so a
+    block the cached step skips is neither run nor recomputed, and the recomputation runs the very function
+    the forward ran, with the LoRA adapter that was active then (backward comes after other roles' forwards
+    have switched it)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(inner, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        active = lora.active if lora is not None else None
+
+        def again(*a, **k):
+            if lora is None:
+                return inner(*a, **k)
+            with lora.using(active):
+                return inner(*a, **k)
+
+        return checkpoint(again, *args, use_reentrant=False, **kwargs)
+
+    for spec in flow.blocks():
+        wrap_forward(spec.module, run)
+
+
+def build_roles(teacher: FlowModel, lora_rank: int = 0, lora_alpha: float | None = None, checkpointing: bool = False):
+    """(teacher, student, fake) roles on ``teacher``'s transformer (frozen in place); ``checkpointing``: the
+    trainable transformers' blocks recompute their activations in backward (``checkpoint_blocks``)."""
     teacher.module.eval().requires_grad_(False)
     if lora_rank:
         lora = SharedLora(teacher.module, lora_rank, lora_alpha, getattr(teacher, "lora_targets", LORA_TARGETS))
-        return Role(teacher, lora, None), Role(teacher, lora, "student"), Role(teacher, lora, "fake")
+        roles = Role(teacher, lora, None), Role(teacher, lora, "student"), Role(teacher, lora, "fake")
+        if checkpointing:  # one module: the student and the fake score share its blocks
+            checkpoint_blocks(teacher, lora)
+        return roles
 
-    def copy_of():
+    def copy_of():  # copied before any forward is wrapped: a copy must not call the original's blocks
         module = copy.deepcopy(teacher.module).train().requires_grad_(True)
-        return Role(teacher.with_module(module))
+        role = Role(teacher.with_module(module))
+        if checkpointing:
+            checkpoint_blocks(role.flow)
+        return role
 
     return Role(teacher), copy_of(), copy_of()

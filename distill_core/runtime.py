@@ -114,21 +114,22 @@ def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
     return teacher
 
 
-def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher | None = None):
-    """The stage object (modules, optimizers, step) and the loaded teacher (base description, previews)."""
+def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher):
+    """The stage object (modules, optimizers, step) on the loaded teacher (``load_run_teacher``)."""
     base = teacher.base
+    teacher.flow.module.to(ranks.device)  # the stages and their copies of the base follow its device
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    frozen, student, fake = build_roles(teacher.flow, cfg.lora_rank, cfg.lora_alpha)
+    frozen, student, fake = build_roles(teacher.flow, cfg.lora_rank, cfg.lora_alpha, cfg.gradient_checkpointing)
     if cfg.stage == "stage1":
         if cfg.init_student:  # e.g. Distill-Cache co-training as a fine-tune of a finished Stage-I run
             finished = None if student.lora else student_loader(teacher)(cfg.init_student, base_hash=base["hash"])
-            student.state().load_state_dict(_role_weights(cfg.init_student, base, student, finished))
+            student.state().load_state_dict(_role_weights(cfg.init_student, student, finished))
         if cfg.init_fake:
             fake.state().load_state_dict(load_module(cfg.init_fake, "fake"))
         task = Stage1(cfg.stage1, student, fake, frozen, teacher.prompts, ranks, cfg.seed)
     else:
         init = student_loader(teacher)(cfg.init_student, base_hash=base["hash"])
-        student.state().load_state_dict(_role_weights(cfg.init_student, base, student, init))
+        student.state().load_state_dict(_role_weights(cfg.init_student, student, init))
         reference = student_loader(teacher)(cfg.reference, base_hash=base["hash"])
         # co-trained in Stage I: continue from its compensation (loaded before an FSDP run shards it)
         comp = init.compensation.state_dict() if init.compensation is not None and init.cache == cfg.stage2.cache else None
@@ -142,18 +143,10 @@ def student_loader(teacher: Teacher):
     return getattr(teacher, "student_loader", None) or load_student
 
 
-def enable_checkpointing(module: torch.nn.Module) -> None:
-    """Recompute each block in backward instead of keeping its activations (diffusers' own switch)."""
-    if not getattr(module, "_supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(module).__name__} does not support gradient checkpointing; set gradient_checkpointing false.")
-    module.enable_gradient_checkpointing()
-
-
-def _role_weights(path: str, base: dict, role, student=None) -> dict:
-    """A finished student's weights for ``role``: the whole transformer (full copies) or, with LoRA, the
-    adapter tensors kept in the run's state next to it."""
+def _role_weights(path: str, role, student) -> dict:
+    """A finished student's weights for ``role``: the whole transformer of ``student`` (the loaded file, full
+    copies) or, with LoRA, the adapter tensors kept in the run's state next to the file."""
     if role.lora is None:
-        student = student or load_student(path, base_hash=base["hash"])
         return student.net.module.state_dict()
     state = os.path.join(os.path.dirname(os.path.abspath(path)), STATE_FILE)
     if not os.path.exists(state):
@@ -187,7 +180,7 @@ def _gather_generator_states(gen: torch.Generator, ranks: Ranks) -> dict[str, to
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, ranks: Ranks, teacher: Teacher | None = None):
+    def __init__(self, cfg: RunConfig, ranks: Ranks, teacher: Teacher):
         self.cfg, self.ranks = cfg, ranks
         self.task, self.teacher = build_task(cfg, ranks, teacher)
         self.base = self.teacher.base

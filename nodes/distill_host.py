@@ -274,11 +274,15 @@ def load_comfy_file_teacher(path: str, latent_shape: list, extra: dict | None = 
     import comfy.sd
 
     from ..distill_core.jobfiles import content_hash
-    from ..distill_core.student_file import file_signature
+    from ..distill_core.identity import weights_signature
 
     patcher = comfy.sd.load_diffusion_model(path)
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}.")
-    module = patcher.model.diffusion_model.to(torch.float32 if dtype == "fp32" else torch.bfloat16)
-    base = {"hash": content_hash(path), "name": name or os.path.basename(path), "signature": file_signature(path)}
+    module = patcher.model.diffusion_model
+    # the signature Load 1.x Student compares against: the diffusion model's own weights as ComfyUI loaded them
+    # (its key names, whatever prefix the file used), taken before the cast
+    signature = weights_signature(module.state_dict())
+    module.to(torch.float32 if dtype == "fp32" else torch.bfloat16)
+    base = {"hash": content_hash(path), "name": name or os.path.basename(path), "signature": signature}
     return comfy_teacher(module, tuple(latent_shape), None, base, extra)

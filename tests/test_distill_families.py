@@ -165,3 +165,33 @@ def test_optimizer_states_offloaded_to_the_cpu_train_bit_identically(tmp_path):
     # a resume of the offloaded run restores the host-side moments and master weights from its checkpoint
     more = RunConfig.from_dict({**json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__)), "iterations": 6})
     assert run_training(more)["iteration"] == 6
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradient_checkpointing_recomputes_blocks_and_trains_bit_identically(tmp_path, lora_rank):
+    """Per-block checkpointing under the cached step (co-training) and, with LoRA, with two adapters that switch
+    between forward and backward: the blocks run again in backward, and the student is exactly the one trained
+    without it."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    module, shape, _ = tiny_sd3()
+    module.save_pretrained(str(tmp_path / "sd3"), safe_serialization=True)
+    encode_prompt_set(["a red cube", "a blue sphere"], fake_text_encoder()).save(str(tmp_path / "p.safetensors"))
+    students, calls = {}, {}
+    for checkpointing in (False, True):
+        cfg = RunConfig(run_dir=str(tmp_path / f"run{checkpointing}"), teacher=str(tmp_path / "sd3"), teacher_loader=LOADER,
+                        teacher_options={"latent_shape": list(shape)}, prompts=str(tmp_path / "p.safetensors"),
+                        lora_rank=lora_rank, iterations=3, batch_size=2, checkpoint_every=3, preview_every=0, threads=1,
+                        gradient_checkpointing=checkpointing, stage1={"cache_first": 1, "cache_last": 1, "lr_student": 1e-3})
+        counted = []
+        teacher = load_diffusers_teacher(str(tmp_path / "sd3"), shape)
+        for block in teacher.flow.module.transformer_blocks:  # a layer every block calls, in forward and recompute
+            block.norm1.register_forward_pre_hook(lambda *a: counted.append(1))
+        teacher.prompts = None
+        assert run_training(cfg, teacher=teacher)["status"] == "done"
+        students[checkpointing] = load_file(str(tmp_path / f"run{checkpointing}" / "student.safetensors"))
+        calls[checkpointing] = len(counted)
+    assert calls[True] > calls[False]  # the recomputation in backward
+    assert students[False].keys() == students[True].keys()
+    assert all(torch.equal(students[False][k], students[True][k]) for k in students[False])
