@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .stage1 import Stage1Config
@@ -97,6 +98,14 @@ class RunConfig:
     def load(cls, path: str, **overrides) -> "RunConfig":
         with open(path) as f:
             return cls.from_dict({**json.load(f), **{k: v for k, v in overrides.items() if v is not None}})
+
+    @property
+    def prompts_path(self) -> str | None:
+        """The prompt-set file; a relative ``prompts`` is the run folder's own (the ComfyUI node writes
+        conditioning.safetensors there)."""
+        if not self.prompts:
+            return None
+        return self.prompts if os.path.isabs(self.prompts) else os.path.join(self.run_dir, self.prompts)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

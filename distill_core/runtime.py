@@ -57,8 +57,8 @@ def run_memory_setup(cfg: RunConfig, world: int, device: torch.device):
                   dtype="fp32")
     if cfg.teacher_loader == DIFFUSERS_LOADER and cfg.teacher:
         text = None
-        if cfg.prompts and os.path.isfile(cfg.prompts):
-            shapes = M.safetensors_shapes(cfg.prompts)
+        if cfg.prompts_path and os.path.isfile(cfg.prompts_path):
+            shapes = M.safetensors_shapes(cfg.prompts_path)
             context = [shape for name, (_, shape) in shapes.items() if name.endswith("context") and len(shape) == 3]
             text = context[0][1] if context else None
         options = cfg.teacher_options
@@ -102,8 +102,8 @@ def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
         if cfg.stage1.classes is not None and cfg.teacher_loader == DEMO_LOADER:
             options["classes"] = cfg.stage1.classes
         teacher = load_teacher_from(cfg.teacher_loader, cfg.teacher, options)
-    if cfg.prompts:  # a relative path is the run folder's own file (the ComfyUI node writes conditioning.safetensors there)
-        teacher.prompts = PromptSet.load(cfg.prompts if os.path.isabs(cfg.prompts) else os.path.join(cfg.run_dir, cfg.prompts))
+    if cfg.prompts_path:
+        teacher.prompts = PromptSet.load(cfg.prompts_path)
     if teacher.prompts is None:
         raise ValueError("this run has no prompts: give 'prompts', a prompt-set file (conditioning.encode_prompt_set writes one "
                          "with the model's text encoder; the 1.x-Distill Train node does it from its prompt list).")

@@ -128,15 +128,14 @@ def load_job(run_dir: str):
 
 def check_fingerprint(run_dir: str, cfg, base: dict, write: bool) -> None:
     """Refuse early (before torchrun's process group) when the base model, the prompt set or settings changed."""
-    base = {**base, "prompts": _prompts_hash(run_dir, cfg.prompts)}
+    base = {**base, "prompts": _prompts_hash(cfg.prompts_path)}
     jf.check_resume(run_dir, asdict(cfg), base, write)
 
 
-def _prompts_hash(run_dir: str, prompts: str | None) -> str | None:
+def _prompts_hash(path: str | None) -> str | None:
     """The run's prompt-set hash from its file's header (written by ``PromptSet.save``), without loading it."""
-    if not prompts:
+    if not path:
         return None
-    path = prompts if os.path.isabs(prompts) else os.path.join(run_dir, prompts)
     try:
         return jf.safetensors_header(path)[1].get("hash")
     except (OSError, ValueError):
