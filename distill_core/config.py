@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
+
+from .flow import GRID_SIZE
 from .stage1 import Stage1Config
 from .stage2 import Stage2Config
 
@@ -26,6 +30,104 @@ def _check_run_fields(cfg) -> None:
     for name in ("run_dir",):
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ValueError(f"run config: {name} must be a folder path, got {getattr(cfg, name)!r}.")
+    for name, (accepted, ok) in RUN_RULES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ValueError(f"run config: {name} must be {accepted}, got {value!r:.80} ({type(value).__name__}).")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _device(v) -> bool:
+    if v is None or v in ("", "auto"):
+        return True
+    try:
+        return isinstance(v, str) and torch.device(v).type != "meta"
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _optional_path(v) -> bool:
+    return v is None or (isinstance(v, str) and v != "")
+
+
+# RunConfig fields beyond the counts above: accepted (said in the message) and the test
+RUN_RULES = {
+    "device": ("null/'auto' or a torch device name such as 'cpu', 'cuda' or 'cuda:1'", _device),
+    "teacher_options": ("a dict of the loader's keyword arguments", lambda v: isinstance(v, dict)),
+    "lora_alpha": ("a number > 0 or null (= lora_rank)", lambda v: v is None or (_number(v) and v > 0)),
+    "gradient_checkpointing": ("true or false", lambda v: isinstance(v, bool)),
+    "offload_optimizer": ("true or false", lambda v: isinstance(v, bool)),
+    "prompts": ("null or a prompt-set file path", _optional_path),
+    "teacher": ("null or the base model's path", _optional_path),
+    "init_student": ("null or a student file path", _optional_path),
+    "init_fake": ("null or a training state file path", _optional_path),
+    "reference": ("null or a student file path", _optional_path),
+}
+
+# Stage settings, per field: what is accepted (said in the message) and the test. The cached block range is
+# checked as a pair (both null, or 0 <= cache_first <= cache_last); every other field has a rule here.
+POSITIVE = ("a finite number > 0", lambda v: _number(v) and v > 0)
+NON_NEGATIVE = ("a finite number >= 0", lambda v: _number(v) and v >= 0)
+BETA = ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
+COMMON_RULES = {
+    "steps": (f"a whole number of student steps in 1..{GRID_SIZE}", lambda v: _whole(v) and 1 <= v <= GRID_SIZE),
+    "shift": POSITIVE, "lr_student": POSITIVE, "lr_comp": POSITIVE, "beta1": BETA, "beta2": BETA,
+    "weight_decay": NON_NEGATIVE,
+}
+STAGE1_RULES = {
+    **COMMON_RULES, "guidance_scale": NON_NEGATIVE,
+    "guidance_switch": ("a finite number >= 0 (CFG where sigma <= it; >= 1: everywhere)", lambda v: _number(v) and v >= 0),
+    "importance_sampling": ("true or false", lambda v: isinstance(v, bool)),
+    "lr_fake": POSITIVE, "fake_updates": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "clip_student": POSITIVE, "clip_fake": POSITIVE, "huber_c": POSITIVE,
+    "classes": ("null (all) or a non-empty list of class indices >= 0",
+                lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(c) and c >= 0 for c in v))),
+}
+STAGE2_RULES = {
+    **COMMON_RULES, "lr_disc": POSITIVE, "clip": POSITIVE,
+    "disc_warmup": ("a whole number of iterations >= 0", lambda v: _whole(v) and v >= 0),
+    "comp_warmup": ("a whole number of iterations >= 0", lambda v: _whole(v) and v >= 0),
+    "g_every": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "real_label": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "disc_blocks": ("a non-empty list of block indices >= 0",
+                    lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(b) and b >= 0 for b in v)),
+    "disc_sigma_max": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "output_weight": NON_NEGATIVE,
+}
+CACHE_FIELDS = ("cache_first", "cache_last")
+
+
+def stage_settings(name: str, value, cls, rules: dict):
+    """``value`` (a dict from JSON or a ``cls``) as a checked ``cls``: unknown keys, wrong types and values out of
+    range are refused naming ``name.field``, the value and what is accepted."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"run config: unknown {name} setting(s) {unknown}; {name} takes {sorted(f.name for f in fields(cls))}.")
+        value = cls(**value)
+    if not isinstance(value, cls):
+        raise ValueError(f"run config: {name} must be a dict of {name} settings, got {value!r:.80} ({type(value).__name__}).")
+    for key, (accepted, ok) in rules.items():
+        if not ok(getattr(value, key)):
+            got = getattr(value, key)
+            raise ValueError(f"run config: {name}.{key} must be {accepted}, got {got!r:.80} ({type(got).__name__}).")
+    _check_cache_pair(name, value.cache_first, value.cache_last)
+    return value
+
+
+def _check_cache_pair(name: str, first, last) -> None:
+    if first is None and last is None:
+        return
+    if not (_whole(first) and _whole(last) and 0 <= first <= last):
+        raise ValueError(f"run config: {name}.cache_first and {name}.cache_last must both be null (no cached blocks) or "
+                         f"block indices with 0 <= cache_first <= cache_last; got {first!r} and {last!r}.")
 
 
 @dataclass
@@ -76,13 +178,10 @@ class RunConfig:
             raise ValueError(f"run config: memory_budget_gib must be a number > 0 or null (the GPU's own memory), got {budget!r}.")
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
-        if isinstance(self.stage1, dict):
-            self.stage1 = Stage1Config(**self.stage1)
-        if isinstance(self.stage2, dict):
-            s2 = dict(self.stage2)
-            if "disc_blocks" in s2:
-                s2["disc_blocks"] = tuple(s2["disc_blocks"])
-            self.stage2 = Stage2Config(**s2)
+        self.stage1 = stage_settings("stage1", self.stage1, Stage1Config, STAGE1_RULES)
+        if isinstance(self.stage2, dict) and isinstance(self.stage2.get("disc_blocks"), list):
+            self.stage2 = {**self.stage2, "disc_blocks": tuple(self.stage2["disc_blocks"])}
+        self.stage2 = stage_settings("stage2", self.stage2, Stage2Config, STAGE2_RULES)
         if self.stage == "stage2" and not (self.init_student and self.reference):
             raise ValueError("stage2 needs init_student (the Stage-I student) and reference (the 4-step Stage-I student)")
 
@@ -91,13 +190,23 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown run config keys: {unknown}")
+            raise ValueError(f"run config: unknown key(s) {unknown}; known: {sorted(known)}.")
         return cls(**data)
 
     @classmethod
     def load(cls, path: str, **overrides) -> "RunConfig":
-        with open(path) as f:
-            return cls.from_dict({**json.load(f), **{k: v for k, v in overrides.items() if v is not None}})
+        """A run config file, with command-line ``overrides`` (None: keep the file's); every refusal names the file."""
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, undecodable bytes, absurd nesting
+            raise ValueError(f"run config {path} is not valid JSON ({err}).") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"run config {path} must hold one JSON object of settings, got {type(data).__name__}.")
+        try:
+            return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @property
     def prompts_path(self) -> str | None:

@@ -18,7 +18,7 @@ from .cache import CacheRange, Compensation, effective_nfe, recording, replaying
 from .conditioning import Conditioning
 from .flow import euler
 from .models import FlowModel
-from .student_file import FORMAT, StudentHeader, file_hash, file_signature, json_field, open_student, read_header, save_student_file  # noqa: F401 (re-exported)
+from .student_file import FORMAT, MAX_BLOCKS, StudentHeader, file_hash, file_signature, json_field, open_student, read_header, save_student_file  # noqa: F401 (re-exported)
 
 try:
     from ..xslim_core.adapters import adapter_for
@@ -118,17 +118,52 @@ def _check_keys(path: str, part: str, expected: set[str], found: set[str]) -> No
         raise ValueError(f"{path} has {len(unexpected)} unexpected {part} tensor(s), e.g. {unexpected[:3]}.")
 
 
-def build_architecture(path: str, architecture: dict):
-    """The diffusers transformer a student file declares (its config), with random weights."""
+# the block lists each declared count builds, under the student file's "model." names (SD3, FLUX, HunyuanVideo)
+BLOCK_FIELDS = {"num_layers": "transformer_blocks.", "num_single_layers": "single_transformer_blocks.",
+                "num_refiner_layers": "context_embedder.token_refiner.refiner_blocks."}
+MAX_DECLARED = 65_536  # any whole number in an architecture (widths, heads, channels): FLUX's widest is 3072*4
+
+
+def _architecture_class(path: str, architecture: dict):
     import diffusers
 
     from_demo = "_class_name" not in architecture  # the demo teacher's files list its constructor arguments only
     name = "HunyuanVideoTransformer3DModel" if from_demo else str(architecture["_class_name"])
     cls = getattr(diffusers, name, None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise ValueError(f"{path} declares the architecture class {name!r}, which diffusers does not have.")
     kwargs = {k: (tuple(v) if isinstance(v, list) and k == "rope_axes_dim" else v) for k, v in architecture.items() if not k.startswith("_")}
-    return cls.from_config(kwargs) if not from_demo else cls(**kwargs)
+    return name, (lambda: cls(**kwargs)) if from_demo else (lambda: cls.from_config(kwargs))
+
+
+def build_architecture(path: str, architecture: dict, shapes: dict | None = None):
+    """The diffusers transformer a student file declares (its config), with random weights. With ``shapes`` (the
+    header's tensor shapes) it is first built on the meta device, which allocates nothing, and every parameter
+    shape compared with the file's: the real model is then never larger than the weights the file holds."""
+    name, make = _architecture_class(path, architecture)
+    if shapes is not None:
+        with torch.device("meta"):
+            skeleton = _built(path, name, make)
+        _check_shapes(path, skeleton, shapes)
+    return _built(path, name, make)
+
+
+def _built(path: str, name: str, make):
+    try:
+        return make()
+    except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as err:  # a crafted config, not a diffusers bug
+        raise ValueError(f"{path}: its architecture ({name}) cannot be built: {type(err).__name__}: {err}.") from None
+
+
+def _check_shapes(path: str, skeleton: torch.nn.Module, shapes: dict) -> None:
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    held = {k[len("model."):]: tuple(v) for k, v in shapes.items() if k.startswith("model.")}
+    _check_keys(path, "model", set(expected), set(held))
+    wrong = [(k, expected[k], held[k]) for k in sorted(expected) if expected[k] != held[k]]
+    if wrong:
+        key, want, got = wrong[0]
+        raise ValueError(f"{path}: its architecture makes {key} {list(want)} but the file holds {list(got)} "
+                         f"({len(wrong)} tensor(s) differ); the file is damaged or crafted.")
 
 
 def load_student(path: str, base_hash: str | None = None, base_family: str | None = None) -> Student:
@@ -145,10 +180,9 @@ def load_student(path: str, base_hash: str | None = None, base_family: str | Non
     architecture = json_field(path, meta, "architecture")
     if not isinstance(architecture, dict):
         raise ValueError(f"{path} declares no architecture; export it again.")
-    if "_class_name" not in architecture:
-        _check_declared_blocks(path, architecture, header.shapes)
+    check_architecture(path, architecture, header.shapes)  # from the header alone, before anything is built
     tensors, _ = _read(path)
-    model = build_architecture(path, architecture)
+    model = build_architecture(path, architecture, header.shapes)
     groups = {p: {k[len(p) + 1 :]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("model", "cond", "comp")}
     _check_keys(path, "model", set(model.state_dict()), set(groups["model"]))
     model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
@@ -169,10 +203,40 @@ def load_student(path: str, base_hash: str | None = None, base_family: str | Non
     return Student(flow, header.sigmas, cache, compensation, meta, table)
 
 
-def _check_declared_blocks(path: str, architecture: dict, shapes: dict) -> None:
-    """The block counts the metadata declares must be the ones the tensors hold (checked before building)."""
-    for field, prefix in (("num_layers", "model.transformer_blocks."), ("num_single_layers", "model.single_transformer_blocks.")):
-        held = len({k[len(prefix):].split(".", 1)[0] for k in shapes if k.startswith(prefix)})
-        declared = architecture.get(field)
-        if declared != held:
-            raise ValueError(f"{path} declares {field}={declared!r} but holds {held} such blocks; the file is damaged or crafted.")
+def check_architecture(path: str, architecture: dict, shapes: dict) -> None:
+    """Bounds a declared architecture by the file's own tensors before anything is built: every whole number is
+    at most MAX_DECLARED, every block count it declares is the number of such blocks the file holds, and the
+    attention width (heads x head_dim) is the first block's query width. A diffusers config naming its class is
+    checked like the demo's: 40k declared layers would otherwise be allocated before any key was compared."""
+    _check_numbers(path, architecture)
+    demo = "_class_name" not in architecture  # the demo's files always declare both stacks
+    for field, prefix in BLOCK_FIELDS.items():
+        if field in architecture or (demo and field != "num_refiner_layers"):
+            _check_declared_blocks(path, field, architecture.get(field), "model." + prefix, shapes)
+    _check_attention_width(path, architecture, shapes)
+
+
+def _check_numbers(path: str, architecture: dict) -> None:
+    for key, value in architecture.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= MAX_DECLARED:
+                raise ValueError(f"{path} declares {key}={value!r:.60}; a whole number in an architecture lies in "
+                                 f"0..{MAX_DECLARED}. The file is damaged or crafted.")
+
+
+def _check_declared_blocks(path: str, field: str, declared, prefix: str, shapes: dict) -> None:
+    held = len({k[len(prefix):].split(".", 1)[0] for k in shapes if k.startswith(prefix)})
+    if declared != held or isinstance(declared, bool):
+        raise ValueError(f"{path} declares {field}={declared!r} but holds {held} such blocks; the file is damaged or crafted.")
+    if declared > MAX_BLOCKS:  # even when the file holds them (tiny ones): no real DiT has as many
+        raise ValueError(f"{path} declares {field}={declared}; a student has at most {MAX_BLOCKS} blocks per stack.")
+
+
+def _check_attention_width(path: str, architecture: dict, shapes: dict) -> None:
+    heads, head_dim = architecture.get("num_attention_heads"), architecture.get("attention_head_dim")
+    query = shapes.get("model.transformer_blocks.0.attn.to_q.weight")
+    if not (isinstance(heads, int) and isinstance(head_dim, int)) or query is None:
+        return  # nothing to compare: the meta build compares every shape
+    if heads * head_dim != query[0]:
+        raise ValueError(f"{path} declares num_attention_heads={heads} x attention_head_dim={head_dim} = {heads * head_dim} "
+                         f"but its first block's queries are {query[0]} wide; the file is damaged or crafted.")

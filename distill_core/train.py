@@ -11,8 +11,12 @@ import argparse
 import sys
 
 from .config import RunConfig
+from .jobfiles import ResumeRefused, RunFolderBusy
 from .parallel import init_distributed, shutdown
-from .runtime import run_training
+from .runtime import MemoryPlanRefused, run_training
+
+# refusals before the first iteration: the user's to fix, so a message rather than a traceback
+REFUSALS = (MemoryPlanRefused, ResumeRefused, RunFolderBusy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, help="override the iteration budget")
     parser.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long")
     args = parser.parse_args(argv)
-    cfg = RunConfig.load(args.config, run_dir=args.run_dir, iterations=args.iterations, max_minutes=args.max_minutes)
+    try:
+        cfg = RunConfig.load(args.config, run_dir=args.run_dir, iterations=args.iterations, max_minutes=args.max_minutes)
+    except (OSError, ValueError) as err:  # a bad file or value: argparse's "error:" line and exit status 2
+        parser.error(str(err))
     init_distributed(cfg.device)  # a no-op outside torchrun
     try:
         result = run_training(cfg)
+    except REFUSALS as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"

@@ -96,13 +96,7 @@ class XSlimConfig:
                     f"X-Slim: pattern may only use F (full), B (block), T (token) and . (skip); got {sorted(bad)}."
                 )
         if self.mode == "segment" or self.segment is not None:
-            seg = self.segment
-            if self.mode != "segment" or seg is None or len(seg) != 2 or not 0 <= int(seg[0]) <= int(seg[1]):
-                raise ValueError(
-                    f"X-Slim: segment mode needs segment=(first, last) with 0 <= first <= last (block indices), "
-                    f"and a segment only works in segment mode; got mode={self.mode!r}, segment={seg!r}."
-                )
-            object.__setattr__(self, "segment", (int(seg[0]), int(seg[1])))
+            object.__setattr__(self, "segment", _check_segment(self.mode, self.segment))
         if self.forecast not in (0, 1, 2) or not 0.0 < self.forecast_limit < float("inf"):
             raise ValueError(
                 f"X-Slim: forecast must be 0 (reuse), 1 or 2 (extrapolation order) and forecast_limit a positive number; "
@@ -161,6 +155,20 @@ def _check_types(cfg: "XSlimConfig") -> None:
             bad("cache_device", "a device that holds data ('meta' keeps none)")
         if device.type == "cuda" and not torch.cuda.is_available():
             bad("cache_device", "a device present on this machine (no CUDA device here)")
+
+
+def _check_segment(mode: str, seg) -> tuple[int, int]:
+    """(first, last) as two whole block indices with 0 <= first <= last, only in segment mode; a bare number, a
+    pair of strings or floats would otherwise fail inside int() or len() with no field named."""
+    accepted = "segment=(first, last): two whole block indices with 0 <= first <= last, in mode='segment'"
+    if mode != "segment":
+        raise ValueError(f"X-Slim: a segment only works in segment mode: {accepted}; got mode={mode!r}, segment={seg!r}.")
+    if seg is None:
+        raise ValueError(f"X-Slim: segment mode needs {accepted}; got segment=None.")
+    pair = isinstance(seg, (tuple, list)) and len(seg) == 2
+    if not pair or not all(isinstance(v, int) and not isinstance(v, bool) for v in seg) or not 0 <= seg[0] <= seg[1]:
+        raise ValueError(f"X-Slim: segment must be {accepted}; got {seg!r} ({type(seg).__name__}).")
+    return int(seg[0]), int(seg[1])
 
 
 # Speed presets. Absolute thresholds mean nothing across models (activation scales differ), so a preset

@@ -23,7 +23,7 @@ from .adapters import Adapter, ModelCall, adapter_for
 from .config import StepKind, StepPlan, XSlimConfig
 from .hooks import wrap_forward
 from .controller import FullController, OnlineController, ScheduleController, SegmentController
-from .profile import Profile
+from .profile import Profile, check_fields
 from .schedule import BlockSelector, block_thresholds, build_schedule
 from .state import RowState, RunStats, TensorStore
 from .tokens import IMG_ONLY, gather_tokens, intercept_sdpa, join_sequence, scatter_tokens, select_tokens, split_sequence, widen_mask
@@ -494,12 +494,8 @@ class XSlimEngine:
             return
         self._last_stats = self._run.stats
         if self.recording:
-            built = self._build_profile(self._run)
+            built, self._thread.profile_problem = self._build_profile(self._run)
             self._last_profile = built or self._last_profile
-            stats = self._run.stats
-            self._thread.profile_problem = None if built or stats.one_call_per_step else (
-                f"the sampler evaluated the model more than once per step ({stats.uncached_calls} calls between steps, "
-                f"{stats.repeated_calls} repeated steps); record the profile with a one-call-per-step sampler such as Euler")
         self._run = None
 
     @property
@@ -597,19 +593,22 @@ class XSlimEngine:
         self._run = _Run(self, sigmas, call.shape_key)
         return self._run, step
 
-    def _build_profile(self, run: _Run) -> Profile | None:
-        steps = run.profile_steps
-        if len(steps) != len(run.sigmas) - 1 or not run.stats.one_call_per_step:
-            return None  # a step not visited, or a sampler that evaluates more than once per step
+    def _build_profile(self, run: _Run) -> tuple[Profile | None, str | None]:
+        """The run's profile, or None and what kept it from being one (None: simply not every step was run)."""
+        steps, stats = run.profile_steps, run.stats
+        if not stats.one_call_per_step:
+            return None, (f"the sampler evaluated the model more than once per step ({stats.uncached_calls} calls between "
+                          f"steps, {stats.repeated_calls} repeated steps); record the profile with a one-call-per-step "
+                          "sampler such as Euler")
+        if len(steps) != len(run.sigmas) - 1:
+            return None, None  # a step not visited
         ordered = [steps[k] for k in range(len(steps))]
-        return Profile(
-            family=self.adapter.family,
-            sigmas=run.sigmas,
-            step_change=[s[0] / s[2] for s in ordered],
-            block_change=[[b / s[2] for b in s[1]] for s in ordered],
-            stacks=self.stacks,
-            meta={"model": self.model_name},
-        )
+        try:  # the profile's own checks: e.g. a model whose outputs went NaN gives no usable profile
+            return Profile(family=self.adapter.family, sigmas=run.sigmas, step_change=[s[0] / s[2] for s in ordered],
+                           block_change=[[b / s[2] for b in s[1]] for s in ordered], stacks=self.stacks,
+                           meta={"model": self.model_name}, source="the recorded run"), None
+        except ValueError as err:
+            return None, str(err).removeprefix("X-Slim: ").rstrip(".")
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -621,6 +620,10 @@ def check_profile(profile: Profile | None, adapter: Adapter, stacks: list[tuple[
     """Refuse a profile recorded on another family or block layout, naming both."""
     if profile is None:
         return
+    if not isinstance(profile, Profile):
+        raise ValueError(f"X-Slim: profile must be a Profile (xslim_core.record_profile or Profile.load), got "
+                         f"{type(profile).__name__}.")
+    check_fields(profile, "profile")  # again: its lists may have been changed since it was made
     if profile.family != adapter.family:
         raise ValueError(
             f"X-Slim: this profile/preset is for {profile.family!r} models, but the model is "

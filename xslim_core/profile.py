@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 
 from .files import atomic_path
 
@@ -23,6 +23,9 @@ class Profile:
     ``step_change[k]``: mean |delta_k - delta_{k-1}| of the step residual at step k (k = 1..T-1; index 0 is 0).
     ``block_change[k][l]``: mean |out_l - in_l| of block l (image tokens) at step k.
     ``stacks``: (name, number of blocks) in block order, e.g. [("double", 19), ("single", 38)].
+
+    Every profile is checked when it is made, in memory as from a file: a NaN, a negative change or 200k steps
+    would otherwise silently change (or stall) the plan. ``source`` names the profile in those messages.
     """
 
     family: str
@@ -31,6 +34,10 @@ class Profile:
     block_change: list[list[float]]
     stacks: list[tuple[str, int]]
     meta: dict = field(default_factory=dict)
+    source: InitVar[str] = "profile"
+
+    def __post_init__(self, source: str):
+        check_fields(self, source)
 
     @property
     def num_steps(self) -> int:
@@ -52,11 +59,9 @@ class Profile:
             raise ValueError(f"X-Slim: {source} is not an X-Slim profile (expected format {FORMAT!r}).")
         data.pop("format")
         try:
-            prof = cls(**data)
+            return cls(**data, source=source)
         except TypeError as err:
             raise ValueError(f"X-Slim: {source} has unexpected fields: {err}.") from None
-        _check_fields(prof, source)
-        return prof
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write atomically through a unique temporary file in the same folder (never a pre-placed one, never
@@ -73,30 +78,50 @@ class Profile:
             return cls.from_json(f.read(), source=str(path))
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _finite_list(value, name: str, source: str, minimum: float = -math.inf) -> list[float]:
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise ValueError(f"X-Slim: {source}: {name} must be a list of numbers.")
-    if not all(math.isfinite(v) and v >= minimum for v in value):
-        raise ValueError(f"X-Slim: {source}: {name} holds a value that is not finite (or negative); record the profile again.")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"X-Slim: {source}: {name} must be a list of numbers, got {value!r:.60} ({type(value).__name__}).")
+    wrong = [v for v in value if not _is_number(v)][:1]
+    if wrong:
+        raise ValueError(f"X-Slim: {source}: {name} must be a list of numbers; it holds {wrong[0]!r:.60} ({type(wrong[0]).__name__}).")
+    for i, v in enumerate(value):
+        if not (math.isfinite(v) and v >= minimum):
+            accepted = "finite numbers" + (f" >= {minimum:g}" if minimum > -math.inf else "")
+            raise ValueError(f"X-Slim: {source}: {name}[{i}] is {v!r}, which is not finite or out of range (accepted: "
+                             f"{accepted}); record the profile again.")
     return [float(v) for v in value]
 
 
-def _check_fields(prof: Profile, source: str) -> None:
+def check_fields(prof: Profile, source: str) -> None:
+    """Types, finiteness, sizes and consistency; the step count first, so a huge profile is refused before any
+    long list is walked."""
     if not isinstance(prof.family, str):
-        raise ValueError(f"X-Slim: {source}: family must be a name.")
-    if not isinstance(prof.stacks, list) or not all(
-        isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) and 0 < s[1] <= MAX_BLOCKS
+        raise ValueError(f"X-Slim: {source}: family must be a model family name (a string), got {prof.family!r:.60}.")
+    steps = len(prof.step_change) if isinstance(prof.step_change, (list, tuple)) else None
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"X-Slim: {source} has {steps} steps (step_change); a profile has 1..{MAX_STEPS}.")
+    if not isinstance(prof.stacks, (list, tuple)) or not all(
+        isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int)
+        and not isinstance(s[1], bool) and 0 < s[1] <= MAX_BLOCKS
         for s in prof.stacks
     ):
-        raise ValueError(f"X-Slim: {source}: stacks must be [name, block count] pairs (1..{MAX_BLOCKS} blocks).")
+        raise ValueError(f"X-Slim: {source}: stacks must be [name, block count] pairs (1..{MAX_BLOCKS} blocks), "
+                         f"got {prof.stacks!r:.80}.")
     prof.stacks = [tuple(s) for s in prof.stacks]
     prof.sigmas = _finite_list(prof.sigmas, "sigmas", source)
     prof.step_change = _finite_list(prof.step_change, "step_change", source, minimum=0.0)
-    if not 1 <= prof.num_steps <= MAX_STEPS:
-        raise ValueError(f"X-Slim: {source} has {prof.num_steps} steps; a profile has 1..{MAX_STEPS}.")
-    if len(prof.sigmas) != prof.num_steps + 1 or not isinstance(prof.block_change, list) or len(prof.block_change) != prof.num_steps:
-        raise ValueError(f"X-Slim: {source} is inconsistent (sigmas, step and block curves differ in length).")
+    if len(prof.sigmas) != prof.num_steps + 1 or not isinstance(prof.block_change, (list, tuple)) or len(prof.block_change) != prof.num_steps:
+        raise ValueError(f"X-Slim: {source} is inconsistent (sigmas, step and block curves differ in length): "
+                         f"{len(prof.sigmas)} sigmas, {prof.num_steps} step_change values, "
+                         f"{len(prof.block_change) if isinstance(prof.block_change, (list, tuple)) else prof.block_change!r:.40} block_change rows; "
+                         "a profile of T steps has T+1 sigmas and T of each.")
     blocks = sum(n for _, n in prof.stacks)
     prof.block_change = [_finite_list(row, "block_change", source, minimum=0.0) for row in prof.block_change]
     if any(len(row) != blocks for row in prof.block_change):
         raise ValueError(f"X-Slim: {source}: every block_change row must have one value per block ({blocks}).")
+    if not isinstance(prof.meta, dict):
+        raise ValueError(f"X-Slim: {source}: meta must be a dict, got {prof.meta!r:.60}.")

@@ -65,19 +65,31 @@ def coarse_pass(change: list[float], eligible: list[bool], threshold: float) -> 
 
 def fine_pass(change: list[float], computed: list[bool], eligible: list[bool], partial_kinds: list[StepKind]) -> list[StepKind]:
     """Downgrade computed steps in the stable span to partial refreshes; every third candidate stays full."""
-    kinds = [StepKind.FULL if c else StepKind.SKIP for c in computed]
+    return polish(computed, stable_steps(change, eligible) if partial_kinds else [], partial_kinds)
+
+
+def stable_steps(change: list[float], eligible: list[bool]) -> list[int]:
+    """The eligible steps of the stable middle: from the first step at or below the median change to the last
+    step above it, those at or below the median (the fine pass's candidates, before the coarse pass's say)."""
     idx = [k for k, ok in enumerate(eligible) if ok]
-    if not partial_kinds or not idx:
-        return kinds
+    if not idx:
+        return []
     med = float(np.median([change[k] for k in idx]))
     below = [k for k in idx if change[k] <= med]
     above = [k for k in idx if change[k] > med]
     if not below:
-        return kinds
+        return []
     start, stop = below[0], (above[-1] if above and above[-1] > below[0] else idx[-1] + 1)
-    candidates = [k for k in idx if start <= k < stop and computed[k] and change[k] <= med]
+    return [k for k in below if start <= k < stop]
+
+
+def polish(computed: list[bool], stable: list[int], partial_kinds: list[StepKind]) -> list[StepKind]:
+    """The step kinds: computed stable steps cycle full, first partial, second partial."""
+    kinds = [StepKind.FULL if c else StepKind.SKIP for c in computed]
+    if not partial_kinds:
+        return kinds
     cycle = [None, partial_kinds[0], partial_kinds[-1]]  # k mod 3: full, first partial, second partial
-    for j, k in enumerate(candidates):
+    for j, k in enumerate(k for k in stable if computed[k]):
         kind = cycle[j % 3]
         if kind is not None:
             kinds[k] = kind
@@ -152,21 +164,22 @@ class Schedule:
         return self.kinds[step] in (StepKind.FULL, StepKind.BLOCK) and self._before_next_full(step, StepKind.TOKEN)
 
     def _before_next_full(self, step: int, kind: StepKind) -> bool:
-        return kind in self._ahead[step]
+        return bool(self._ahead[step] & _AHEAD_BIT[kind])
 
     @functools.cached_property
-    def _ahead(self) -> list[frozenset]:
-        """Per step: the partial kinds that come after it before the next full step (one backward pass, so a
-        long schedule is planned in linear time)."""
-        out, seen = [frozenset()] * len(self.kinds), set()
+    def _ahead(self) -> list[int]:
+        """Per step: the partial kinds that come after it before the next full step, as bits (one backward pass
+        over plain ints, so a long schedule is planned in linear time and the bisection of ``step_threshold``,
+        which rebuilds this some 45 times, stays cheap)."""
+        out, seen = [0] * len(self.kinds), 0
         for j in range(len(self.kinds) - 1, -1, -1):
-            out[j] = frozenset(seen)
+            out[j] = seen
             kind = self.kinds[j]
-            if kind is StepKind.FULL:
-                seen.clear()
-            elif kind in (StepKind.BLOCK, StepKind.TOKEN):
-                seen.add(kind)
+            seen = 0 if kind is StepKind.FULL else seen | _AHEAD_BIT.get(kind, 0)
         return out
+
+
+_AHEAD_BIT = {StepKind.BLOCK: 1, StepKind.TOKEN: 2}
 
 
 def build_schedule(profile: Profile | None, sigmas: list[float], config: XSlimConfig, stacks) -> Schedule:
@@ -176,6 +189,7 @@ def build_schedule(profile: Profile | None, sigmas: list[float], config: XSlimCo
     n = len(sigmas) - 1
     if n < 1:
         raise ValueError("X-Slim: a run needs at least one step (two sigmas).")
+    plan = _Planner(profile, sigmas, config, stacks)
     if config.mode == "off":
         kinds = [StepKind.FULL] * n
     elif config.pattern is not None:
@@ -185,8 +199,8 @@ def build_schedule(profile: Profile | None, sigmas: list[float], config: XSlimCo
     else:
         if profile is None:
             raise ValueError("X-Slim: schedule mode needs a profile or a pattern.")
-        kinds = _push_then_polish(profile, sigmas, config, step_threshold(profile, config, stacks))
-    return _resolve(profile, sigmas, config, stacks, kinds)
+        kinds = plan.kinds(step_threshold(profile, config, stacks))
+    return plan.schedule(kinds)
 
 
 def step_threshold(profile: Profile, config: XSlimConfig, stacks) -> float:
@@ -198,10 +212,10 @@ def step_threshold(profile: Profile, config: XSlimConfig, stacks) -> float:
     if config.target_speedup is None:
         return config.warn * mean
     full = profile.num_steps * sum(c for _, c in stacks)
+    plan = _Planner(profile, profile.sigmas, config, stacks)  # what does not depend on the line, built once
 
     def speedup(threshold: float) -> float:
-        kinds = _push_then_polish(profile, profile.sigmas, config, threshold)
-        return full / max(_resolve(profile, profile.sigmas, config, stacks, kinds).predicted_block_evals, 1e-9)
+        return full / max(plan.schedule(plan.kinds(threshold)).predicted_block_evals, 1e-9)
 
     lo, hi = 0.0, max(mean, 1e-12)
     while speedup(hi) < config.target_speedup and hi < 1e6 * max(mean, 1e-12):
@@ -212,36 +226,71 @@ def step_threshold(profile: Profile, config: XSlimConfig, stacks) -> float:
     return hi
 
 
-def _push_then_polish(profile: Profile, sigmas: list[float], config: XSlimConfig, threshold: float) -> list[StepKind]:
-    change = resample_change(profile, sigmas)
-    eligible = eligible_steps(sigmas, config)
-    computed = coarse_pass(change, eligible, threshold) if "step" in config.levels else [True] * (len(sigmas) - 1)
-    partial = [k for lvl, k in (("block", StepKind.BLOCK), ("token", StepKind.TOKEN)) if lvl in config.levels]
-    return fine_pass(change, computed, eligible, partial)
+class _Planner:
+    """The coarse and fine passes and the cost prediction for one profile and sigma grid. The resampled change
+    curve, the eligible steps, the block thresholds and the nearest-step lookup do not depend on the step
+    threshold, so the bisection in ``step_threshold`` computes them once instead of once per pass."""
+
+    def __init__(self, profile: Profile | None, sigmas: list[float], config: XSlimConfig, stacks):
+        self.profile, self.sigmas, self.config, self.stacks = profile, sigmas, config, stacks
+        self.partial = [k for lvl, k in (("block", StepKind.BLOCK), ("token", StepKind.TOKEN)) if lvl in config.levels]
+        self._skipped: dict[int, int] = {}  # step -> blocks reused after it (the bisection asks again and again)
+
+    @functools.cached_property
+    def change(self) -> list[float]:
+        return resample_change(self.profile, self.sigmas)
+
+    @functools.cached_property
+    def eligible(self) -> list[bool]:
+        return eligible_steps(self.sigmas, self.config)
+
+    @functools.cached_property
+    def block_thresholds(self) -> dict[str, float]:
+        return block_thresholds(self.profile, self.config, self.stacks)
+
+    @functools.cached_property
+    def stable(self) -> list[int]:
+        return stable_steps(self.change, self.eligible) if self.partial else []
+
+    @functools.cached_property
+    def _nearest(self):
+        return _nearest_finder(self.profile.sigmas[:-1])
+
+    def skipped_blocks(self, step: int) -> int:
+        """How many blocks a block refresh after full step ``step`` reuses, by the profile's nearest step."""
+        if step not in self._skipped:
+            row = self.profile.block_change[self._nearest(self.sigmas[step])]
+            self._skipped[step] = len(select_blocks(row, self.profile.stacks, self.block_thresholds, self.config.protected_blocks))
+        return self._skipped[step]
+
+    def kinds(self, threshold: float) -> list[StepKind]:
+        """Push (the coarse pass at ``threshold``), then polish (the fine pass)."""
+        if "step" in self.config.levels:
+            computed = coarse_pass(self.change, self.eligible, threshold)
+        else:
+            computed = [True] * (len(self.sigmas) - 1)
+        return polish(computed, self.stable, self.partial)
+
+    def schedule(self, kinds: list[StepKind]) -> Schedule:
+        needs_blocks = StepKind.BLOCK in kinds
+        thresholds = self.block_thresholds if needs_blocks else {name: 0.0 for name, _ in self.stacks}
+        schedule = Schedule(self.sigmas, kinds, thresholds, 0.0, sum(c for _, c in self.stacks))
+        skipped = self.skipped_blocks if self.profile is not None else None
+        schedule.predicted_block_evals = _predict_cost(schedule, self.config, skipped)
+        return schedule
 
 
-def _resolve(profile, sigmas, config, stacks, kinds: list[StepKind]) -> Schedule:
-    needs_blocks = StepKind.BLOCK in kinds
-    thresholds = block_thresholds(profile, config, stacks) if needs_blocks else {name: 0.0 for name, _ in stacks}
-    schedule = Schedule(sigmas, kinds, thresholds, 0.0, sum(c for _, c in stacks))
-    schedule.predicted_block_evals = _predict_cost(schedule, profile, config)
-    return schedule
-
-
-def _predict_cost(schedule: Schedule, profile: Profile, config: XSlimConfig) -> float:
-    """Block evaluations the schedule should cost per sample, with block refreshes predicted from the profile."""
-    total, skipped = 0.0, frozenset()
-    nearest_step = _nearest_finder(profile.sigmas[:-1]) if profile is not None else None
+def _predict_cost(schedule: Schedule, config: XSlimConfig, skipped_blocks) -> float:
+    """Block evaluations the schedule should cost per sample, with block refreshes predicted from the profile
+    (``skipped_blocks(step)``: the blocks a refresh after full step ``step`` reuses; None without a profile)."""
+    total, skipped = 0.0, 0
     for k, kind in enumerate(schedule.kinds):
         if kind is StepKind.FULL:
             total += schedule.num_blocks
-            if schedule.record_blocks_at(k) and profile is not None:
-                nearest = nearest_step(schedule.sigmas[k])
-                skipped = select_blocks(
-                    profile.block_change[nearest], profile.stacks, schedule.block_thresholds, config.protected_blocks
-                )
+            if skipped_blocks is not None and schedule.record_blocks_at(k):
+                skipped = skipped_blocks(k)
         elif kind is StepKind.BLOCK:
-            total += schedule.num_blocks - len(skipped)
+            total += schedule.num_blocks - skipped
         elif kind is StepKind.TOKEN:
             total += schedule.num_blocks * config.token_ratio
     return total

@@ -22,7 +22,9 @@ from safetensors import safe_open
 from distill_core import SHIPPED_STUDENTS
 from distill_core.config import RunConfig
 from distill_core.files import save_atomic
+from distill_core.jobfiles import RunFolderBusy, RunLock
 from distill_core.runtime import STATE_FILE, STUDENT_FILE, run_training
+from xslim_core.files import atomic_path
 
 # Scaled to two CPU cores: batch 16, a few hundred iterations, learning rates raised over the SD3 recipe.
 STAGE1_ITERATIONS, COTRAIN_ITERATIONS, STAGE2_ITERATIONS, BATCH = 400, 150, 300, 16
@@ -87,9 +89,11 @@ SHIPPED = {"stage2_c175": "student_1x_175.safetensors", "stage2_c167": "student_
 
 def ship(out: str, weights_dir: str, overwrite: bool = False) -> None:
     """Copy the 1.x students into the package as fp16 (half the size; the sampler computes in fp32). The
-    shipped files are replaced only with ``overwrite`` (--ship --overwrite): they are what the docs measured."""
+    shipped files are replaced only with ``overwrite`` (--ship --overwrite): they are what the docs measured.
+    The check up front keeps a refusal all-or-nothing; the saves themselves are create-only too, so a file that
+    appears meanwhile (another --ship) is kept and refused by name."""
     os.makedirs(weights_dir, exist_ok=True)
-    existing = [name for name in SHIPPED.values() if os.path.exists(os.path.join(weights_dir, name))]
+    existing = [name for name in SHIPPED.values() if os.path.lexists(os.path.join(weights_dir, name))]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already in {weights_dir}; add --overwrite to replace the shipped students.")
     for run, name in SHIPPED.items():
@@ -98,8 +102,25 @@ def ship(out: str, weights_dir: str, overwrite: bool = False) -> None:
             tensors = {k: f.get_tensor(k).half() for k in f.keys()}
             meta = dict(f.metadata() or {})
         dst = os.path.join(weights_dir, name)
-        save_atomic(tensors, dst, {**meta, "dtype": "float16"})
+        try:
+            save_atomic(tensors, dst, {**meta, "dtype": "float16"}, overwrite=overwrite)
+        except FileExistsError:
+            raise FileExistsError(f"{dst} appeared while shipping; it was kept: add --overwrite to replace the shipped students.") from None
         print(f"[demo] shipped {src} -> {dst}")
+
+
+def run_locked(cfg: RunConfig) -> dict:
+    """Train one run holding its folder's lock from before the first write: a second demo or a worker in the
+    same folder is refused before config.json (or anything else) is touched. run_training sees the lock held
+    by this process and trains under it."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    lock = RunLock(cfg.run_dir).acquire()
+    try:
+        with atomic_path(os.path.join(cfg.run_dir, "config.json"), overwrite=True) as tmp, open(tmp, "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+        return run_training(cfg)
+    finally:
+        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         if finished(cfg):
             print(f"[demo] {name}: done already")
             continue
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
         t0 = time.time()
-        result = run_training(cfg)
+        try:
+            result = run_locked(cfg)
+        except RunFolderBusy as err:
+            print(f"error: {err}; nothing in it was changed.", file=sys.stderr)
+            return 2
         print(f"[demo] {name}: {result['status']} at iteration {result['iteration']} in {(time.time() - t0) / 60:.1f} min")
         if result["status"] != "done":
             return 1

@@ -102,3 +102,39 @@ def test_a_resume_with_a_changed_base_model_is_refused_and_the_checkpoint_kept(s
     with pytest.raises(ResumeRefused, match="base model: sd3 \\(hash [0-9a-f]+\\) -> sd3 \\(hash [0-9a-f]+\\)"):
         run_training(config(iterations=4))
     assert (root / "run" / "state.safetensors").read_bytes() == before
+
+
+@pytest.mark.bad_input("survived")
+def test_the_block_cache_composes_with_a_foreign_instance_forward_and_restores_it_exactly(tmp_path):
+    from distill_core.cache import CacheRange, recording, replaying
+    from distill_core.student import blocks_of
+    from xslim_lab.demo_model.distill import load_demo_teacher
+    from xslim_lab.tiny import write_tiny_teacher
+
+    net = (teacher := load_demo_teacher(write_tiny_teacher(str(tmp_path / "teacher.safetensors")))).flow
+    g = torch.Generator().manual_seed(0)
+    x, cond, sigma = torch.randn(2, 16, 1, 8, 8, generator=g), teacher.prompts.batch(torch.tensor([1, 2])), torch.full((2,), 0.75)
+    cache, blocks = CacheRange(1, 2), [spec.module for spec in blocks_of(net)]
+    full = net(x, sigma, cond)
+    calls, theirs = {1: 0, 2: 0}, {}
+    for i in (1, 2):  # someone else's instance forward (a profiler, another tool) on the first and last cached block
+        def foreign(*a, _i=i, _inner=blocks[i].forward, **k):
+            calls[_i] += 1
+            return _inner(*a, **k)
+
+        blocks[i].forward = theirs[i] = foreign
+    try:
+        with recording(blocks_of(net), cache) as store:
+            assert torch.equal(net(x, sigma, cond), full)
+        assert calls == {1: 1, 2: 1}  # theirs ran inside ours
+        assert all(blocks[i].__dict__["forward"] is theirs[i] for i in (1, 2))  # and is back exactly
+        with replaying(blocks_of(net), cache, dict(store), None):
+            torch.testing.assert_close(net(x, sigma, cond), full, rtol=1e-5, atol=1e-5)  # replay of the same input
+        assert calls == {1: 1, 2: 1}  # the skipped range ran nothing, theirs included
+        with pytest.raises(RuntimeError, match="interrupted"), recording(blocks_of(net), cache):
+            raise RuntimeError("interrupted")
+        assert all(blocks[i].__dict__["forward"] is theirs[i] for i in (1, 2))  # also after an error
+        assert torch.equal(net(x, sigma, cond), full) and calls == {1: 2, 2: 2}
+    finally:
+        for i in (1, 2):
+            blocks[i].__dict__.pop("forward", None)

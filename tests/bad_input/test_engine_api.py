@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -46,6 +47,23 @@ def test_config_refuses_wrong_types_naming_field_and_value(field, value, message
     with pytest.raises(ValueError, match=message) as err:
         XSlimConfig(**{field: value})
     assert field in str(err.value)
+
+
+@CLEAR
+@pytest.mark.parametrize("segment,shown", [
+    (5, "got 5 (int)"),
+    (("a", "b"), "got ('a', 'b') (tuple)"),
+    ((1.5, 3), "got (1.5, 3) (tuple)"),
+    ((True, 2), "got (True, 2) (tuple)"),
+    ((1, 2, 3), "got (1, 2, 3) (tuple)"),
+    ((4, 2), "got (4, 2) (tuple)"),
+    ((-1, 2), "got (-1, 2) (tuple)"),
+    ("12", "got '12' (str)"),
+])
+def test_a_segment_that_is_not_two_block_indices_is_refused_by_name(segment, shown):
+    with pytest.raises(ValueError, match=r"segment must be segment=\(first, last\): two whole block indices with "
+                                         r"0 <= first <= last.*" + re.escape(shown)):
+        XSlimConfig(mode="segment", segment=segment)
 
 
 @CLEAR
@@ -103,28 +121,87 @@ def test_damaged_or_hostile_profiles_are_refused(profile, tmp_path, make, messag
 
 
 @CLEAR
-def test_a_profile_of_200k_steps_is_refused_quickly(profile, tmp_path):
+def test_a_profile_file_of_200k_steps_is_refused_quickly(profile, tmp_path):
     n = 200_000
     big = json.loads(profile.to_json())
     big.update(sigmas=[1 - i / n for i in range(n + 1)], step_change=[0.01] * n, block_change=[[0.01] * 8] * n)
     path = _write(tmp_path, json.dumps(big, separators=(",", ":")))
     start = time.perf_counter()
-    with pytest.raises(ValueError, match="at most 8 MB|1..10000"):
+    with pytest.raises(ValueError, match=r"at most 8 MB|1\.\.10000"):
         Profile.load(path)
     assert time.perf_counter() - start < 5.0
+
+
+def _long_profile(profile, n):
+    sigmas = [1 - i / n for i in range(n + 1)]
+    return sigmas, dict(family=profile.family, sigmas=sigmas, step_change=[0.0] + [0.01 + 0.001 * (i % 7) for i in range(n - 1)],
+                        block_change=[[0.01] * 8 for _ in range(n)], stacks=profile.stacks)
+
+
+@CLEAR
+def test_an_in_memory_profile_of_200k_steps_is_refused_before_planning(flux, profile):
+    sigmas, fields = _long_profile(profile, 200_000)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"has 200000 steps \(step_change\); a profile has 1\.\.10000"):
+        XSlim(flux.model, preset_config("fast"), Profile(**fields))
+    assert time.perf_counter() - start < 5.0
+    assert getattr(flux.model, "_xslim_cache", None) is None  # nothing was installed
+
+
+def _fields(profile) -> dict:
+    fields = json.loads(profile.to_json())
+    del fields["format"]
+    return fields
+
+
+def _poison(fields_or_profile, field, index, value):
+    """Put ``value`` at ``field[index]`` (block_change: in row ``index``, block 1); returns the name shown."""
+    get = fields_or_profile.get if isinstance(fields_or_profile, dict) else lambda name: getattr(fields_or_profile, name)
+    if field == "block_change":
+        get(field)[index][1] = value
+        return f"block_change[1] is {value!r}"
+    get(field)[index] = value
+    return f"{field}[{index}] is {value!r}"
+
+
+@CLEAR
+@pytest.mark.parametrize("field,index,value", [
+    ("step_change", 3, float("nan")), ("step_change", 5, -0.5), ("sigmas", 2, float("inf")), ("block_change", 4, float("nan")),
+])
+def test_an_in_memory_non_finite_profile_is_refused_naming_the_field(flux, profile, field, index, value):
+    fields = _fields(profile)
+    shown = _poison(fields, field, index, value)
+    with pytest.raises(ValueError, match=re.escape(shown) + r".*accepted: finite numbers"):
+        Profile(**fields)
+    changed = Profile(**_fields(profile))
+    shown = _poison(changed, field, index, value)  # changed after it was made: refused when it is used
+    with pytest.raises(ValueError, match=re.escape(shown)):
+        XSlim(flux.model, preset_config("fast"), changed)
+    assert getattr(flux.model, "_xslim_cache", None) is None
+
+
+@CLEAR
+@pytest.mark.parametrize("change,message", [
+    (dict(step_change="ab"), "step_change must be a list of numbers, got 'ab' (str)"),
+    (dict(sigmas=[1.0, None]), "sigmas must be a list of numbers; it holds None (NoneType)"),
+    (dict(stacks=[("double", 0)]), "stacks must be [name, block count] pairs (1..1000 blocks), got [('double', 0)]"),
+    (dict(family=3), "family must be a model family name (a string), got 3"),
+    (dict(sigmas=[1.0, 0.0]), "differ in length): 2 sigmas, 12 step_change values, 12 block_change rows"),
+])
+def test_an_in_memory_profile_of_wrong_types_or_lengths_is_refused_naming_the_field(profile, change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Profile(**{**_fields(profile), **change})
 
 
 @SURVIVED
 def test_a_10k_step_profile_is_planned_in_linear_time(profile):
     from xslim_core.schedule import build_schedule
 
-    n = 10_000
-    sigmas = [1 - i / n for i in range(n + 1)]
-    long = Profile(profile.family, sigmas, [0.0] + [0.01 + 0.001 * (i % 7) for i in range(n - 1)],
-                   [[0.01] * 8 for _ in range(n)], profile.stacks)
+    sigmas, fields = _long_profile(profile, 10_000)
+    long = Profile(**fields)
     start = time.perf_counter()
     schedule = build_schedule(long, sigmas, preset_config("fast"), profile.stacks)
-    assert time.perf_counter() - start < 5.0 and len(schedule.kinds) == n
+    assert time.perf_counter() - start < 5.0 and len(schedule.kinds) == 10_000
 
 
 @CLEAR
@@ -184,6 +261,12 @@ def test_someone_elses_instance_forward_survives_install_and_remove(flux):
         block.__dict__.pop("forward", None)
 
 
+def _caching_engaged(stats) -> bool:
+    """Fewer block evaluations than computing every step of every row fully, and not every step full."""
+    full = stats.num_steps * stats.num_blocks * len(stats.decisions)
+    return 0 < stats.block_evals < full and set(stats.pattern()) != {"F"}
+
+
 @SURVIVED
 def test_layerwise_casting_survives_install_and_remove():
     fam = BUILDERS["flux"]()
@@ -192,19 +275,47 @@ def test_layerwise_casting_survives_install_and_remove():
     with XSlim(fam.model, XSlimConfig(mode="online")) as cache, cache.run(SIGMAS):
         cached = sample(fam)
     assert torch.isfinite(cached).all()
+    assert _caching_engaged(cache.stats)
     after = sample(fam)
     assert torch.equal(after, before)
     assert fam.model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn  # still stored in fp8
 
 
 @SURVIVED
-def test_group_offloading_survives_install_and_remove():
+@pytest.mark.parametrize("cached", [False, True])
+def test_group_offloading_survives_install_and_remove(cached):
     fam = BUILDERS["flux"]()
     fam.model.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
     before = sample(fam)
-    with XSlim(fam.model, XSlimConfig(mode="off")) as cache, cache.run(SIGMAS):
-        assert torch.equal(sample(fam), before)
+    config = XSlimConfig(mode="online") if cached else XSlimConfig(mode="off")
+    with XSlim(fam.model, config) as cache, cache.run(SIGMAS):
+        out = sample(fam)
+    if cached:  # the same decisions and result as on the same weights without offloading
+        plain = BUILDERS["flux"]()
+        with XSlim(plain.model, config) as reference, reference.run(SIGMAS):
+            expected = sample(plain)
+        assert cache.stats.pattern() == reference.stats.pattern() and _caching_engaged(cache.stats)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out, before)
     assert torch.equal(sample(fam), before)
+
+
+@SURVIVED
+def test_stats_survive_remove_and_a_new_cache_on_the_same_model_starts_at_zero(flux):
+    cache = XSlim(flux.model, XSlimConfig(mode="online"))
+    with cache.run(SIGMAS):
+        sample(flux)
+    figures = cache.stats.as_dict()
+    assert figures["block_evals"] > 0
+    cache.remove()
+    assert cache.stats.as_dict() == figures  # the finished run's figures are still there to read
+    with XSlim(flux.model, XSlimConfig(mode="online")) as fresh:
+        assert fresh.stats.block_evals == 0 and fresh.stats.decisions == {}
+        with fresh.run(SIGMAS):
+            sample(flux)
+        assert fresh.stats.as_dict() == figures  # its own run only: the same work again, nothing carried over
+    assert cache.stats.as_dict() == figures
 
 
 # -- threads -----------------------------------------------------------------------------------------------
@@ -217,6 +328,16 @@ def test_two_threads_sampling_through_one_cache_each_get_their_own_result(flux, 
             with cache.run(SIGMAS):
                 alone[seed] = sample(flux, seed=seed)
         together, errors = {}, []
+        # Both threads meet at their sixth call of the first block, so their runs provably overlap (mid-run, each
+        # with its own state); an engine that serialised runs would time the barrier out and fail the test.
+        barrier, calls = threading.Barrier(2, timeout=30), threading.local()
+
+        def meet(module, args):
+            calls.n = getattr(calls, "n", 0) + 1
+            if calls.n == 6:
+                barrier.wait()
+
+        hook = flux.model.transformer_blocks[0].register_forward_pre_hook(meet)
 
         def worker(seed):
             try:
@@ -227,10 +348,13 @@ def test_two_threads_sampling_through_one_cache_each_get_their_own_result(flux, 
                 errors.append(err)
 
         threads = [threading.Thread(target=worker, args=(s,)) for s in (1, 2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            hook.remove()
+    assert not errors and barrier.n_waiting == 0 and not barrier.broken
     for seed in (1, 2):
         torch.testing.assert_close(together[seed], alone[seed], rtol=1e-5, atol=1e-5)

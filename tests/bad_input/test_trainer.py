@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -37,13 +38,86 @@ def test_run_config_refuses_wrong_values_naming_the_field(tmp_path, field, value
 
 
 @CLEAR
-def test_train_command_line_refuses_max_minutes_zero(tmp_path):
+@pytest.mark.parametrize("changes,message", [  # literal text of the message (the field, the value, what is accepted)
+    (dict(stage1={"lr_student": "fast"}), "stage1.lr_student must be a finite number > 0, got 'fast' (str)"),
+    (dict(stage1={"steps": 0}), "stage1.steps must be a whole number of student steps in 1..1000, got 0"),
+    (dict(stage1={"steps": 2.0}), "stage1.steps must be a whole number of student steps in 1..1000, got 2.0 (float)"),
+    (dict(stage1={"lr_fake": float("nan")}), "stage1.lr_fake must be a finite number > 0, got nan"),
+    (dict(stage1={"beta2": 1.0}), "stage1.beta2 must be a number in [0, 1), got 1.0"),
+    (dict(stage1={"importance_sampling": "yes"}), "stage1.importance_sampling must be true or false, got 'yes'"),
+    (dict(stage1={"classes": []}), "stage1.classes must be null (all) or a non-empty list of class indices >= 0, got []"),
+    (dict(stage1={"cache_first": 1}), "stage1.cache_first and stage1.cache_last must both be null (no cached blocks) or "
+                                      "block indices with 0 <= cache_first <= cache_last; got 1 and None"),
+    (dict(stage1={"cache_first": -1, "cache_last": 2}), "0 <= cache_first <= cache_last; got -1 and 2"),
+    (dict(stage1={"cache_first": 3, "cache_last": 2}), "0 <= cache_first <= cache_last; got 3 and 2"),
+    (dict(stage1={"lr": 1e-3}), "unknown stage1 setting(s) ['lr']; stage1 takes ['beta1'"),
+    (dict(stage1="fast"), "stage1 must be a dict of stage1 settings, got 'fast' (str)"),
+    (dict(stage2={"disc_blocks": []}), "stage2.disc_blocks must be a non-empty list of block indices >= 0"),
+    (dict(stage2={"real_label": 0}), "stage2.real_label must be a number in (0, 1], got 0"),
+    (dict(stage2={"g_every": 0}), "stage2.g_every must be a whole number >= 1, got 0"),
+    (dict(stage2={"cache_first": None}), "got None and 3"),
+    (dict(stage2={"gan": True}), "unknown stage2 setting(s) ['gan']"),
+    (dict(device="bogus"), "device must be null/'auto' or a torch device name such as 'cpu', 'cuda' or 'cuda:1', got 'bogus'"),
+    (dict(device="meta"), "device must be null/'auto' or a torch device name"),
+    (dict(teacher_options="x"), "teacher_options must be a dict of the loader's keyword arguments, got 'x' (str)"),
+    (dict(lora_alpha="x"), "lora_alpha must be a number > 0 or null (= lora_rank), got 'x'"),
+    (dict(lora_alpha=0), "lora_alpha must be a number > 0 or null (= lora_rank), got 0"),
+    (dict(gradient_checkpointing="no"), "gradient_checkpointing must be true or false, got 'no'"),
+    (dict(offload_optimizer=1), "offload_optimizer must be true or false, got 1"),
+    (dict(prompts=5), "prompts must be null or a prompt-set file path, got 5 (int)"),
+    (dict(teacher=""), "teacher must be null or the base model's path, got ''"),
+])
+def test_run_config_refuses_wrong_stage_and_run_settings_naming_field_value_and_range(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig(run_dir=str(tmp_path), **changes)
+
+
+@CLEAR
+def test_every_stage_setting_has_a_rule():
+    from dataclasses import fields
+
+    from distill_core.config import CACHE_FIELDS, STAGE1_RULES, STAGE2_RULES
+    from distill_core.stage1 import Stage1Config
+    from distill_core.stage2 import Stage2Config
+
+    for cls, rules in ((Stage1Config, STAGE1_RULES), (Stage2Config, STAGE2_RULES)):  # a new field must say what it accepts
+        assert {f.name for f in fields(cls)} == set(rules) | set(CACHE_FIELDS)
+        defaults = cls()
+        assert all(ok(getattr(defaults, name)) for name, (_, ok) in rules.items())
+
+
+@CLEAR
+@pytest.mark.parametrize("text,message", [
+    ('{"run_dir": "r", "iterations": 1,}', r"run.json is not valid JSON \(Expecting property name"),
+    ("[1, 2]", "run.json must hold one JSON object of settings, got list"),
+    (b"\xff\xfe", "run.json is not valid JSON"),
+    ('{"run_dir": "r", "stage1": {"lr_student": "fast"}}', r"run.json: run config: stage1.lr_student must be a finite number > 0"),
+    ('{"run_dir": "r", "bogus": 1}', r"run.json: run config: unknown key\(s\) \['bogus'\]"),
+])
+def test_a_bad_run_config_file_is_refused_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "run.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message):
+        RunConfig.load(str(path))
+
+
+@CLEAR
+@pytest.mark.parametrize("args,config,message", [
+    (["--max-minutes", "0"], {}, "max_minutes must be a number > 0"),
+    (["--iterations", "-1"], {}, "iterations must be a whole number >= 0, got -1"),
+    ([], {"stage1": {"steps": 0}}, "stage1.steps must be a whole number"),
+    ([], None, "is not valid JSON"),
+])
+def test_the_train_command_line_prints_config_errors_and_exits_2(tmp_path, capsys, args, config, message):
     from distill_core import train
 
-    config = tmp_path / "run.json"
-    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "iterations": 1}))
-    with pytest.raises(ValueError, match="max_minutes must be a number > 0"):
-        train.main(["--config", str(config), "--max-minutes", "0"])
+    path = tmp_path / "run.json"
+    path.write_text("{" if config is None else json.dumps({"run_dir": str(tmp_path / "run"), "iterations": 1, **config}))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", str(path), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: " in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @CLEAR
@@ -56,6 +130,46 @@ def test_shipping_never_replaces_the_shipped_students_without_overwrite(tmp_path
         demo.ship(str(tmp_path / "runs"), str(weights))
     assert all((weights / n).read_bytes() == b"the shipped file" for n in demo.SHIPPED.values())
     assert demo.main(["--ship", "--out", str(tmp_path / "runs")]) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+@CLEAR
+def test_shipping_keeps_a_student_that_appears_while_it_ships(tmp_path, monkeypatch):
+    import shutil
+
+    from distill_core.runtime import STUDENT_FILE
+
+    out, weights = tmp_path / "runs", tmp_path / "weights"
+    for run in demo.SHIPPED:
+        (out / run).mkdir(parents=True)
+        shutil.copy(SHIPPED, out / run / STUDENT_FILE)
+    first = weights / demo.SHIPPED["stage2_c175"]
+    real_open = demo.safe_open
+
+    def racing_open(path, **kwargs):  # another --ship writes the first file after the up-front check
+        if not first.exists():
+            first.write_bytes(b"the other shipment")
+        return real_open(path, **kwargs)
+
+    monkeypatch.setattr(demo, "safe_open", racing_open)
+    with pytest.raises(FileExistsError, match="appeared while shipping; it was kept: add --overwrite"):
+        demo.ship(str(out), str(weights))
+    assert first.read_bytes() == b"the other shipment"
+    assert sorted(p.name for p in weights.iterdir()) == [first.name]  # no temporary file left behind
+
+
+@CLEAR
+def test_the_demo_takes_the_run_folder_lock_before_writing_its_config(tmp_path, capsys):
+    from distill_core.jobfiles import RunLock
+
+    run_dir = tmp_path / "stage1_n2"
+    run_dir.mkdir()
+    held = RunLock(str(run_dir)).acquire()  # a worker (or a second demo) busy in the folder
+    try:
+        assert demo.main(["--out", str(tmp_path), "--only", "stage1_n2"]) == 2
+    finally:
+        held.release()
+    assert "is in use by another worker" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lock"]  # no config.json, nothing else
 
 
 def _variant(tmp_path, name, drop=(), **meta_changes):
@@ -85,8 +199,14 @@ def test_damaged_student_files_are_refused_naming_file_and_problem(tmp_path, cha
     assert "student.safetensors" in str(err.value)
 
 
+@pytest.fixture()
+def no_building(monkeypatch):
+    """Any attempt to build the declared model fails the test: refusals must come from the header alone."""
+    monkeypatch.setattr("distill_core.student.build_architecture", lambda *a, **k: pytest.fail("the model was built"))
+
+
 @CLEAR
-def test_a_student_declaring_40k_layers_is_refused_in_under_a_second_without_building_it(tmp_path):
+def test_a_student_declaring_40k_layers_is_refused_in_under_a_second_without_building_it(tmp_path, no_building):
     arch = json.loads(safe_open(SHIPPED, framework="pt").metadata()["architecture"])
     arch.update(num_layers=40_000, num_single_layers=40_000)
     path = _variant(tmp_path, "huge.safetensors", architecture=json.dumps(arch), stacks="")
@@ -97,6 +217,74 @@ def test_a_student_declaring_40k_layers_is_refused_in_under_a_second_without_bui
     path = _variant(tmp_path, "huge2.safetensors", stacks=json.dumps([["double", 40000], ["single", 8]]))
     with pytest.raises(ValueError, match="at most 1000 blocks"):
         load_student(path)
+
+
+def _flux_student(tmp_path, name="flux.safetensors", **arch_changes):
+    """A diffusers FLUX student file that names its class (as every diffusers family's does)."""
+    from distill_core.student import save_student_file
+    from test_distill_families import tiny_flux
+
+    torch.manual_seed(0)
+    module = tiny_flux()[0]
+    arch = {**dict(module.config), "_class_name": type(module).__name__, **arch_changes}
+    path = str(tmp_path / name)
+    save_student_file(path, module.state_dict(), "diffusers", [["double", 1], ["single", 2]], [1.0, 0.5, 0.0], 3.0,
+                      None, None, {"family": "flux", "architecture": json.dumps(arch)},
+                      extra={"latent_shape": "[16, 16]", "call_extra": json.dumps({"grid": [4, 4], "guidance": 3.5})})
+    return path
+
+
+@CLEAR
+@pytest.mark.parametrize("changes,message", [
+    (dict(num_layers=40_000), "declares num_layers=40000 but holds 1 such blocks"),
+    (dict(num_single_layers=40_000), "declares num_single_layers=40000 but holds 2 such blocks"),
+    (dict(num_layers="1"), "declares num_layers='1' but holds 1 such blocks"),
+    (dict(num_attention_heads=4096), r"num_attention_heads=4096 x attention_head_dim=16 = 65536 but its first block's queries are 32 wide"),
+    (dict(attention_head_dim=10**9), r"declares attention_head_dim=1000000000; a whole number in an architecture lies in 0\.\.65536"),
+    (dict(in_channels=-4), r"declares in_channels=-4"),
+    (dict(axes_dims_rope=[4, 6, 10**7]), r"declares axes_dims_rope=\[4, 6, 10000000\]"),
+])
+def test_a_named_diffusers_student_declaring_huge_or_inconsistent_sizes_is_refused_without_building(tmp_path, no_building, changes, message):
+    path = _flux_student(tmp_path, **changes)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message) as err:
+        load_student(path)
+    assert time.perf_counter() - start < 1.0 and "flux.safetensors" in str(err.value)
+
+
+@CLEAR
+@pytest.mark.parametrize("changes,message", [
+    (dict(in_channels=64), r"its architecture makes proj_out.bias \[64\] but the file holds \[16\] \(3 tensor\(s\) differ\)"),
+    (dict(joint_attention_dim=4096), r"its architecture makes context_embedder.weight \[32, 4096\] but the file holds \[32, 24\]"),
+    (dict(num_attention_heads="2"), r"its architecture \(FluxTransformer2DModel\) cannot be built: TypeError"),
+])
+def test_a_named_diffusers_student_whose_widths_disagree_with_its_tensors_is_refused_before_allocating(tmp_path, changes, message):
+    from distill_core import student
+
+    real = student._built
+    built = []
+
+    def only_on_meta(path, name, make):  # the real (allocating) build must never be reached
+        assert torch.empty(0).device.type == "meta", "the declared model was allocated"
+        built.append(name)
+        return real(path, name, make)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(student, "_built", only_on_meta)
+        with pytest.raises(ValueError, match=message):
+            load_student(_flux_student(tmp_path, **changes))
+    assert built == ["FluxTransformer2DModel"]  # refused by the meta skeleton, the only build
+
+
+@pytest.mark.bad_input("survived")
+def test_a_named_diffusers_student_that_is_consistent_loads_and_samples(tmp_path):
+    loaded = load_student(_flux_student(tmp_path))
+    assert len(loaded.net.blocks()) == 3
+    from distill_core.conditioning import Conditioning
+
+    cond = Conditioning(torch.randn(1, 6, 24), torch.randn(1, 16))
+    out = loaded.sample(torch.randn(1, 16, 16), cond)
+    assert out.shape == (1, 16, 16) and torch.isfinite(out).all()
 
 
 @CLEAR
