@@ -4,7 +4,8 @@ manager, a script, a person with a shell).
 One folder per run. The submitter writes ``job.json`` (and, for text families, ``conditioning.safetensors``)
 and starts ``python -m distill_core.worker --run-dir DIR``; from then on the worker reports only through files:
 
-    job.json           what to train: the run config, the base model's name and hash, GPU sharing (read-only for the worker)
+    job.json           what to train: the run config, the base model's name and size, the prompts' identities, GPU
+                       sharing (read-only for the worker)
     fingerprint.json   what the run was first started with; a later start whose fingerprint differs is refused
     lock               an OS file lock the live worker holds for its whole life (released by the OS on any exit,
                        kill -9 included), so two workers never share a folder and a watcher can tell "alive"
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 import time
 
 JOB, FINGERPRINT, LOCK, HEARTBEAT = "job.json", "fingerprint.json", "lock", "heartbeat.json"
@@ -40,11 +42,17 @@ RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "previe
 
 
 def write_json(path: str, data: dict) -> None:
-    """Atomic: a reader never sees half a file (tmp + os.replace)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    """Atomic: a reader never sees half a file. The temporary file is created exclusively under a fresh name, so two
+    writers (the server's threads, a worker) never share one and a planted link is never written through."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; job files are read by the ComfyUI process and by people
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def read_json(path: str) -> dict | None:
@@ -197,11 +205,19 @@ def content_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+# What a run trains on, beside its settings. Each is compared only where both sides recorded it: the ComfyUI
+# submitter records the base file's size (hashing a 16 GB file would block its prompt) and leaves the hash to the
+# worker, and runs started before an identity existed have none.
+BASE_KEYS = ("name", "hash", "size", "prompts", "prompt_list", "text_encoder")
+PROMPT_IDENTITIES = (("prompt_list", "the prompt list changed"),
+                     ("text_encoder", "another text encoder (clip input) encodes them"))
+
+
 def fingerprint(config: dict, base: dict) -> dict:
-    """The parts of a run that shape its result: the base model (name and content hash) and every setting but
-    the resumable ones."""
+    """The parts of a run that shape its result: the base model (name, content hash or size), the prompts'
+    identities (``BASE_KEYS``) and every setting but the resumable ones."""
     inactive = {"stage1": "stage2", "stage2": "stage1"}.get(config.get("stage"))  # the other stage's settings do nothing
-    return {"base": {"name": base.get("name"), "hash": base.get("hash"), "prompts": base.get("prompts")},
+    return {"base": {k: base.get(k) for k in BASE_KEYS},
             "config": {k: v for k, v in config.items() if k not in RESUMABLE and k != inactive}}
 
 
@@ -248,18 +264,28 @@ def _fingerprint_from_state(state_path: str, new: dict) -> dict | None:
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
     """What differs between two fingerprints, one readable line per difference (empty: the same run)."""
-    changes = []
-    ob, nb = old.get("base", {}), new.get("base", {})
-    if ob.get("hash") != nb.get("hash"):
-        changes.append(f"base model: {ob.get('name')} (hash {ob.get('hash')}) -> {nb.get('name')} (hash {nb.get('hash')})")
-    if ob.get("prompts") and nb.get("prompts") and ob["prompts"] != nb["prompts"]:
-        changes.append(f"prompt set: hash {ob['prompts']} -> {nb['prompts']} (other prompts, or encoded by another text encoder)")
+    changes = _base_changes(old.get("base", {}), new.get("base", {}))
     a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
     for key in sorted(set(a) | set(b)):
-        if key == "teacher" or key == "prompts":  # the files' paths may move; their contents are compared by hash above
+        if key == "teacher" or key == "prompts":  # the files' paths may move; their contents are compared above
             continue
         if a.get(key, "(unset)") != b.get(key, "(unset)"):
             changes.append(f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}")
+    return changes
+
+
+def _base_changes(ob: dict, nb: dict) -> list[str]:
+    changes = []
+    if ob.get("hash") and nb.get("hash"):
+        if ob["hash"] != nb["hash"]:
+            changes.append(f"base model: {ob.get('name')} (hash {ob['hash']}) -> {nb.get('name')} (hash {nb['hash']})")
+    elif ob.get("size") is not None and nb.get("size") is not None and ob["size"] != nb["size"]:
+        changes.append(f"base model: {ob.get('name')} ({ob['size']} bytes) -> {nb.get('name')} ({nb['size']} bytes)")
+    for key, what in PROMPT_IDENTITIES:  # the submitter's: what it would encode, before anything is encoded
+        if ob.get(key) and nb.get(key) and ob[key] != nb[key]:
+            changes.append(f"prompts: {what} (hash {ob[key]} -> {nb[key]})")
+    if ob.get("prompts") and nb.get("prompts") and ob["prompts"] != nb["prompts"]:  # the encoded file's
+        changes.append(f"prompt set: hash {ob['prompts']} -> {nb['prompts']} (other prompts, or encoded by another text encoder)")
     return changes
 
 

@@ -3,12 +3,13 @@
     python -m distill_core.worker --run-dir DIR            # DIR holds job.json (see jobfiles.py)
     torchrun --nproc_per_node 2 -m distill_core.worker --run-dir DIR
 
-It never imports ComfyUI. It takes the folder's lock (a second worker on the same folder exits at once), refuses
-to resume when the job's fingerprint (base model hash, settings) differs from the one the run was started with,
-keeps a heartbeat, trains with ``runtime.run_training`` (which resumes exactly and checkpoints atomically),
-stops cleanly when a ``stop`` file appears (a checkpoint and the student are saved), and always ends with a
-``status.json`` saying done, stopped or failed and why. Under torchrun only rank 0 touches the folder's files;
-a stop request reaches every rank at the same iteration.
+It imports nothing of ComfyUI itself: a text-family job's ``bootstrap`` makes ComfyUI's model code importable for
+its loader, and ComfyUI's ``server`` is never imported. It takes the folder's lock (a second worker on the same
+folder exits at once), refuses to resume when the job's fingerprint (base model hash, prompts, settings) differs
+from the one the run was started with, keeps a heartbeat, trains with ``runtime.run_training`` (which resumes
+exactly and checkpoints atomically), stops cleanly when a ``stop`` file appears (a checkpoint and the student are
+saved), and always ends with a ``status.json`` saying done, stopped or failed and why. Under torchrun only rank 0
+touches the folder's files; a stop request reaches every rank at the same iteration.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def load_job(run_dir: str):
 
 
 def check_fingerprint(run_dir: str, cfg, base: dict, write: bool) -> None:
-    """Refuse early (before torchrun's process group) when the base model, the prompt set or settings changed."""
+    """Refuse early (before torchrun's process group) when the base model, the prompts or settings changed. The
+    fingerprint holds both the submitter's identities of the prompt list and text encoder (from job.json) and the
+    hash of the encoded prompt set in the run folder."""
     base = {**base, "prompts": _prompts_hash(cfg.prompts_path)}
     jf.check_resume(run_dir, asdict(cfg), base, write)
 
@@ -143,15 +146,20 @@ def _prompts_hash(path: str | None) -> str | None:
 
 
 def apply_gpu_sharing(job: dict) -> None:
-    """shared: cap this process's share of the GPU memory. The device itself is chosen by the submitter through
-    CUDA_VISIBLE_DEVICES before the process starts."""
+    """shared: cap this process's share of its GPU's memory. The devices themselves are chosen by the submitter
+    through CUDA_VISIBLE_DEVICES before the process starts; under torchrun each rank caps its own device
+    (``cuda:LOCAL_RANK``), not device 0."""
     gpu = job.get("gpu") or {}
     import torch
 
     if gpu.get("mode") == "shared" and torch.cuda.is_available():
-        fraction = float(gpu.get("memory_fraction", 0.5))
-        torch.cuda.set_per_process_memory_fraction(fraction, 0)
-        _say(f"shared GPU: capped at {fraction:.0%} of the device's memory")
+        from .parallel import pick_device
+
+        device = pick_device(job["config"].get("device") or "cuda")
+        if device.type == "cuda":
+            fraction = float(gpu.get("memory_fraction", 0.5))
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
+            _say(f"shared GPU: capped at {fraction:.0%} of {device}'s memory")
     device = job["config"].get("device") or "cpu"
     _say(f"training on {device} with {job['config'].get('threads', 2)} CPU thread(s)")
 

@@ -7,7 +7,7 @@ finds it running by its folder lock). A monitor thread tails the folders and pus
 ``xslim.job`` websocket event; it never touches ComfyUI's ProgressBar or interrupt flag, which belong to the
 prompt being executed. Routes (also under /api):
 
-    GET  /xslim/jobs                     every job (summaries)
+    GET  /xslim/jobs                     every job (summaries), and whether ComfyUI has its own jobs API
     GET  /xslim/jobs/{name}              one job: summary, loss history, log tail
     POST /xslim/jobs/{name}/cancel       save and stop; a second cancel (or {"force": true}) terminates it
     POST /xslim/jobs/{name}/resume       continue a stopped, interrupted or failed job from its checkpoint
@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -87,16 +88,16 @@ def parse_devices(device: str) -> list[str] | None:
     return [d.strip() for d in m.group(1).split(",")] if m.group(1) else ["0"]
 
 
-_hash_cache: dict[tuple, str] = {}
+def comfy_jobs_api() -> bool:
+    """Whether this ComfyUI has its own jobs API (``/api/jobs``, module ``comfy_execution.jobs``). It lists the
+    prompts of its queue and history only and offers extensions no way to add outside jobs, so a training job
+    shows there as the *1.x-Distill Job Status* prompt that waits for it. ``GET /xslim/jobs`` reports it."""
+    import importlib.util
 
-
-def cached_content_hash(path: str) -> str:
-    """The base model's content hash, remembered per (path, size, mtime) so a big file is hashed once."""
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _hash_cache:
-        _hash_cache[key] = jf.content_hash(path)
-    return _hash_cache[key]
+    try:
+        return importlib.util.find_spec("comfy_execution.jobs") is not None
+    except (ImportError, ValueError):  # no comfy_execution package at all (not inside ComfyUI)
+        return False
 
 
 class Job:
@@ -243,10 +244,16 @@ class JobManager:
 
     # -- actions ------------------------------------------------------------------------------------------
     def submit(self, name: str, base: dict, config: dict, gpu: dict, overwrite_student: bool = False,
-               write_extra=None, bootstrap: dict | None = None) -> tuple[dict, str]:
+               write_extra=None, bootstrap: dict | None = None, before_start=None) -> tuple[dict, str]:
         """Start a new job, or continue the run of that name when only resumable settings differ.
         Returns (summary, what happened). ``write_extra(run_dir)`` writes e.g. conditioning.safetensors;
-        ``bootstrap`` tells the worker what to make importable first (``distill_core.worker.bootstrap``)."""
+        ``bootstrap`` tells the worker what to make importable first (``distill_core.worker.bootstrap``);
+        ``before_start()`` runs just before a worker starts, after ``write_extra`` (e.g. ComfyUI unloading its
+        models, the CLIP that encoded the prompts included), and never when nothing starts.
+
+        Nothing here reads the base model file: a change of its size is refused at once, a change of its contents
+        by the worker, which hashes the file and fails the job naming the change (a 16 GB file would otherwise
+        hold the prompt for tens of seconds)."""
         with self.lock:
             run_dir = self.run_dir(name)
             devices = parse_devices(gpu.get("device", "cpu"))
@@ -261,6 +268,8 @@ class JobManager:
                 if write_extra is not None:
                     write_extra(run_dir)
                 jf.write_json(job.path(jf.JOB), spec)
+                if before_start is not None:
+                    before_start()
                 self._spawn(job, devices)
                 return self.summary(job), "started"
             state = self.state(job)
@@ -279,6 +288,8 @@ class JobManager:
                 return self.summary(job), "finished earlier; nothing to train"
             self._check_export_target(name, overwrite_student, job)
             jf.write_json(job.path(jf.JOB), {**spec, "created": old.get("created", spec["created"])})
+            if before_start is not None:
+                before_start()
             self._restart(job, devices)
             return self.summary(job), "resumed"
 
@@ -292,14 +303,13 @@ class JobManager:
                 raise JobError(f"job {name!r} cannot be resumed: {hint} (state {state})", 409)
             spec = jf.read_json(job.path(jf.JOB)) or {}
             model = (spec.get("config") or {}).get("teacher")
-            recorded = (spec.get("base") or {}).get("hash")
+            recorded = (spec.get("base") or {}).get("size")
             if not model or not os.path.isfile(model):
                 raise JobError(f"job {name!r} cannot be resumed: its base model file {model!r} is gone", 409)
-            now = cached_content_hash(model)
-            if recorded and now != recorded:
+            if recorded is not None and os.path.getsize(model) != recorded:  # other contents: the worker's hash decides
                 raise JobError(f"job {name!r} cannot be resumed: its base model {spec['base'].get('name')} changed on disk "
-                               f"(hash {recorded} when the job started, {now} now); the checkpoint belongs to the old weights. "
-                               "Start a new run for the new weights.", 409)
+                               f"({recorded} bytes when the job started, {os.path.getsize(model)} now); the checkpoint "
+                               "belongs to the old weights. Start a new run for the new weights.", 409)
             self._restart(job, parse_devices((spec.get("gpu") or {}).get("device", "cpu")))
             return self.summary(job)
 
@@ -438,8 +448,11 @@ class JobManager:
         overwrite = bool((spec.get("export") or {}).get("overwrite"))
         folder = students_dir()
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{job.name}.{os.getpid()}.tmp")
+        # a fresh, exclusively created temporary name: a planted file or link in the models folder is never written through
+        fd, tmp = tempfile.mkstemp(prefix=f".{job.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
         shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
         target, n = os.path.join(folder, f"{job.name}.safetensors"), 1
         try:
             while True:
@@ -534,7 +547,7 @@ def register_routes() -> bool:
     @routes.get("/xslim/jobs")
     @guarded
     async def list_jobs(request):
-        return web.json_response({"jobs": await run_blocking(jobs.list), "root": jobs.root})
+        return web.json_response({"jobs": await run_blocking(jobs.list), "root": jobs.root, "comfy_jobs_api": comfy_jobs_api()})
 
     @routes.get("/xslim/jobs/{name}")
     @guarded
@@ -594,4 +607,5 @@ def register_routes() -> bool:
     return True
 
 
-__all__ = ["JobError", "JobManager", "check_run_name", "manager", "parse_devices", "register_routes", "students_dir"]
+__all__ = ["JobError", "JobManager", "check_run_name", "comfy_jobs_api", "manager", "parse_devices", "register_routes",
+           "students_dir"]

@@ -8,6 +8,7 @@ folders (never paths), and only safetensors headers are read here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,14 +26,31 @@ DEMO = "demo"
 ALL_CLASSES = "all classes"
 FAMILY_NAMES = {"sd3": "SD3/SD3.5", "flux": "FLUX", "hunyuan_video": "HunyuanVideo"}
 NAME_RULE_TIP = "letters, digits, '.', '_' and '-'"
+AUTO = "auto"
+# Safe starting points per family, used where a widget is left at auto (cached_blocks 'auto', batch_size 0,
+# guidance_scale 0); a value set by hand is used as it is, so saved workflows train exactly as before.
+#  * batch: the demo's 8 (a CPU run of a tiny model); 1 for the big families, where one 1024x1024 sample with
+#    three roles (teacher, student, fake score) already fills a GPU (docs/MEMORY.md).
+#  * guidance: the teacher's CFG in the real score. The demo teacher was distilled at 2 (docs/DISTILL.md); SD3.5
+#    samples at about 4.5; FLUX.1-dev and HunyuanVideo are guidance-distilled: their guidance is an input of the
+#    model (3.5 and 6.0, set by the loader, nodes/distill_host.py), so CFG on top would guide twice and double the
+#    teacher's cost. 1 is no CFG (no unconditional pass).
+#  * cached blocks: see auto_cached_range.
+FAMILY_DEFAULTS = {
+    DEMO: {"batch_size": 8, "guidance_scale": 2.0},
+    "sd3": {"batch_size": 1, "guidance_scale": 4.5},
+    "flux": {"batch_size": 1, "guidance_scale": 1.0},
+    "hunyuan_video": {"batch_size": 1, "guidance_scale": 1.0},
+}
 PACK = __name__.rsplit(".", 2)[0]  # the package name ComfyUI loaded this pack under (the worker registers it again)
 PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _comfy_root() -> str:
-    import comfy
+    # from a module file: `comfy` itself is a namespace package in ComfyUI (no __init__.py, so no __file__)
+    import comfy.model_management
 
-    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__)))
+    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
 
 
 # -- what the chosen model file is ---------------------------------------------------------------------------
@@ -124,6 +142,49 @@ def _text_conditioning_writer(clip, prompts: list[str]):
     return write
 
 
+def prompt_identities(clip, lines: list[str]) -> dict:
+    """What a text job's conditioning depends on, without encoding anything: the prompt list and the text encoder.
+    Recorded in job.json's ``base``; a resume that changes either is refused, naming the prompts."""
+    return {"prompt_list": hashlib.sha256(json.dumps(lines).encode()).hexdigest()[:16], "text_encoder": clip_identity(clip)}
+
+
+def clip_identity(clip) -> str:
+    """What decides how ``clip`` encodes, cheaply (no encoding, no full read of its weights): the name, dtype, shape
+    and first elements of every weight, the patches on it (LoRA: strengths and a sample of their tensors), the
+    layer it stops at and its tokenizer options. ``get_key_patches`` (public on ComfyUI's CLIP) gives the unpatched
+    weights, so the answer is the same whether the CLIP is loaded on the GPU or not."""
+    h = hashlib.sha256(type(clip).__name__.encode())
+    key_patches = getattr(clip, "get_key_patches", None)
+    patches = key_patches() if callable(key_patches) else {}
+    for key in sorted(patches):
+        h.update(key.encode())
+        _digest(h, patches[key])
+    for attr in ("layer_idx", "tokenizer_options"):
+        h.update(repr(getattr(clip, attr, None)).encode())
+    return h.hexdigest()[:16]
+
+
+def _digest(h, value, depth: int = 0) -> None:
+    import torch
+
+    if torch.is_tensor(value):
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        try:
+            h.update(value.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+        except (RuntimeError, TypeError, NotImplementedError):  # a quantised tensor type: its dtype and shape only
+            pass
+    elif isinstance(value, (str, int, float, bool, type(None))):
+        h.update(repr(value).encode())
+    elif depth < 4 and isinstance(value, (tuple, list)):
+        for item in value:
+            _digest(h, item, depth + 1)
+    elif depth < 4 and hasattr(value, "weights"):  # ComfyUI's LoRA weight adapters keep their tensors here
+        h.update(type(value).__qualname__.encode())
+        _digest(h, value.weights, depth + 1)
+    else:  # functions and other objects: by kind (their repr holds memory addresses)
+        h.update(type(value).__qualname__.encode())
+
+
 def _prompt_lines(prompts: str) -> list[str]:
     lines = [line.strip() for line in (prompts or "").splitlines() if line.strip() and not line.strip().startswith("#")]
     if not lines:
@@ -149,6 +210,29 @@ def parse_classes(prompts: str, class_names: list[str]) -> list[int] | None:
     return None if len(chosen) == len(class_names) else chosen
 
 
+def auto_cached_range(blocks: int, steps: int) -> str:
+    """A quarter of the blocks in the middle of the stack: the demo's measured choice (4-6 of 12 at 2 steps, 1.75 NFE;
+    the blocks at the ends of the stack cost the most when reused, docs/DISTILL.md) scaled to the family, e.g.
+    14-22 of SD3.5 Large's 38 joint blocks, 21-34 of FLUX's 57 (single-stream blocks). A 1-step student has no
+    step before its last to reuse from: none."""
+    if steps < 2:
+        return "none"
+    count = max(1, blocks // 4)
+    first = (blocks - count) // 2
+    return f"{first}-{first + count - 1}"
+
+
+def resolve_auto(family: str, blocks: int, steps: int, batch_size: int, cached_blocks: str, guidance_scale: float):
+    """(batch_size, cached_blocks, guidance_scale) with each value left at auto replaced by the family's default."""
+    defaults = FAMILY_DEFAULTS[family]
+    if 0 < guidance_scale < 1:
+        raise JobError(f"1.x-Distill Train: guidance_scale {guidance_scale} is below 1; use 0 for the model family's "
+                       "default, 1 for no CFG, or a larger CFG scale.")
+    if (cached_blocks or "").strip().lower() == AUTO:
+        cached_blocks = auto_cached_range(blocks, steps)
+    return batch_size or defaults["batch_size"], cached_blocks, guidance_scale or defaults["guidance_scale"]
+
+
 def parse_cached_blocks(text: str, blocks: int, steps: int) -> tuple[int | None, int | None]:
     text = (text or "").strip().lower()
     if text in ("", "none", "off"):
@@ -156,7 +240,8 @@ def parse_cached_blocks(text: str, blocks: int, steps: int) -> tuple[int | None,
     try:
         first, last = (int(p) for p in text.replace("..", "-").split("-"))
     except ValueError:
-        raise JobError(f"1.x-Distill Train: cached_blocks {text!r} is not a range; write e.g. '4-6' (blocks 4 to 6) or 'none'.") from None
+        raise JobError(f"1.x-Distill Train: cached_blocks {text!r} is not a range; write e.g. '4-6' (blocks 4 to 6), "
+                       f"'{AUTO}' (the family's default) or 'none'.") from None
     if not 0 <= first <= last < blocks:
         raise JobError(f"1.x-Distill Train: cached_blocks {first}-{last} is outside the model's {blocks} blocks (0..{blocks - 1}).")
     if steps < 2:
@@ -181,7 +266,8 @@ def _demo_conditioning_writer(classes_path: str, classes: list[int] | None, prom
 
 
 def _free_comfy_memory() -> None:
-    """exclusive: ComfyUI's own models leave the GPU before the worker starts (public model-management calls)."""
+    """exclusive: ComfyUI's own models leave the GPU before the worker starts (public model-management calls). Runs
+    after the prompts were encoded (encoding loads the CLIP back onto the GPU) and only when a worker starts."""
     import comfy.model_management as mm
 
     for name in ("unload_all_models", "soft_empty_cache"):
@@ -219,12 +305,16 @@ class DistillTrain(io.ComfyNode):
                 io.String.Input("run_name", default="demo-distill", tooltip=(
                     f"Names the job, its run folder (user/xslim/distill/<name>) and the exported student; {NAME_RULE_TIP}.")),
                 io.Int.Input("iterations", default=300, min=1, max=1_000_000, tooltip="Training iterations of the run."),
-                io.Int.Input("batch_size", default=8, min=1, max=1024),
+                io.Int.Input("batch_size", default=0, min=0, max=1024, tooltip=(
+                    "Samples per iteration; 0: the model family's default (8 for the demo teacher, 1 for SD3/FLUX/HunyuanVideo).")),
                 io.Int.Input("student_steps", default=2, min=1, max=8, tooltip="Sampling steps of the student."),
-                io.String.Input("cached_blocks", default="4-6", tooltip=(
+                io.String.Input("cached_blocks", default=AUTO, tooltip=(
                     "Blocks the student's last step reuses from the step before (through a learned compensation), "
-                    "e.g. '4-6' (3 of the demo's 12 blocks: 1.75 NFE), or 'none' for a plain N-step student.")),
-                io.Float.Input("guidance_scale", default=2.0, min=1.0, max=20.0, step=0.05, tooltip="The teacher's CFG scale."),
+                    "e.g. '4-6' (3 of the demo's 12 blocks: 1.75 NFE), 'none' for a plain N-step student, or 'auto': "
+                    "a quarter of the model's blocks in the middle of its stack (the demo's 4-6).")),
+                io.Float.Input("guidance_scale", default=0.0, min=0.0, max=20.0, step=0.05, tooltip=(
+                    "The teacher's CFG scale; 0: the model family's default (demo 2, SD3.5 4.5, FLUX and HunyuanVideo 1: "
+                    "their guidance is built into the model).")),
                 io.Float.Input("guidance_switch", default=0.96, min=0.0, max=1.0, step=0.01, tooltip=(
                     "The CFG switch level: the teacher guides only where sigma <= this (1.0: everywhere, plain DMD).")),
                 io.Float.Input("lr_student", default=4e-5, min=1e-7, max=1e-2, step=1e-6, round=1e-7),
@@ -232,7 +322,7 @@ class DistillTrain(io.ComfyNode):
                     "The fake score's learning rate (8x the student's in the released recipe).")),
                 io.Int.Input("checkpoint_every", default=25, min=1, max=100_000, tooltip="Iterations between saved checkpoints (what a resume continues from)."),
                 io.Int.Input("preview_every", default=25, min=0, max=100_000, tooltip="Iterations between preview grids (0: none)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),  # a run is not re-rolled per queue
                 io.Combo.Input("gpu_sharing", options=GPU_SHARING, default="exclusive", tooltip=(
                     "exclusive: ComfyUI unloads its models before the worker starts. shared: the worker takes at most "
                     "memory_fraction of the GPU. separate device: nothing is unloaded; give the worker its own device.")),
@@ -269,68 +359,77 @@ class DistillTrain(io.ComfyNode):
                 guidance_switch, lr_student, lr_fake, checkpoint_every, preview_every, seed, gpu_sharing, device,
                 memory_fraction, cpu_threads, overwrite_student, lora_rank=32, width=1024, height=1024, frames=1,
                 clip=None) -> io.NodeOutput:
-        import folder_paths
-
         check_run_name(run_name)
         if gpu_sharing not in GPU_SHARING:
             raise JobError(f"1.x-Distill Train: gpu_sharing {gpu_sharing!r} is not one of {GPU_SHARING}.")
-        parse_devices(device)
-        path = folder_paths.get_full_path("diffusion_models", model_name)  # a name from the list, never a path
-        if path is None:
-            raise JobError(f"1.x-Distill Train: {model_name!r} is not in the diffusion_models folders "
-                           f"({', '.join(folder_paths.get_folder_paths('diffusion_models'))}).")
-        model = probe_model(model_name, path)
-        if model["family"] != DEMO and clip is None:
-            raise JobError(f"1.x-Distill Train: {model_name} is a {FAMILY_NAMES[model['family']]} model conditioned on text: "
-                           "connect its text encoder (a CLIP output, e.g. from the checkpoint loader or DualCLIPLoader / "
-                           "TripleCLIPLoader) to the clip input, so the prompt list can be encoded once before training. "
-                           "Nothing was started.")
+        on_gpu = bool(parse_devices(device))
+        path, model = _chosen_model(model_name, clip)
+        batch_size, cached_blocks, guidance_scale = resolve_auto(model["family"], model["blocks"], student_steps, batch_size,
+                                                                 cached_blocks, guidance_scale)
         first, last = parse_cached_blocks(cached_blocks, model["blocks"], student_steps)
         config = {
             "stage": "stage1", "teacher": os.path.abspath(path), "iterations": iterations, "batch_size": batch_size,
             "seed": seed, "checkpoint_every": checkpoint_every, "preview_every": preview_every, "threads": cpu_threads,
-            "device": "cuda" if parse_devices(device) else "cpu",
+            "device": "cuda" if on_gpu else "cpu",
             "stage1": {"steps": student_steps, "guidance_scale": guidance_scale, "guidance_switch": guidance_switch,
                        "lr_student": lr_student, "lr_fake": lr_fake, "cache_first": first, "cache_last": last},
         }
-        bootstrap = None
+        # the file's size only: its content hash is the worker's job (hashing a big file here would hold the prompt)
+        base = {"name": model_name, "family": model["family"], "size": os.path.getsize(path)}
         if model["family"] == DEMO:
-            classes = parse_classes(prompts, model["class_names"])
-            config["stage1"]["classes"] = classes
-            write_extra = _demo_conditioning_writer(model["classes_path"], classes, prompts)
+            write_extra, bootstrap = _demo_job(model, prompts, config)
         else:
-            try:
-                shape = latent_shape_for(model["family"], width, height, frames)
-            except ValueError as err:
-                raise JobError(f"1.x-Distill Train: {err}") from None
-            on_gpu = config["device"] == "cuda"  # a GPU run keeps the base in bf16 and computes under bf16 autocast
-            config.update(teacher_loader=f"{PACK}.nodes.distill_host:load_comfy_file_teacher", prompts=jf.CONDITIONING,
-                          lora_rank=lora_rank, precision="bf16" if on_gpu else "fp32",
-                          teacher_options={"latent_shape": list(shape), "name": model_name, "dtype": "bf16" if on_gpu else "fp32"})
-            write_extra = _text_conditioning_writer(clip, _prompt_lines(prompts))
-            bootstrap = {"sys_path": [_comfy_root()], "packages": {PACK: PACK_FOLDER}}
-        base = {"name": model_name, "family": model["family"], "hash": _hash(path)}
+            write_extra, bootstrap = _text_job(model, model_name, prompts, clip, config, base,
+                                               dict(lora_rank=lora_rank, width=width, height=height, frames=frames))
         gpu = {"mode": {"separate device": "device"}.get(gpu_sharing, gpu_sharing), "device": device, "memory_fraction": memory_fraction}
-        jobs = manager()
-        if gpu["mode"] == "exclusive" and _would_start(jobs, run_name):
-            _free_comfy_memory()
-        summary, what = jobs.submit(run_name, base, config, gpu, overwrite_student, write_extra=write_extra, bootstrap=bootstrap)
-        print(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}); "
-              "follow it in the '1.x-Distill jobs' sidebar panel")
+        # exclusive: ComfyUI's models leave the GPU just before the worker starts, after the CLIP encoded the prompts
+        before_start = _free_comfy_memory if gpu["mode"] == "exclusive" else None
+        summary, what = manager().submit(run_name, base, config, gpu, overwrite_student, write_extra=write_extra,
+                                         bootstrap=bootstrap, before_start=before_start)
+        print(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}; "
+              f"batch {batch_size}, cached blocks {cached_blocks}, CFG {guidance_scale}); follow it in the "
+              "'1.x-Distill jobs' sidebar panel")
         return io.NodeOutput(run_name)
 
 
-def _hash(path: str) -> str:
-    from .jobs import cached_content_hash
+def _chosen_model(model_name: str, clip):
+    """The model file's path and what it is (family, blocks); refuses a text family without its CLIP."""
+    import folder_paths
 
-    return cached_content_hash(path)
+    path = folder_paths.get_full_path("diffusion_models", model_name)  # a name from the list, never a path
+    if path is None:
+        raise JobError(f"1.x-Distill Train: {model_name!r} is not in the diffusion_models folders "
+                       f"({', '.join(folder_paths.get_folder_paths('diffusion_models'))}).")
+    model = probe_model(model_name, path)
+    if model["family"] != DEMO and clip is None:
+        raise JobError(f"1.x-Distill Train: {model_name} is a {FAMILY_NAMES[model['family']]} model conditioned on text: "
+                       "connect its text encoder (a CLIP output, e.g. from the checkpoint loader or DualCLIPLoader / "
+                       "TripleCLIPLoader) to the clip input, so the prompt list can be encoded once before training. "
+                       "Nothing was started.")
+    return path, model
 
 
-def _would_start(jobs, name: str) -> bool:
+def _demo_job(model: dict, prompts: str, config: dict):
+    classes = parse_classes(prompts, model["class_names"])
+    config["stage1"]["classes"] = classes  # the demo's prompts are its classes: compared on resume with the settings
+    return _demo_conditioning_writer(model["classes_path"], classes, prompts), None
+
+
+def _text_job(model: dict, model_name: str, prompts: str, clip, config: dict, base: dict, text: dict):
+    """A text family: the worker loads the file with ComfyUI's loader and trains LoRA adapters on the prompt list,
+    which the CLIP encodes once when the job is new. The list's and the CLIP's identities go into ``base``, so
+    a resume with other prompts or another CLIP is refused (the encoded file of a new job is not rewritten)."""
     try:
-        return jobs.state(jobs.job(name)) not in ACTIVE
-    except JobError:
-        return True
+        shape = latent_shape_for(model["family"], text["width"], text["height"], text["frames"])
+    except ValueError as err:
+        raise JobError(f"1.x-Distill Train: {err}") from None
+    precision = "bf16" if config["device"] == "cuda" else "fp32"  # a GPU run keeps the base in bf16 under autocast
+    config.update(teacher_loader=f"{PACK}.nodes.distill_host:load_comfy_file_teacher", prompts=jf.CONDITIONING,
+                  lora_rank=text["lora_rank"], precision=precision,
+                  teacher_options={"latent_shape": list(shape), "name": model_name, "dtype": precision})
+    lines = _prompt_lines(prompts)
+    base.update(prompt_identities(clip, lines))
+    return _text_conditioning_writer(clip, lines), {"sys_path": [_comfy_root()], "packages": {PACK: PACK_FOLDER}}
 
 
 def _placeholder(text: str):
@@ -410,4 +509,5 @@ def _wait(jobs, handle):
 
 TRAIN_NODES = [DistillTrain, DistillJobStatus]
 
-__all__ = ["TRAIN_NODES", "DistillTrain", "DistillJobStatus", "probe_model", "parse_classes", "parse_cached_blocks"]
+__all__ = ["TRAIN_NODES", "DistillTrain", "DistillJobStatus", "FAMILY_DEFAULTS", "auto_cached_range", "clip_identity",
+           "parse_cached_blocks", "parse_classes", "probe_model", "prompt_identities", "resolve_auto"]

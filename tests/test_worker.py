@@ -28,12 +28,13 @@ def teachers(tmp_path_factory):
     return write_tiny_teacher(str(folder / "a.safetensors")), write_tiny_teacher(str(folder / "b.safetensors"), seed=1)
 
 
-def make_job(run_dir, teacher, **config) -> str:
+def make_job(run_dir, teacher, base: dict | None = None, **config) -> str:
     os.makedirs(run_dir, exist_ok=True)
     cfg = dict(teacher=teacher, iterations=6, batch_size=2, checkpoint_every=2, preview_every=3, threads=1,
                stage1={"lr_student": 1e-3, "lr_fake": 1e-3, "cache_first": 1, "cache_last": 1})
     cfg.update(config)
-    jf.write_json(os.path.join(run_dir, jf.JOB), {"format": JOB_FORMAT, "config": cfg, "base": {"name": os.path.basename(teacher)},
+    jf.write_json(os.path.join(run_dir, jf.JOB), {"format": JOB_FORMAT, "config": cfg,
+                                                  "base": {"name": os.path.basename(teacher), **(base or {})},
                                                   "gpu": {"mode": "exclusive", "device": "cpu"}})
     return str(run_dir)
 
@@ -138,6 +139,73 @@ def test_a_resume_with_another_base_model_or_other_settings_is_refused_naming_th
     assert all(torch.equal(state_before[k], after[k]) for k in state_before)  # nothing was touched
     make_job(run, teachers[0], iterations=4, checkpoint_every=1)  # more iterations, other reporting: allowed
     assert finish(start(run)) == EXIT_DONE and jf.read_json(os.path.join(run, jf.STATUS))["iteration"] == 4
+
+
+def test_a_resume_with_another_prompt_list_or_text_encoder_is_refused_by_the_worker(teachers, tmp_path):
+    """The submitter's identities of the prompt list and its CLIP (job.json's base) are part of the fingerprint."""
+    ids = {"prompt_list": "aaaaaaaaaaaaaaaa", "text_encoder": "cccccccccccccccc"}
+    run = make_job(tmp_path / "run", teachers[0], base=ids, iterations=2)
+    assert finish(start(run)) == EXIT_DONE
+    assert jf.read_json(os.path.join(run, jf.FINGERPRINT))["base"]["prompt_list"] == ids["prompt_list"]
+    make_job(run, teachers[0], base={**ids, "prompt_list": "bbbbbbbbbbbbbbbb"}, iterations=3)
+    assert finish(start(run)) == EXIT_REFUSED
+    message = jf.read_json(os.path.join(run, jf.STATUS))["message"]
+    assert "prompts: the prompt list changed (hash aaaaaaaaaaaaaaaa -> bbbbbbbbbbbbbbbb)" in message, message
+    make_job(run, teachers[0], base={**ids, "text_encoder": "dddddddddddddddd"}, iterations=3)
+    assert finish(start(run)) == EXIT_REFUSED
+    assert "prompts: another text encoder" in jf.read_json(os.path.join(run, jf.STATUS))["message"]
+    make_job(run, teachers[0], base=ids, iterations=3)
+    assert finish(start(run)) == EXIT_DONE and jf.read_json(os.path.join(run, jf.STATUS))["iteration"] == 3
+
+
+def test_shared_gpu_mode_caps_the_ranks_own_device(monkeypatch):
+    """Under torchrun each rank caps cuda:LOCAL_RANK (the device it trains on), not device 0."""
+    from distill_core.worker import apply_gpu_sharing
+
+    capped = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: capped.append((fraction, device)))
+    job = {"gpu": {"mode": "shared", "memory_fraction": 0.3}, "config": {"device": "cuda"}}
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    apply_gpu_sharing(job)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    apply_gpu_sharing(job)
+    apply_gpu_sharing({**job, "gpu": {"mode": "exclusive"}})  # other modes cap nothing
+    assert capped == [(0.3, torch.device("cuda", 1)), (0.3, torch.device("cuda", 0))]
+
+
+# torchrun runs this file per rank; it notes every status.json write with the writer's rank, then runs the worker
+RANKED_WORKER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from distill_core import jobfiles as jf, worker
+
+real = jf.write_json
+def noted(path, data):
+    if os.path.basename(path) == jf.STATUS:
+        with open({log!r}, "a") as f:
+            f.write(os.environ.get("RANK", "?") + "\\n")
+    real(path, data)
+jf.write_json = noted
+sys.exit(worker.main(sys.argv[1:]))
+"""
+
+
+def test_the_worker_under_torchrun_on_the_cpu_ends_done_with_one_status_writer(teachers, tmp_path):
+    run = make_job(tmp_path / "ddp", teachers[0], iterations=3, preview_every=0, device="cpu")
+    log = tmp_path / "status_writers.txt"
+    script = tmp_path / "ranked_worker.py"
+    script.write_text(RANKED_WORKER.format(repo=ROOT, log=str(log)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                          "--run-dir", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    status = jf.read_json(os.path.join(run, jf.STATUS))
+    assert status["state"] == "done" and status["iteration"] == 3, status
+    assert log.read_text().split() == ["0"]  # rank 0 alone wrote the final word
+    assert [r["iteration"] for r in jf.read_metrics(os.path.join(run, jf.METRICS))[0]] == [1, 2, 3]  # one metrics writer
+    assert jf.is_locked(run) is False
 
 
 def test_a_killed_worker_leaves_no_status_and_frees_its_lock(teachers, tmp_path):

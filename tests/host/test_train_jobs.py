@@ -35,6 +35,9 @@ def srv(tmp_path_factory):
     sys.path.insert(0, ce.REPO)
     from xslim_lab.tiny import write_tiny_teacher
 
+    if os.path.exists(NUMBERS):  # the figures of one run only
+        os.remove(NUMBERS)
+    record(run_started=time.strftime("%Y-%m-%d %H:%M:%S"))
     base = make_base(tmp_path_factory.mktemp("comfy_jobs"))
     models = os.path.join(base, "models", "diffusion_models")
     write_tiny_teacher(os.path.join(models, "tiny_teacher.safetensors"))
@@ -187,7 +190,8 @@ def test_worker_speed_equals_the_command_line(srv, tmp_path):
     assert srv.run(train_prompt("speed", model=DEMO, **config))["status"]["status_str"] == "success"
     done = wait_job(srv, "speed", lambda j: j["state"] in ("done", "failed"), timeout=180, what="the end")
     assert done["state"] == "done", done["message"]
-    worker = json.loads(open(os.path.join(srv.base, "user", "xslim", "distill", "speed", "metrics.jsonl")).read().splitlines()[-1])
+    worker_lines = open(os.path.join(srv.base, "user", "xslim", "distill", "speed", "metrics.jsonl")).read().splitlines()
+    worker = json.loads(worker_lines[-1])
     cli_config = {"run_dir": str(tmp_path / "cli"), "iterations": 40, "batch_size": 4, "threads": 1, "checkpoint_every": 1000,
                   "preview_every": 0, "teacher": os.path.join(ce.REPO, "xslim_lab", "demo_model", "weights", DEMO),
                   "stage1": {"lr_student": 4e-5, "lr_fake": 3.2e-4, "cache_first": 4, "cache_last": 6}}
@@ -195,12 +199,23 @@ def test_worker_speed_equals_the_command_line(srv, tmp_path):
     out = subprocess.run([sys.executable, "-m", "distill_core.train", "--config", str(tmp_path / "cli.json")], cwd=ce.REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    cli = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[-1])
+    cli_lines = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
+    cli = json.loads(cli_lines[-1])
     ratio = worker["it_per_s"] / cli["it_per_s"]
-    record(worker_it_per_s=round(worker["it_per_s"], 3), cli_it_per_s=round(cli["it_per_s"], 3), worker_vs_cli=round(ratio, 3))
-    assert 0.8 < ratio < 1.25, f"worker {worker['it_per_s']:.2f} it/s vs command line {cli['it_per_s']:.2f} it/s"
+    # the median iteration compares the two where other work on a shared machine lands in one run only
+    median_ratio = median_iteration_s(cli_lines) / median_iteration_s(worker_lines)
+    record(worker_it_per_s=round(worker["it_per_s"], 3), cli_it_per_s=round(cli["it_per_s"], 3), worker_vs_cli=round(ratio, 3),
+           worker_vs_cli_median_iteration=round(median_ratio, 3))
+    assert 0.8 < median_ratio < 1.25, (f"worker {worker['it_per_s']:.2f} it/s vs command line {cli['it_per_s']:.2f} it/s; "
+                                       f"median iterations {median_ratio:.2f}x as fast")
     a, b = _tensors(os.path.join(srv.base, "user", "xslim", "distill", "speed", "student.safetensors")), _tensors(str(tmp_path / "cli" / "student.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # and the same student
+
+
+def median_iteration_s(metrics_lines: list[str]) -> float:
+    elapsed = [json.loads(line)["elapsed_s"] for line in metrics_lines]
+    steps = sorted(b - a for a, b in zip(elapsed, elapsed[1:]))
+    return steps[len(steps) // 2]
 
 
 def _tensors(path):
@@ -253,6 +268,7 @@ def test_a_killed_worker_becomes_a_failed_job_with_its_log_and_comfyui_keeps_ser
     assert srv.run(demo_sampling(srv))["status"]["status_str"] == "success"  # and keeps running prompts
 
 
+@pytest.mark.bad_input("clear error")
 def test_bad_input_comes_back_as_a_clear_message_and_nothing_is_overwritten(srv):
     students = os.path.join(srv.base, "models", "students")
     taken = os.path.join(students, "taken.safetensors")
@@ -291,8 +307,14 @@ def test_bad_input_comes_back_as_a_clear_message_and_nothing_is_overwritten(srv)
     assert "is used by a running job" in error_message(srv.run(train_prompt("busy", iterations=100000)))
     assert srv.request("POST", "/xslim/jobs/busy/cancel", b"{}")[0] == 200
     wait_job(srv, "busy", lambda j: j["state"] == "stopped", timeout=60, what="the stop")
-    message = error_message(srv.run(train_prompt("busy", model="tiny_teacher_b.safetensors", iterations=100000)))
-    assert "base model: tiny_teacher.safetensors" in message and "tiny_teacher_b.safetensors" in message
+    # another base file of the same size: the prompt returns at once (it never hashes the file); the worker hashes
+    # it, refuses to resume and fails the job naming the change, leaving the checkpoint as it was
+    state_file = os.path.join(srv.base, "user", "xslim", "distill", "busy", "state.safetensors")
+    saved = os.stat(state_file).st_mtime_ns
+    assert srv.run(train_prompt("busy", model="tiny_teacher_b.safetensors", iterations=100000))["status"]["status_str"] == "success"
+    refused = wait_job(srv, "busy", lambda j: j["state"] == "failed", timeout=120, what="the worker's refusal")
+    assert "resume refused" in refused["message"] and "base model: tiny_teacher.safetensors (hash" in refused["message"]
+    assert "tiny_teacher_b.safetensors (hash" in refused["message"] and os.stat(state_file).st_mtime_ns == saved
     message = error_message(srv.run(train_prompt("busy", iterations=100000, lr_student=5e-4)))
     assert "stage1.lr_student: 0.001 -> 0.0005" in message
     # routes called with garbage: JSON errors, never a stack trace page
@@ -301,14 +323,28 @@ def test_bad_input_comes_back_as_a_clear_message_and_nothing_is_overwritten(srv)
         ("GET", "/xslim/jobs/no-such-job", None, 404, "no job named"),
         ("GET", "/xslim/jobs/no-such-job/loss.png", None, 404, "no job named"),
         ("POST", "/xslim/jobs/busy/cancel", b"{}", 409, "is not running"),
+        ("POST", "/xslim/jobs/busy/cancel", b'{"force": "yes"}', 400, "'force' must be true or false"),  # checked first
         ("POST", "/xslim/jobs/busy/cancel", b"\xff garbage", 400, "not JSON"),
         ("POST", "/xslim/jobs/busy/resume", b"[1, 2]", 400, "JSON object"),
         ("POST", "/api/xslim/jobs/no-such-job/resume", b"{}", 404, "no job named"),
     ]:
         status, answer, ctype = srv.request(method, path, body)
         assert status == code and "json" in ctype and expected in answer["error"], (path, status, answer)
-    status, answer, _ = srv.request("POST", "/xslim/jobs/busy/cancel", b'{"force": "yes"}')
-    assert status in (400, 409)
+
+
+def test_the_jobs_list_says_whether_comfyui_has_its_own_jobs_api_and_that_api_keeps_answering(srv):
+    has_api = os.path.isfile(os.path.join(ce.COMFY, "comfy_execution", "jobs.py"))
+    assert srv.get("/xslim/jobs")["comfy_jobs_api"] is has_api
+    if not has_api:
+        pytest.skip(f"the ComfyUI at {ce.COMFY} has no jobs API (comfy_execution/jobs.py, /api/jobs); the flag says so")
+    name = "tiny-jobs-api"
+    assert srv.run(train_prompt(name, iterations=100000))["status"]["status_str"] == "success"
+    try:
+        wait_job(srv, name, lambda j: j["state"] == "running", what="training")
+        status, answer, ctype = srv.request("GET", "/api/jobs")
+        assert status == 200 and "json" in ctype, (status, answer)
+    finally:
+        stop_active_jobs(srv)
 
 
 def test_a_restarted_comfyui_finds_its_jobs_and_resumes_an_interrupted_one(srv):
