@@ -47,9 +47,18 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+LEGEND_ORDER = "FBT."
+
+
+def legend_width(font) -> int:
+    """Pixels the colour legend takes on one line: per entry a 16 px swatch, its meaning, and the gaps."""
+    return 8 + sum(30 + int(font.getlength(MEANING[letter])) + 18 for letter in LEGEND_ORDER)
+
+
 def decision_map(patterns: dict, title: str, width: int = 900) -> torch.Tensor:
     """One labelled row of cells per batch row (sample x CFG branch), one column per step, a colour legend;
-    cells big enough carry their letter too (for readers who do not tell the colours apart)."""
+    cells big enough carry their letter too (for readers who do not tell the colours apart). The picture is as
+    wide as the widest of grid, legend and title, so a short run (a 2-step student) keeps its legend and title."""
     rows = list(patterns.items())
     steps = max((len(p) for _, p in rows), default=0)
     labels = row_labels([k for k, _ in rows])
@@ -57,7 +66,9 @@ def decision_map(patterns: dict, title: str, width: int = 900) -> torch.Tensor:
     label_w = 12 + max((int(font.getlength(labels[k])) for k, _ in rows), default=40)
     cell = max(6, min(26, (width - label_w - 16) // max(steps, 1)))
     top, legend_h = 50, 40
-    img = Image.new("RGB", (label_w + max(steps, 1) * cell + 16, top + max(len(rows), 1) * cell + legend_h + 10), "white")
+    grid_w = label_w + max(steps, 1) * cell + 16
+    img_w = max(grid_w, legend_width(font), 8 + int(font.getlength(title)) + 8)
+    img = Image.new("RGB", (img_w, top + max(len(rows), 1) * cell + legend_h + 10), "white")
     draw = ImageDraw.Draw(img)
     draw.text((8, 6), title, fill="black", font=font)
     tick = 5 if steps <= 60 else 10
@@ -74,7 +85,7 @@ def decision_map(patterns: dict, title: str, width: int = 900) -> torch.Tensor:
                 ink = "white" if sum(colour) < 400 else "black"
                 draw.text((x + cell / 2 - 1, y + cell / 2 - 1), letter, fill=ink, font=small, anchor="mm")
     x, y = 8, top + len(rows) * cell + 14
-    for letter in "FBT.":
+    for letter in LEGEND_ORDER:
         draw.rectangle([x, y, x + 16, y + 16], fill=COLOURS[letter], outline=(150, 150, 150))
         draw.text((x + 8, y + 8), letter, fill="white" if sum(COLOURS[letter]) < 400 else "black", font=small, anchor="mm")
         draw.text((x + 22, y), MEANING[letter], fill="black", font=font)

@@ -29,7 +29,7 @@ def sampling_inputs(model, latent: dict, seed: int, progress=None):
     import comfy.model_management
     import comfy.sample
 
-    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    samples = fix_empty_latent(model, latent)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
 
     def callback(step, x0, x, total_steps):
@@ -38,6 +38,27 @@ def sampling_inputs(model, latent: dict, seed: int, progress=None):
             progress(step + 1, total_steps)
 
     return samples, noise, callback
+
+
+# what newer ComfyUI's empty-latent nodes put in the LATENT dict and core samplers hand on to
+# fix_empty_latent_channels (so an empty latent made for another VAE ratio is resized to the model's)
+LATENT_RATIO_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def fix_empty_latent(model, latent: dict):
+    """``comfy.sample.fix_empty_latent_channels`` as KSampler calls it: with the latent's downscale ratios where
+    this ComfyUI takes them (newer versions; feature-detected by signature), else with the latent alone."""
+    import inspect
+
+    import comfy.sample
+
+    fix = comfy.sample.fix_empty_latent_channels
+    try:
+        accepted = inspect.signature(fix).parameters
+    except (TypeError, ValueError):  # a wrapped or builtin callable without a signature: the two-argument call
+        accepted = {}
+    extra = {k: latent[k] for k in LATENT_RATIO_KEYS if k in accepted and latent.get(k) is not None}
+    return fix(model, latent["samples"], **extra)
 
 
 def last_report(model) -> RunReport:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import partial
 
 from comfy_api.latest import io
 
@@ -194,25 +195,15 @@ class XSlimCompare(io.ComfyNode):
 
         lines = [parse_setting_line(line) for line in settings.splitlines() if line.strip()]
         lines = [("uncached", None)] + [item for item in lines if item[1] is not None]
-        bar = comfy.utils.ProgressBar(COMPARE_ROUNDS + 1)
+        bar = comfy.utils.ProgressBar(1 + COMPARE_ROUNDS * len(lines))
 
         def sample(m):
             return sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative)
 
         cached_run(model, None, sample)  # warm-up (model load, kernels), not timed
         bar.update(1)
-        results, times = [], [[] for _ in lines]  # per line: its latent and report once, its time every round
-        for round_ in range(COMPARE_ROUNDS):
-            started = time.perf_counter()
-            for k, (label, s) in enumerate(lines):
-                latent, seconds, report = cached_run(model, s, sample)
-                times[k].append(seconds)
-                if round_ == 0:  # the same seed gives the same latent every round: keep the first
-                    results.append((label, latent, report))
-            bar.update(1)
-            # repeat only short rounds: a long one is stable already, and repeating it would make people wait
-            if time.perf_counter() - started > COMPARE_REPEAT_BUDGET_S:
-                break
+        firsts, times = interleaved_rounds([partial(cached_run, model, s, sample) for _, s in lines], lambda: bar.update(1))
+        results = [(label, latent, report) for (label, _), (latent, report) in zip(lines, firsts)]
         columns = [decode(latent, vae) for _, latent, _ in results]  # each decoded once (a VAE is costly)
         return io.NodeOutput(*compare_outputs(results, times, columns, steps))
 
@@ -222,7 +213,26 @@ COMPARE_REPEAT_BUDGET_S = 20.0
 BUSY_SPREAD = 0.15  # spread above this fraction of the median: the machine was busy, say so
 
 
-def _median_and_spread(values: list[float]) -> tuple[float, float]:
+def interleaved_rounds(runs: list, tick=lambda: None) -> tuple[list, list[list[float]]]:
+    """Times every run (a callable returning (latent, seconds, report)) up to COMPARE_ROUNDS times, interleaved so
+    that a busy moment of the machine falls on all of them rather than one. Returns each run's (latent, report)
+    from the first round (the same seed gives the same latent every round) and its seconds from every round."""
+    firsts, times = [], [[] for _ in runs]
+    for round_ in range(COMPARE_ROUNDS):
+        started = time.perf_counter()
+        for k, run in enumerate(runs):
+            latent, seconds, report = run()
+            times[k].append(seconds)
+            if round_ == 0:
+                firsts.append((latent, report))
+            tick()
+        # repeat only short rounds: a long one is stable already, and repeating it would make people wait
+        if time.perf_counter() - started > COMPARE_REPEAT_BUDGET_S:
+            break
+    return firsts, times
+
+
+def median_and_spread(values: list[float]) -> tuple[float, float]:
     import statistics
 
     kept = values
@@ -230,41 +240,74 @@ def _median_and_spread(values: list[float]) -> tuple[float, float]:
     return median, ((max(kept) - min(kept)) / max(median, 1e-9) if len(kept) > 1 else float("nan"))
 
 
+def timing_notes(labels: list[str], times: list[list[float]], fewer_blocks: list[float | None]) -> tuple[str, list[str]]:
+    """(how the times were taken, warnings a person must see before reading the speed-up column). A warning when
+    a setting was timed only once (no spread, so no way to tell a busy machine), when the spread of its repeats
+    is over ``BUSY_SPREAD``, or when it came out slower than uncached although it evaluated fewer blocks."""
+    runs = min(len(t) for t in times)
+    method = (f"time: median of {runs} runs per setting, interleaved, after a warm-up run; spread = (max - min) / median"
+              if runs > 1 else "time: one run per setting, after a warm-up run (a round took over "
+              f"{COMPARE_REPEAT_BUDGET_S:.0f} s, so it was not repeated)")
+    base = median_and_spread(times[0])[0]
+    once = [label for label, t in zip(labels, times) if len(t) < 2]
+    busy = [label for label, t in zip(labels, times) if len(t) > 1 and median_and_spread(t)[1] > BUSY_SPREAD]
+    slower = [label for label, t, fewer in zip(labels, times, fewer_blocks)
+              if fewer is not None and fewer > 1.0 and base / max(median_and_spread(t)[0], 1e-9) < 1.0]
+    warnings = []
+    if once:
+        which = "" if len(once) == len(labels) else f" ({', '.join(once)})"
+        warnings.append(f"Times are noisy: one run each{which}, so a busy machine cannot be told apart; the speed-ups "
+                        "are indicative only.")
+    if busy:
+        warnings.append(f"The machine was busy (spread over {BUSY_SPREAD:.0%} for {', '.join(busy)}): times and "
+                        "speed-ups are noisy.")
+    if slower:
+        warnings.append(f"Slower despite fewer blocks ({', '.join(slower)}): the machine was busy or overhead "
+                        "dominates (a model this small spends little time in its blocks).")
+    if warnings:
+        warnings.append("Block evaluations and effective NFE are exact counts, whatever the timing.")
+    return method, warnings
+
+
+def aligned_text(header: list[str], rows: list[list[str]]) -> str:
+    """A table as plain text in columns two spaces apart (first column left, numbers right): it reads the same in
+    a preview box, a console and a log, where a pipe table wraps into noise."""
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+
+    def line(r):
+        return "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
 def compare_outputs(results, times: list, columns, steps: int):
-    """(grid IMAGE with the table under it, the table as aligned text)."""
+    """(grid IMAGE with the table under it, the table as aligned text with how it was timed and any warning)."""
     from ..xslim_lab.metrics import paired_fidelity
 
     reference = columns[0]
-    base, _ = _median_and_spread(times[0])
+    base, _ = median_and_spread(times[0])
     header = ["setting", "effective NFE", "fewer blocks", "time s", "spread", "speed-up", "PSNR dB", "SSIM"]
-    rows, labels, busy = [], [], []
+    rows, labels, fewer_blocks = [], [], []
     for (label, _, report), images, timed in zip(results, columns, times):
-        seconds, spread = _median_and_spread(timed)
-        if spread == spread and spread > BUSY_SPREAD:  # nan (one timed run) is not busy, just unknown
-            busy.append(label)
+        seconds, spread = median_and_spread(timed)
+        spread_text = f"{spread:.0%}" if spread == spread else "one run"  # nan: timed once, no spread
         fid = paired_fidelity(images.permute(0, 3, 1, 2), reference.permute(0, 3, 1, 2))
         if report is None:  # the uncached reference: nothing to be "fewer" than
             nfe, fewer, psnr = f"{float(steps):.1f}", "reference", "reference"
-            labels.append([label, f"NFE {steps} (reference)", f"{seconds:.2f}s" + (f" (+-{spread:.0%})" if spread == spread else ""), "uncached reference", ""])
+            fewer_blocks.append(None)
+            labels.append([label, f"NFE {steps} (reference)", f"{seconds:.2f}s ({spread_text})", "uncached reference", ""])
         else:
             nfe_v = report.stats.effective_nfe
-            nfe, fewer = f"{nfe_v:.1f}", f"{steps / max(nfe_v, 1e-9):.2f}x"
+            fewer_blocks.append(steps / max(nfe_v, 1e-9))
+            nfe, fewer = f"{nfe_v:.1f}", f"{fewer_blocks[-1]:.2f}x"
             psnr = "identical" if fid["psnr"] >= 100 else f"{fid['psnr']:.1f}"
-            labels.append([label, f"NFE {nfe} ({fewer} fewer)", f"{seconds:.2f}s ({base / seconds:.2f}x" + (f", +-{spread:.0%})" if spread == spread else ")"),
+            labels.append([label, f"NFE {nfe} ({fewer} fewer)", f"{seconds:.2f}s ({base / seconds:.2f}x, {spread_text})",
                            f"PSNR {psnr} dB" if psnr != "identical" else "PSNR identical", f"SSIM {fid['ssim']:.3f}"])
-        rows.append([label, nfe, fewer, f"{seconds:.2f}", f"{spread:.0%}" if spread == spread else "-", f"{base / seconds:.2f}x", psnr, f"{fid['ssim']:.3f}"])
-    timed = len(times[0])
-    note = (f"time: median of {timed} runs per setting, interleaved, after a warm-up run; spread = (max - min) / median"
-            if timed > 1 else "time: one run per setting after a warm-up run (a round is long): no spread measured")
-    if busy:
-        note += (f"\nThe machine was busy (spread over {BUSY_SPREAD:.0%} for {', '.join(busy)}): times and speed-ups are "
-                 "noisy; block evaluations and NFE are exact.")
-    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-    text = ["| " + " | ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))) + " |"
-            for r in [header] + rows]
-    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        rows.append([label, nfe, fewer, f"{seconds:.2f}", spread_text, f"{base / seconds:.2f}x", psnr, f"{fid['ssim']:.3f}"])
+    method, warnings = timing_notes([r[0] for r in rows], times, fewer_blocks)
+    note = "\n".join([method] + warnings)
     grid = labelled_grid(columns, labels, table=table_image(header, rows, note))
-    return grid, "\n".join(text) + "\n\n" + note
+    return grid, aligned_text(header, rows) + "\n\n" + note
 
 
 class XSlimDemoClass(io.ComfyNode):

@@ -9,9 +9,6 @@ The host tests check the file against a real ComfyUI's /object_info.
 
 from __future__ import annotations
 
-import json
-import os
-
 from build_workflows import SOCKETS, Workflow
 
 SOCKETS.update({
@@ -33,17 +30,31 @@ def link_widget(w: Workflow, src: int, slot: int, dst: int, name: str, type_: st
 
 
 def distill_demo_cpu() -> Workflow:
-    w = Workflow("1.x-Distill: distil the demo teacher on a CPU, then sample the student next to the teacher")
+    from build_workflows import about
+
+    w = Workflow("1.x-Distill: distil the demo teacher on a CPU, then sample the student next to the teacher",
+                 "1.x-Distill of the shipped demo model on any CPU")
+    about(w, "Distils the shipped **demo teacher** (Fashion-MNIST, HunyuanVideo architecture) into a 2-step 1.x "
+             "student in a **background worker** (the queue stays free; the *1.x-Distill jobs* sidebar panel shows "
+             "progress, loss curves and previews, and cancels or resumes). *Job Status* waits for the job and hands "
+             "the exported student (`models/students/demo-distill.safetensors`) to *Load 1.x Student*; the last group "
+             "samples it (1.75 network evaluations per image) next to the teacher at 30 steps with CFG 2 (60). "
+             "About four minutes on two CPU cores; no GPU, no downloads.")
+    w.group("Load the demo teacher", 0)
     teacher = w.node("UNETLoader", ["demo_teacher.safetensors", "default"])
-    pos = w.node("XSlimDemoClass", ["Sneaker"])
-    neg = w.node("XSlimDemoClass", ["unconditional"])
-    latent = w.node("EmptyHunyuanLatentVideo", [64, 64, 1, 4])
-    train = w.node("XSlimDistillTrain", DEMO_TRAIN, "1.x-Distill Train (returns at once; the job trains in the background)")
+    w.group("Distil in the background", 1)
+    train = w.node("XSlimDistillTrain", DEMO_TRAIN, "1.x-Distill Train (returns at once)")
+    w.group("Wait for the job", 2)
     status = w.node("XSlimDistillJobStatus", [True], "1.x-Distill Job Status (waits for the job)")
     w.link(train, 0, status, "job")
     plot, preview = w.node("PreviewImage", [], "loss curves"), w.node("PreviewImage", [], "latest training preview")
     w.link(status, 0, plot, "images")
     w.link(status, 1, preview, "images")
+    w.group("Prompt", 0)
+    pos = w.node("XSlimDemoClass", ["Sneaker"], "positive")
+    neg = w.node("XSlimDemoClass", ["unconditional"], "negative")
+    latent = w.node("EmptyHunyuanLatentVideo", [64, 64, 1, 4])
+    w.group("Sample the student and the teacher", 3)
     student = w.node("XSlimStudentLoader", ["demo-distill.safetensors", "strict"])
     w.link(teacher, 0, student, "model")
     link_widget(w, status, 2, student, "student_name", "COMBO")
@@ -54,6 +65,7 @@ def distill_demo_cpu() -> Workflow:
     slow = w.node("KSampler", [0, "fixed", 30, 2.0, "euler", "simple", 1.0], "the teacher: 30 steps, CFG 2 (60 NFE)")
     for name, src in (("model", teacher), ("positive", pos), ("negative", neg), ("latent_image", latent)):
         w.link(src, 0, slow, name)
+    w.group("Decode and save: teacher, then student", 3)
     decoded = []
     for sampler in (slow, fast):
         dec = w.node("XSlimDemoDecode", [])
@@ -116,11 +128,20 @@ def distill_sd35() -> Workflow:
     return w
 
 
-WORKFLOWS = {"xslim_distill_demo_cpu": distill_demo_cpu, "xslim_distill_sd35": distill_sd35}
+WORKFLOWS = {"xslim_distill_demo_cpu.json": distill_demo_cpu, "xslim_distill_sd35.json": distill_sd35}
+# The demo's card: the teacher's row and the shipped 1.75-NFE student's row of the demo distillation's evaluation
+# grid (docs/distill/grid.png: 13 rows of 56 px in the results table's order, row 1 the teacher at 50 steps, row 12
+# the 1.x student at 1.75 NFE; right of a 90 px label column, two 56 px samples per class), cut to the last four
+# classes (shirt, sneaker, bag, ankle boot) so the samples stay large enough to see. The SD3.5 workflow gets the
+# placeholder card that names the files it needs.
+GRID_ROW, GRID_LEFT = 56, 90
+SHOWN = (GRID_LEFT + 12 * GRID_ROW, GRID_LEFT + 20 * GRID_ROW)  # sample columns 13..20
+THUMBNAILS = {"xslim_distill_demo_cpu.json": (
+    "../docs/distill/grid.png", "what the demo distillation makes (docs/distill/grid.png)",
+    [("teacher, 100 NFE", (SHOWN[0], 0, SHOWN[1], GRID_ROW)),
+     ("1.x student, 1.75 NFE", (SHOWN[0], 11 * GRID_ROW, SHOWN[1], 12 * GRID_ROW))])}
 
 if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name, build in WORKFLOWS.items():
-        with open(os.path.join(here, f"{name}.json"), "w") as f:
-            json.dump(build().to_json(), f, indent=1)
-        print(f"wrote workflows/{name}.json")
+    from build_workflows import write_all
+
+    write_all(WORKFLOWS, THUMBNAILS)

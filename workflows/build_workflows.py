@@ -60,6 +60,9 @@ NEEDS_A_STUDENT = ("This workflow samples a 1.x-Distill student of this base mod
                    "blocks through the learned compensation (about 1.7 network evaluations per image).")
 CACHE_AUTO = ["auto", "none (online)", 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model"]
 COMPARE_LINES = "uncached\nslow\nfast\ncustom warn=0.3 crit=0.6"
+# X-Slim Compare's table is aligned text about 100 characters wide (8 columns, settings like "slow
+# profile=demo_teacher"): its preview box is wide enough to show it unwrapped (the browser test checks)
+COMPARE_TABLE = (720, 260)
 
 
 def Workflow(title: str, description: str = "") -> _Workflow:
@@ -100,7 +103,7 @@ def add_compare(w: Workflow, model: int, pos: int, neg: int, latent: int, vae, s
         w.link(vae[0], vae[1], cmp_, "vae")
     save = w.node("SaveImage", [prefix], "comparison grid")
     w.link(cmp_, 0, save, "images")
-    text = w.node("PreviewAny", [], "comparison table")
+    text = w.node("PreviewAny", [], "comparison table", at_least=COMPARE_TABLE)
     w.link(cmp_, 1, text, "source")
 
 
@@ -288,7 +291,7 @@ def student_demo_cpu() -> Workflow:
         w.link(src, 0, cmp_, name)
     grid = w.node("SaveImage", ["xslim_student_compare"], "teacher vs students")
     w.link(cmp_, 0, grid, "images")
-    table = w.node("PreviewAny", [], "comparison table")
+    table = w.node("PreviewAny", [], "comparison table", at_least=COMPARE_TABLE)
     w.link(cmp_, 1, table, "source")
     return w
 
@@ -355,19 +358,21 @@ def student_hunyuan_video() -> Workflow:
     return w
 
 
+# file -> builder; built when written (importing this module builds nothing, so a test can read SOCKETS cheaply)
 WORKFLOWS = {
-    "xslim_demo_cpu.json": demo_cpu(),
-    "xslim_flux_dev.json": flux(False), "xslim_flux_dev_compare.json": flux(True),
-    "xslim_sd35.json": sd35(False), "xslim_sd35_compare.json": sd35(True),
-    "xslim_hunyuan_video_t2v.json": hunyuan_video(False), "xslim_hunyuan_video_t2v_compare.json": hunyuan_video(True),
-    "student_demo_cpu.json": student_demo_cpu(), "student_sd35.json": student_sd35(), "student_flux_dev.json": student_flux(),
-    "student_hunyuan_video_t2v.json": student_hunyuan_video(),
+    "xslim_demo_cpu.json": demo_cpu,
+    "xslim_flux_dev.json": lambda: flux(False), "xslim_flux_dev_compare.json": lambda: flux(True),
+    "xslim_sd35.json": lambda: sd35(False), "xslim_sd35_compare.json": lambda: sd35(True),
+    "xslim_hunyuan_video_t2v.json": lambda: hunyuan_video(False), "xslim_hunyuan_video_t2v_compare.json": lambda: hunyuan_video(True),
+    "student_demo_cpu.json": student_demo_cpu, "student_sd35.json": student_sd35, "student_flux_dev.json": student_flux,
+    "student_hunyuan_video_t2v.json": student_hunyuan_video,
 }
 
-# The Templates browser's card per workflow: a real output where it runs here (CPU), else a placeholder
-REAL_THUMBNAILS = {  # workflow -> (picture, caption); the pictures are outputs of real ComfyUI runs (docs/comfyui)
-    "xslim_demo_cpu.json": ("../docs/comfyui/demo_compare.png", "X-Slim Compare's grid from this workflow"),
-    "student_demo_cpu.json": ("../docs/distill/grid.png", "samples of the shipped students (docs/distill)"),
+# The Templates browser's card per workflow: a real output where it runs here (CPU), else a placeholder.
+# workflow -> (picture, caption, rows to keep or None); the pictures are outputs of real runs (docs/)
+REAL_THUMBNAILS = {
+    "xslim_demo_cpu.json": ("../docs/comfyui/demo_compare.png", "X-Slim Compare's grid from this workflow", None),
+    "student_demo_cpu.json": ("../docs/comfyui/student_compare.png", "1.x Student Compare's grid from this workflow", None),
 }
 
 
@@ -376,14 +381,19 @@ def needs(workflow) -> list[str]:
     return ["Needs: " + ", ".join(dict.fromkeys(files))] if files else []
 
 
-def write_all(here: str = HERE) -> None:
-    for name, workflow in WORKFLOWS.items():
+def write_all(workflows: dict = WORKFLOWS, thumbnails: dict = REAL_THUMBNAILS, here: str = HERE) -> None:
+    """Every workflow file and its card. A card whose picture is missing is an error, not a silent placeholder:
+    the frontend asks for <name>.jpg for every template and shows a broken card without one."""
+    for name, build in workflows.items():
+        workflow = build()
         with open(os.path.join(here, name), "w") as f:
             json.dump(workflow.to_json(), f, indent=1)
         thumb = os.path.join(here, name[:-5] + ".jpg")
-        picture, caption = REAL_THUMBNAILS.get(name, (None, None))
-        picture = os.path.join(here, picture) if picture and os.path.exists(os.path.join(here, picture)) else None
-        write_thumbnail(thumb, workflow.title, [caption] if picture else [workflow.description] + needs(workflow), picture)
+        if name in thumbnails:
+            picture, caption, rows = thumbnails[name]
+            write_thumbnail(thumb, workflow.title, [caption], os.path.join(here, picture), rows)
+        else:
+            write_thumbnail(thumb, workflow.title, [workflow.description] + needs(workflow))
         print("wrote", name, "and its thumbnail")
 
 

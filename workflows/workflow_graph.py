@@ -3,8 +3,10 @@ layout that follows the data flow, titled groups, notes, model metadata for the 
 Templates-browser thumbnail. ``build_workflows.py`` (and any other generator) imports this module.
 
 Node sizes come from a real frontend: ``layout/node_sizes.json`` holds each node type's size as ComfyUI's
-frontend creates it (``LiteGraph.createNode(type).size``, measured in headless Chromium by
-``tests/host/test_browser_workflows.py``, which also checks that no two nodes of a loaded workflow overlap).
+frontend creates it (``LiteGraph.createNode(type).size``), measured in headless Chromium by
+``tests/host/test_browser_workflows.py``, which fails when the file and the frontend differ by more than a few
+pixels and rewrites the file with ``XSLIM_WRITE_NODE_SIZES=1``. A type missing from the file is an error here,
+not a guess: a guessed size is how nodes came to overlap after a run.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ MODEL_SOURCES = {
         "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/text_encoders/llava_llama3_fp8_scaled.safetensors"),
     "hunyuan_video_vae_bf16.safetensors": (
         "vae", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/hunyuan_video_vae_bf16.safetensors"),
+    # the full-precision SD3.5 Large diffusion model the training workflow distils (Stability AI's repository,
+    # gated: the dialog's download needs a Hugging Face login that accepted the licence)
+    "sd3.5_large.safetensors": (
+        "diffusion_models", "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors"),
 }
 
 GROUP_COLOURS = ["#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a", "#444"]
@@ -59,8 +65,17 @@ def workflow_id(title: str) -> str:
     return str(uuid.uuid5(ID_NAMESPACE, title))
 
 
+class UnmeasuredNodeType(KeyError):
+    """A node type whose frontend size is not in layout/node_sizes.json."""
+
+
 def node_size(type_: str, text: str | None = None) -> list[int]:
-    w, h = MEASURED_SIZES.get(type_, (270, 120))
+    if type_ not in MEASURED_SIZES:
+        raise UnmeasuredNodeType(
+            f"{type_} has no measured size in workflows/layout/node_sizes.json. Measure it in the real frontend: "
+            f"XSLIM_WRITE_NODE_SIZES=1 XSLIM_MEASURE_TYPES={type_} .venv-host/bin/python -m pytest -q "
+            "tests/host/test_browser_workflows.py -k node_sizes")
+    w, h = MEASURED_SIZES[type_]
     dw, dh = DISPLAY_SIZES.get(type_, (0, 0))
     w, h = max(w, dw), max(h, dh)
     if type_ in ("Note", "MarkdownNote") and text is not None:
@@ -89,7 +104,9 @@ class Workflow:
         self._group = self.groups[-1]
         return self
 
-    def node(self, type_: str, widgets: list, title: str | None = None) -> int:
+    def node(self, type_: str, widgets: list, title: str | None = None, at_least: tuple | None = None) -> int:
+        """A node; ``at_least`` (w, h) enlarges this one node beyond its type's size (e.g. a text preview that
+        shows a wide table)."""
         inputs, outputs = self.sockets[type_]
         n = len(self.nodes) + 1
         properties = {"Node name for S&R": type_}
@@ -97,8 +114,13 @@ class Workflow:
         if models:
             properties["models"] = models
         text = widgets[0] if type_ in ("Note", "MarkdownNote") and widgets else None
+        size = node_size(type_, text)
+        if title:  # the frontend widens a node to its title on load (LGraphNode.computeSize); 8 px a character
+            size[0] = max(size[0], TITLE_H + 8 * len(title) + 10)  # of its 14 px title font is a little over
+        if at_least:
+            size = [max(size[0], int(at_least[0])), max(size[1], int(at_least[1]))]
         self.nodes.append({
-            "id": n, "type": type_, "pos": [0, 0], "size": node_size(type_, text), "flags": {}, "order": n - 1, "mode": 0,
+            "id": n, "type": type_, "pos": [0, 0], "size": size, "flags": {}, "order": n - 1, "mode": 0,
             "inputs": [{"name": name, "type": t, "link": None} for name, t in inputs],
             "outputs": [{"name": t, "type": t, "links": [], "slot_index": i} for i, t in enumerate(outputs)],
             "properties": properties, "widgets_values": widgets, **({"title": title} if title else {}),
@@ -179,9 +201,11 @@ class Workflow:
         }
 
 
-def write_thumbnail(path: str, title: str, lines: list[str], picture: str | None = None) -> None:
+def write_thumbnail(path: str, title: str, lines: list[str], picture: str | None = None,
+                    rows: list[tuple[str, tuple]] | None = None) -> None:
     """The Templates browser's card image (<workflow>.jpg next to it): a real output when there is one, else a
-    placeholder that says what the workflow needs, so nobody mistakes it for a result."""
+    placeholder that says what the workflow needs, so nobody mistakes it for a result. ``rows``: (label, box)
+    strips of ``picture`` to show one under the other (e.g. the teacher's row and the student's row of a grid)."""
     from PIL import Image, ImageDraw, ImageFont
 
     size = (512, 384)
@@ -193,10 +217,25 @@ def write_thumbnail(path: str, title: str, lines: list[str], picture: str | None
         big = small = ImageFont.load_default()
     if picture:
         shot = Image.open(picture).convert("RGB")
-        shot.thumbnail((size[0] - 16, size[1] - 64))
-        card.paste(shot, ((size[0] - shot.width) // 2, 56 + (size[1] - 64 - shot.height) // 2))
-        draw.text((12, 10), title, fill="white", font=small)
-        draw.text((12, 32), lines[0] if lines else "", fill=(190, 200, 215), font=small)
+        if rows:
+            label_w = 8 + max(int(draw.textlength(label, font=small)) for label, _ in rows)
+            strips = [shot.crop(box) for _, box in rows]
+            stacked = Image.new("RGB", (label_w + max(s.width for s in strips), sum(s.height + 6 for s in strips)), (32, 36, 44))
+            y = 0
+            for (label, _), strip in zip(rows, strips):
+                stacked.paste(strip, (label_w, y))
+                ImageDraw.Draw(stacked).text((0, y + strip.height // 2), label, fill="white", font=small, anchor="lm")
+                y += strip.height + 6
+            shot = stacked
+        head = textwrap.wrap(title, 50) + [lines[0] if lines else ""]  # about 9 px a character at this size
+        for k, line in enumerate(head):
+            draw.text((12, 10 + 22 * k), line, fill="white" if k < len(head) - 1 else (190, 200, 215), font=small)
+        top = 14 + 22 * len(head)
+        area = (size[0] - 16, size[1] - top - 8)
+        if shot.height / shot.width > 1.5 * area[1] / area[0]:  # a tall grid: its top rows, legible, not all of it shrunk
+            shot = shot.crop((0, 0, shot.width, int(shot.width * area[1] / area[0])))
+        shot.thumbnail(area)
+        card.paste(shot, ((size[0] - shot.width) // 2, top + (area[1] - shot.height) // 2))
     else:
         draw.rectangle([8, 8, size[0] - 9, size[1] - 9], outline=(90, 100, 120), width=2)
         y = 30

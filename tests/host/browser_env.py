@@ -8,7 +8,8 @@ downloaded. Without either, ``SKIP_MARKS`` skips the module saying what to insta
         page = browser_env.open_comfy(browser, server.url)
 
 ``open_comfy`` records every alert/confirm/prompt and page error on ``page.xslim_dialogs`` / ``page.xslim_errors``
-(an alert is dismissed, so a test can go on and report all of them at the end).
+(an alert is dismissed, so a test can go on and report all of them at the end), and answers every request for
+another host itself (refused, as offline), recording it on ``page.xslim_external``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
 
@@ -36,7 +36,8 @@ SKIP_MARKS = [
 # first-visit UI that would sit over the canvas: the templates dialog for new users, the release-notes toast,
 # the minimap (it hides part of every screenshot)
 QUIET_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Release.Timestamp": 4102444800000, "Comfy.Minimap.Visible": False,
-                  "LiteGraph.Canvas.MinFontSizeForLOD": 0}  # text stays drawn in zoomed-out screenshots
+                  "LiteGraph.Canvas.MinFontSizeForLOD": 0,  # text stays drawn in zoomed-out screenshots
+                  "Comfy.Graph.CanvasInfo": False}  # the FPS / node-count overlay in the corner
 
 
 def quiet_first_visit(base: str) -> None:
@@ -47,9 +48,13 @@ def quiet_first_visit(base: str) -> None:
         json.dump(QUIET_SETTINGS, f)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def artifacts_dir(name: str) -> str:
-    """Where a browser test keeps its screenshots: $XSLIM_BROWSER_ARTIFACTS/<name>, else a fresh temp folder."""
-    root = os.environ.get("XSLIM_BROWSER_ARTIFACTS") or tempfile.mkdtemp(prefix="xslim_browser_")
+    """Where a browser test keeps its screenshots: $XSLIM_BROWSER_ARTIFACTS/<name>, else <repo>/out/browser/<name>
+    (git-ignored), so the pictures of the last run are still there to look at, and CI can keep them."""
+    root = os.environ.get("XSLIM_BROWSER_ARTIFACTS") or os.path.join(REPO, "out", "browser")
     path = os.path.join(root, name)
     os.makedirs(path, exist_ok=True)
     print(f"browser screenshots: {path}")
@@ -78,6 +83,13 @@ def open_comfy(browser, url: str, width: int = 1600, height: int = 1000):
 
     page.on("dialog", on_dialog)
     page.on("pageerror", lambda err: page.xslim_errors.append(str(err)))
+    page.xslim_external = []  # (method, url) of every request that would leave the test machine
+
+    def external(route):  # a test never reaches the internet: refused here as on an offline machine (the
+        page.xslim_external.append((route.request.method, route.request.url))  # missing-models dialog sizes each
+        route.abort("internetdisconnected")  # download with a HEAD request, and then shows "Download (?)")
+
+    page.route(lambda u: not u.startswith(url.rstrip("/")), external)
     page.goto(url, wait_until="domcontentloaded")
     page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph"
                            " && Object.keys(LiteGraph.registered_node_types).length > 100", timeout=120_000)

@@ -60,6 +60,7 @@ def test_profiled_presets_cut_block_evaluations_as_the_schedule_predicts(family_
     assert path.startswith(str(user_dir)) and path.endswith(f"tiny-{fam}.json")
     for preset in ("slow", "fast"):
         cached = cache(model, preset=preset, profile=f"tiny-{fam}")
+        caplog.clear()
         with caplog.at_level(logging.INFO, logger="xslim"):
             run(cached, fam)
         report = report_of(cached)
@@ -71,6 +72,7 @@ def test_profiled_presets_cut_block_evaluations_as_the_schedule_predicts(family_
         assert abs(per_row - report.predicted_block_evals) <= 2 * block_steps + 1e-6
         assert per_row < 0.6 * STEPS * blocks
         assert report.summary in caplog.text and "effective NFE" in report.summary
+        assert caplog.text.count(report.summary) == 1  # one line per run, not one per wrapper or per CFG branch
 
 
 def test_cfg_batched_or_split_gives_the_same_decisions_and_latents(family_model, monkeypatch):
