@@ -62,10 +62,23 @@ class StudentSettings(XSlimSettings):
     name: str = ""
     role = "a 1.x student"
 
+    def engine_for(self, diffusion_model, sigmas: list[float] | None = None, *args, **kwargs):
+        # ComfyUI's guider runs the host's run wrapper (which builds the engine here) before the sampler function,
+        # so one sigma from SamplerCustomAdvanced is refused here, with the fix, rather than by the engine's check
+        if sigmas is not None and len(sigmas) < 2:
+            raise too_few_sigmas(len(sigmas))
+        return super().engine_for(diffusion_model, sigmas, *args, **kwargs)
+
     def summary(self, stats: RunStats) -> str:
         cache = self.header.cache if self.header else None
         cached = f"blocks {cache.first}..{cache.last} cached" if cache else "no cached blocks"
         return f"1.x student: {stats.num_steps} steps, {cached} - effective NFE {stats.effective_nfe:.2f}"
+
+
+def too_few_sigmas(count: int) -> XSlimSetupError:
+    # empty sigmas never reach a sampler: ComfyUI's guider returns the latent as it is
+    return XSlimSetupError(f"1.x student: got {count} sigma(s), so there is no step to take (the output would be the noise). "
+                           "Connect 1.x Student Sigmas to the sampler's sigmas input.")
 
 
 def student_settings(model) -> StudentSettings:
@@ -209,7 +222,8 @@ def compensation(header: StudentHeader) -> Compensation | None:
     module = Compensation(width)
     expected = module.state_dict()
     if set(names) != set(expected):
-        raise XSlimSetupError(f"1.x student {header.path}: its compensation tensors are incomplete ({len(names)} of {len(expected)}).")
+        raise XSlimSetupError(f"1.x student {os.path.basename(header.path)}: its compensation tensors are incomplete ({len(names)} of "
+                              f"{len(expected)}); the file is damaged or was cut short. Export the student again.")
     for k, t in expected.items():
         if tuple(header.shapes[names[k]]) != tuple(t.shape):
             raise XSlimSetupError(f"1.x student {header.path}: compensation tensor {k} has shape {header.shapes[names[k]]}, expected {list(t.shape)}.")
@@ -229,10 +243,12 @@ def load_student_model(model_patcher, path: str, base_check: str = BASE_CHECKS[0
     except (ValueError, FileNotFoundError) as e:
         raise XSlimSetupError(f"Load 1.x Student: {e}") from None
     layout, base = check_against_base(header, model_patcher, base_check)
+    # the compensation (a few small tensors) is checked and read before weight_patches reads every model tensor:
+    # an incomplete file is refused without the large read
+    comp = compensation(header)
     patched = model_patcher.clone()
     buffers = {name for name, _ in model_patcher.get_model_object("diffusion_model").named_buffers()}
     patched.add_patches(weight_patches(header, layout, base, buffers), 1.0)
-    comp = compensation(header)
     if header.cache is not None:
         config = XSlimConfig(mode="segment", segment=(header.cache.first, header.cache.last), levels=frozenset({"block"}))
     else:

@@ -9,12 +9,13 @@ import time
 import torch
 from comfy_api.latest import io
 
-from .host import XSlimSettings, XSlimSetupError
+from .host import XSlimSettings, XSlimSetupError, install
 from .pictures import labelled_grid
-from .runner import cached_run, decode, sample_latent
+from .runner import decode, sample_latent
 from .settings import parse_setting_line
 from .student import BASE_CHECKS, load_student_model, register_students_folder, student_names, student_settings
 from .student_sampling import demo_class_accuracy, run_student, student_sampler
+from .xslim_nodes import BUSY_SPREAD, COMPARE_ROUNDS, aligned_text, interleaved_rounds, median_and_spread
 
 CATEGORY = "X-Slim/1.x student"
 NEGATIVE_TOOLTIP = ("Ignored: the student was distilled with guidance built in and samples at CFG 1, so it never "
@@ -79,10 +80,14 @@ class StudentSampler(io.ComfyNode):
             display_name="1.x Student Sampler",
             category=CATEGORY,
             description="The student's deterministic Euler sampler (as in training), for SamplerCustomAdvanced with CFG 1 "
-            "(CFGGuider at cfg 1 or BasicGuider) and 1.x Student Sigmas. The cached second step needs no setting: the "
-            "student model carries it.",
+            "(BasicGuider, or CFGGuider at cfg 1; another CFG is refused) and 1.x Student Sigmas (a single sigma is "
+            "refused; empty sigmas never reach a sampler: SamplerCustomAdvanced then returns the latent unchanged). "
+            "The cached second step needs no setting: the student model carries it.",
             inputs=[],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip=(
+                "Connect to SamplerCustomAdvanced with BasicGuider (or CFGGuider at cfg 1) and 1.x Student Sigmas. Empty "
+                "sigmas skip sampling altogether (ComfyUI returns the latent as it is); one sigma or a CFG other than 1 "
+                "stops the run with a message."))],
         )
 
     @classmethod
@@ -116,6 +121,18 @@ class StudentKSampler(io.ComfyNode):
 DEFAULT_XSLIM = "fast"
 
 
+def load_untimed(model) -> None:
+    """Loads the model a column is about to sample before its clock starts. Columns share one base model, so
+    ComfyUI applies or removes a student's weight patches whenever the sampled model changes: in an interleaved
+    comparison that would fall on every timed run (about 4 ms per image on the CPU demo, half a student's time),
+    while a graph that samples a student pays it once per load. Without ComfyUI's loader the run loads as usual."""
+    import comfy.model_management
+
+    load = getattr(comfy.model_management, "load_models_gpu", None)
+    if load is not None:
+        load([model])
+
+
 class StudentCompare(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -126,7 +143,8 @@ class StudentCompare(io.ComfyNode):
             display_name="1.x Student Compare",
             category=CATEGORY,
             description="The same seed from the teacher at N steps, the teacher with X-Slim, and the student, in one "
-            "annotated grid: network evaluations per image (counted, CFG included), time per image, and for the demo "
+            "annotated grid: network evaluations per image (counted, CFG included), time per image (every column warmed up "
+            "once, then the median of up to 3 interleaved runs), and for the demo "
             "model the classifier's accuracy on the prompted class. PSNR against the teacher is not shown: a distilled "
             "student draws its own sample, so pixel distance would mislead.",
             inputs=[
@@ -165,32 +183,61 @@ class StudentCompare(io.ComfyNode):
             label, settings = parse_setting_line(xslim)
             if settings is not None:
                 columns.append((f"teacher + X-Slim {label}", settings))
-        bar = comfy.utils.ProgressBar(len(columns) + len(students))
 
         def teacher_run(m):
             return sample_latent(m, latent_image, seed, teacher_steps, teacher_cfg, sampler_name, scheduler, positive, negative)
 
-        results = []
-        for label, settings in columns:  # X-Slim mode "off" only counts the evaluations
-            latent, seconds, report = cached_run(teacher, settings, teacher_run)
-            results.append((label, latent, seconds, report.stats))
+        def teacher_column(settings):  # X-Slim mode "off" only counts the evaluations
+            def run():
+                patched = install(teacher, settings)
+                load_untimed(patched)
+                start = time.perf_counter()
+                latent = teacher_run(patched)
+                return latent, time.perf_counter() - start, settings.reports[-1].stats
+            return run
+
+        def student_column(s):
+            def run():
+                load_untimed(s)
+                start = time.perf_counter()
+                latent = run_student(s, positive, latent_image, seed)
+                return latent, time.perf_counter() - start, student_settings(s).reports[-1].stats
+            return run
+
+        runs = [(label, teacher_column(settings)) for label, settings in columns]
+        runs += [(f"1.x student {os.path.splitext(student_settings(s).name)[0]}", student_column(s)) for s in students]
+        bar = comfy.utils.ProgressBar(len(runs) * (1 + COMPARE_ROUNDS))
+        # every column alike, as X-Slim Compare times its settings: one untimed warm-up each (model load, the
+        # student's weight patches, kernels), then up to COMPARE_ROUNDS timed rounds, interleaved so that a busy
+        # moment of the machine falls on all columns rather than one; the median is reported
+        for _, run in runs:
+            run()
             bar.update(1)
-        for s in students:
-            run_student(s, positive, latent_image, seed)  # warm-up: ComfyUI applies the student's weight patches once
-            start = time.perf_counter()
-            latent = run_student(s, positive, latent_image, seed)
-            seconds = time.perf_counter() - start
-            results.append((f"1.x student {os.path.splitext(student_settings(s).name)[0]}", latent, seconds, student_settings(s).reports[-1].stats))
-            bar.update(1)
-        images = [decode(latent, vae) for _, latent, _, _ in results]
+        firsts, times = interleaved_rounds([run for _, run in runs], lambda: bar.update(1))
+        results = [(label, latent, stats) for (label, _), (latent, stats) in zip(runs, firsts)]
+        images = [decode(latent, vae) for _, latent, _ in results]
         accuracy = demo_class_accuracy(images, latent_image["samples"], positive)
-        labels, table = [], ["| column | network evaluations per image | time per image s (one run) | class accuracy |", "|---|---|---|---|"]
-        for k, (label, _, seconds, stats) in enumerate(results):
+        timed = len(times[0])
+        header = ["column", "NFE per image", f"ms per image (median of {timed})", "spread", "class accuracy"]
+        labels, rows, busy = [], [], []
+        for k, ((label, _, stats), timed_runs) in enumerate(zip(results, times)):
             nfe = stats.block_evals / max(1, stats.num_blocks) / batch
+            seconds, spread = median_and_spread(timed_runs)
+            ms = 1000 * seconds / batch
+            spread_cell = f"{spread:.0%}" if spread == spread else "-"  # nan: one timed run, no spread
+            if spread == spread and spread > BUSY_SPREAD:
+                busy.append(label)
             acc = "" if accuracy is None else f"{accuracy[k][0]}/{accuracy[k][1]}"
-            labels.append([label, f"NFE {nfe:.2f} per image", f"{seconds / batch:.3f}s per image"] + ([f"class accuracy {acc}"] if acc else []))
-            table.append(f"| {label} | {nfe:.2f} | {seconds / batch:.3f} | {acc or 'n/a'} |")
-        return io.NodeOutput(labelled_grid(images, labels), "\n".join(table))
+            labels.append([label, f"NFE {nfe:.2f} per image", f"{ms:.2f} ms per image"] + ([f"class accuracy {acc}"] if acc else []))
+            rows.append([label, f"{nfe:.2f}", f"{ms:.2f}", spread_cell, acc or "n/a"])
+        notes = [(f"time: median of {timed} runs per column, interleaved, after one untimed warm-up run of each column; "
+                  "spread = (max - min) / median") if timed > 1 else
+                 "time: one run per column after one untimed warm-up run of each (a round is long): no spread measured"]
+        if busy:
+            notes.append(f"The machine was busy (spread over {BUSY_SPREAD:.0%} for {', '.join(busy)}): times are noisy; "
+                         "network evaluations are exact.")
+        table = aligned_text(header, rows) + "\n\n" + "\n".join(notes)
+        return io.NodeOutput(labelled_grid(images, labels), table)
 
 
 NODES = [LoadStudent, StudentSigmas, StudentSampler, StudentKSampler, StudentCompare]

@@ -4,11 +4,13 @@ returns the denoised estimate), over the student's own sigmas, at CFG 1. ComfyUI
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
-from .host import KEY
+from .host import KEY, XSlimSetupError
 from .pictures import is_demo_latent
+from .student import too_few_sigmas
 
 log = logging.getLogger("xslim")
 
@@ -17,6 +19,9 @@ log = logging.getLogger("xslim")
 def student_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """Deterministic Euler as the student was trained: x <- x + (sigma' - sigma) v, v = (x - denoised) / sigma."""
     extra_args = extra_args or {}
+    if len(sigmas) < 2:  # a student model refuses this earlier (StudentSettings.engine_for); another model here
+        raise too_few_sigmas(len(sigmas))
+    _refuse_guidance(model)
     _warn_on_foreign_sigmas(extra_args.get("model_options", {}), sigmas)
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -26,6 +31,24 @@ def student_euler(model, x, sigmas, extra_args=None, callback=None, disable=None
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         x = x + (nxt - sigma) * (x - denoised) / sigma
     return x
+
+
+GUIDANCE_SCALES = ("cfg", "cfg1", "cfg2")  # CFGGuider / PerpNegGuider: cfg; DualCFGGuider: cfg1 and cfg2
+
+
+def _refuse_guidance(model) -> None:
+    """Refuse a guider whose CFG is not 1. ComfyUI's KSAMPLER hands the sampler function a KSamplerX0Inpaint whose
+    ``inner_model`` is the guider (comfy/samplers.py); CFGGuider-derived guiders keep their scales as attributes.
+    A guider without such attributes (a custom one) is let through: we cannot tell, so we do not guess."""
+    guider = getattr(model, "inner_model", None)
+    scales = {name: getattr(guider, name) for name in GUIDANCE_SCALES if isinstance(getattr(guider, name, None), (int, float))}
+    off = {name: value for name, value in scales.items() if not math.isclose(float(value), 1.0)}
+    if off:
+        found = ", ".join(f"{name} {value:g}" for name, value in off.items())
+        raise XSlimSetupError(
+            f"1.x Student Sampler: the guider ({type(guider).__name__}) has {found}; a 1.x student was distilled with "
+            "guidance built in and samples at CFG 1; another CFG evaluates the model twice a step (the negative too) "
+            "and changes the result. Use BasicGuider, or CFGGuider with cfg 1.")
 
 
 def _warn_on_foreign_sigmas(model_options: dict, sigmas: torch.Tensor) -> None:

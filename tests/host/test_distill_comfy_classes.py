@@ -1,12 +1,12 @@
 """1.x-Distill on ComfyUI's own model classes (tiny FLUX, SD3/MMDiT and HunyuanVideo built by ComfyUI's
 supported_models), supplied by the host layer (nodes/distill_host.py) - distill_core itself never imports
 ComfyUI. A short Stage I with cache co-training, a 4-step reference and Stage II complete with LoRA on one
-shared base; the exported student keeps ComfyUI's key names, loads through *Load 1.x Student* and samples
-in ComfyUI at its declared effective NFE; the ComfyUI velocity equals diffusers' on the demo teacher."""
+shared base; the exported student keeps ComfyUI's key names, loads from a students folder through the real
+*Load 1.x Student* node (strict base check) and samples through *1.x Student KSampler* at the effective NFE its
+file declares (and through distill_host's own loader, counted per block); the ComfyUI velocity equals
+diffusers' on the demo teacher."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -50,7 +50,11 @@ def trained(request, host, tmp_path_factory):
     dm = patcher.model.diffusion_model
     prompts = prompt_set(host, family)
     root = tmp_path_factory.mktemp(f"comfy_{family}")
-    base = {"hash": f"tiny-{family}", "name": f"tiny {family}"}
+    # the signature Load 1.x Student's strict check compares against, taken as the ComfyUI worker's loader takes it
+    # (distill_host.load_comfy_file_teacher: the diffusion model's own state dict, before training)
+    from comfyui_xslim.distill_core.identity import weights_signature
+
+    base = {"hash": f"tiny-{family}", "name": f"tiny {family}", "signature": weights_signature(dm.state_dict())}
     blocks = len(distill_host.comfy_blocks(dm))
 
     def teacher():
@@ -79,8 +83,7 @@ def test_stage1_reference_and_stage2_complete_on_comfyuis_classes(trained):
     assert {k for k in keys if k.startswith("model.")} == names  # ComfyUI's own names, the LoRA merged in
 
 
-def test_the_merged_student_differs_from_the_teacher_only_where_lora_trained(trained, host):
-    distill_host = host[0]
+def test_the_merged_student_differs_from_the_teacher_only_where_lora_trained(trained):
     family, patcher, results, prompts, _ = trained
     from safetensors.torch import load_file
 
@@ -110,6 +113,46 @@ def test_the_student_samples_at_its_declared_nfe_on_the_host_class(trained, host
             h.remove()
     assert torch.isfinite(out).all()
     assert len(calls) / blocks == pytest.approx(student.effective_nfe) == pytest.approx(1 + (blocks - 1) / blocks)
+
+
+@pytest.fixture()
+def students_dir(tmp_path):
+    """A user's models/students folder (a temporary one), registered the way the pack registers its own."""
+    import folder_paths
+
+    from comfyui_xslim.nodes.student import register_students_folder
+
+    register_students_folder()
+    folder_paths.add_model_folder_path("students", str(tmp_path), is_default=True)
+    yield tmp_path
+    folder_paths.folder_names_and_paths["students"][0].remove(str(tmp_path))
+
+
+def test_the_trained_student_loads_through_the_student_nodes_and_samples_at_its_declared_nfe(trained, students_dir):
+    """The exported file, as a user gets it: in models/students, through Load 1.x Student (strict base check) and
+    1.x Student KSampler on ComfyUI's own model patcher, as a graph runs them."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from comfyui_xslim.nodes import student_nodes
+    from comfyui_xslim.nodes.runner import last_report
+
+    family, _, results, _, blocks = trained
+    name = f"trained_{family}.safetensors"
+    shutil.copy(results[2]["student"], students_dir / name)
+    base = ce.tiny_model(family)  # a fresh copy of the base (the same seed), as a loader node would give it
+    student = student_nodes.LoadStudent.execute(base, name, "strict").args[0]
+    positive = ce.conditioning(family, 1)
+    latent = {"samples": torch.zeros(ce.latent_shape(family, 2, 8))}
+    out = student_nodes.StudentKSampler.execute(student, positive, latent, 5).args[0]["samples"]
+    assert out.shape == latent["samples"].shape and torch.isfinite(out).all()
+    with safe_open(str(students_dir / name), framework="pt") as f:
+        declared = float(f.metadata()["effective_nfe"])
+    stats = last_report(student).stats
+    assert stats.num_blocks == blocks
+    assert stats.effective_nfe == pytest.approx(declared, abs=1e-4) == pytest.approx(1 + (blocks - 1) / blocks, abs=1e-4)
+    assert not base.patches  # the base patcher is untouched: the student went onto a clone
 
 
 def test_comfyuis_demo_teacher_class_gives_the_diffusers_velocity(host):

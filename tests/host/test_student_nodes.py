@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -89,24 +90,72 @@ def test_shipped_student_equals_distill_cores_sampler_and_reports_its_nfe(demo_t
     torch.testing.assert_close(got * COMFY_LATENT_SCALE, expected, rtol=1e-4, atol=1e-4)
     stats = report(student).stats
     assert stats.effective_nfe == pytest.approx(SHIPPED[name]) == pytest.approx(reference.effective_nfe)
+    # the engine's count equals what the file itself declares (written at export, 4 decimals)
+    with safe_open(os.path.join(ce.REPO, "distill_core", "weights", name), framework="pt") as f:
+        declared = float(f.metadata()["effective_nfe"])
+    assert stats.effective_nfe == pytest.approx(declared, abs=1e-4)
     cache = reference.cache
     line = f"1.x student: 2 steps, blocks {cache.first}..{cache.last} cached - effective NFE {SHIPPED[name]:.2f}"
     assert line in caplog.text and report(student).summary == line
     assert set(report(student).pattern_rows.values()) == {"FB"}
 
 
-def test_custom_sampler_path_equals_the_one_node_ksampler(demo_teacher):
-    import comfy.sample
+def custom_advanced(student, positive, latent, seed, sigmas=None, guider=None):
+    """ComfyUI's own SamplerCustomAdvanced node, wired as the HunyuanVideo student workflow wires it: RandomNoise,
+    BasicGuider (unless another guider is given), 1.x Student Sampler and 1.x Student Sigmas."""
+    from comfy_extras import nodes_custom_sampler as ncs
+
+    sn = nodes()[0]
+    noise = ncs.RandomNoise().get_noise(seed)[0]
+    guider = ncs.BasicGuider().get_guider(student, positive)[0] if guider is None else guider
+    sigmas = sn.StudentSigmas.execute(student).args[0] if sigmas is None else sigmas
+    return ncs.SamplerCustomAdvanced().sample(noise, guider, sn.StudentSampler.execute().args[0], sigmas, latent)[0]["samples"]
+
+
+def test_samplercustomadvanced_with_the_student_sampler_equals_the_one_node_ksampler(demo_teacher):
+    from comfy_extras import nodes_custom_sampler as ncs
 
     sn = nodes()[0]
     student = load(demo_teacher, "student_1x_175.safetensors")
-    sigmas = sn.StudentSigmas.execute(student).args[0]
-    assert sigmas.tolist() == [1.0, 0.75, 0.0]
-    sampler = sn.StudentSampler.execute().args[0]
-    latent = torch.zeros(1, *DEMO_SHAPE)
-    noise = comfy.sample.prepare_noise(latent, 11)
-    custom = comfy.sample.sample_custom(student, noise, 1.0, sampler, sigmas, demo_class(5), demo_class(5), latent, disable_pbar=True, seed=11)
-    torch.testing.assert_close(custom, ksample(student, demo_class(5), batch=1, seed=11), rtol=0, atol=0)
+    assert sn.StudentSigmas.execute(student).args[0].tolist() == [1.0, 0.75, 0.0]
+    latent = {"samples": torch.zeros(2, *DEMO_SHAPE)}
+    one_node = ksample(student, demo_class(5), batch=2, seed=11)
+    torch.testing.assert_close(custom_advanced(student, demo_class(5), latent, 11), one_node, rtol=0, atol=0)
+    assert report(student).stats.effective_nfe == pytest.approx(1.75)  # the cached step ran on this path too
+    cfg1 = ncs.CFGGuider().get_guider(student, demo_class(5), demo_class(10), 1.0)[0]  # CFG 1 never evaluates the negative
+    torch.testing.assert_close(custom_advanced(student, demo_class(5), latent, 11, guider=cfg1), one_node, rtol=0, atol=0)
+
+
+@pytest.mark.bad_input("clear error")
+def test_the_custom_path_refuses_one_sigma_and_cfg_other_than_1_and_empty_sigmas_skip_sampling(demo_teacher):
+    from comfy_extras import nodes_custom_sampler as ncs
+
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    student = load(demo_teacher, "student_1x_175.safetensors")
+    latent = {"samples": torch.zeros(1, *DEMO_SHAPE)}
+    with pytest.raises(XSlimSetupError, match=r"got 1 sigma\(s\), so there is no step.*Connect 1.x Student Sigmas"):
+        custom_advanced(student, demo_class(2), latent, 3, sigmas=torch.tensor([1.0]))
+    with pytest.raises(XSlimSetupError, match=r"got 1 sigma\(s\)"):  # the sampler's own check, on a model without a student
+        custom_advanced(demo_teacher, demo_class(2), latent, 3, sigmas=torch.tensor([1.0]))
+    for cfg in (2.0, 0.5):
+        guider = ncs.CFGGuider().get_guider(student, demo_class(2), demo_class(10), cfg)[0]
+        with pytest.raises(XSlimSetupError, match=rf"the guider \(CFGGuider\) has cfg {cfg:g}; .* samples at CFG 1; another CFG .*Use BasicGuider, or CFGGuider with cfg 1\."):
+            custom_advanced(student, demo_class(2), latent, 3, guider=guider)
+    dual = ncs.DualCFGGuider().get_guider(student, demo_class(2), demo_class(3), demo_class(10), 1.0, 3.0, "regular")[0]
+    with pytest.raises(XSlimSetupError, match=r"has cfg2 3;"):
+        custom_advanced(student, demo_class(2), latent, 3, guider=dual)
+    # what the tooltip says: empty sigmas never reach the sampler, ComfyUI returns the latent as it is
+    assert torch.equal(custom_advanced(student, demo_class(2), latent, 3, sigmas=torch.tensor([])), latent["samples"])
+    # a refused run leaves nothing behind: the next one is the one-node KSampler's
+    torch.testing.assert_close(custom_advanced(student, demo_class(2), latent, 3), ksample(student, demo_class(2), batch=1, seed=3), rtol=0, atol=0)
+
+
+def test_the_negative_input_is_accepted_and_ignored(demo_teacher):
+    student = load(demo_teacher, "student_1x_175.safetensors")
+    without = ksample(student, demo_class(4), batch=2, seed=5)
+    for negative in (demo_class(10), demo_class(8)):  # the unconditional, or any other class: no effect either way
+        assert torch.equal(ksample(student, demo_class(4), batch=2, seed=5, negative=negative), without)
 
 
 def test_lora_before_the_loader_stays_applied_and_the_base_model_is_unchanged(demo_teacher):
@@ -114,7 +163,7 @@ def test_lora_before_the_loader_stays_applied_and_the_base_model_is_unchanged(de
 
     g = torch.Generator().manual_seed(0)
     lora = {}  # a real LoRA state dict in ComfyUI's generic "lora_up/lora_down" format, on two single blocks
-    for block in ("single_blocks.0.linear2", "single_blocks.9.linear2" if False else "single_blocks.7.linear2"):
+    for block in ("single_blocks.0.linear2", "single_blocks.7.linear2"):
         out_f, in_f = demo_teacher.model.diffusion_model.state_dict()[f"{block}.weight"].shape
         lora[f"diffusion_model.{block}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.05
         lora[f"diffusion_model.{block}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.05
@@ -134,6 +183,7 @@ def test_lora_before_the_loader_stays_applied_and_the_base_model_is_unchanged(de
     assert torch.equal(teacher_after, teacher_before)
 
 
+@pytest.mark.bad_input("clear error")
 def test_xslim_cache_on_a_student_and_a_student_on_a_cached_model_are_refused(demo_teacher):
     from comfyui_xslim.nodes.host import XSlimSetupError
 
@@ -152,12 +202,39 @@ def test_student_compare_puts_teacher_xslim_and_student_in_one_grid(demo_teacher
     latent = {"samples": torch.zeros(4, *DEMO_SHAPE)}
     grid, table = sn.StudentCompare.execute(demo_teacher, student, demo_class(7), demo_class(10), latent, 0, 20, 2.0,
                                             "euler", "simple", "fast").args
-    rows = table.splitlines()[2:]
-    assert len(rows) == 3 and rows[0].startswith("| teacher 20 steps, CFG 2 | 40.00 |")  # CFG: two evaluations a step
-    assert "X-Slim fast" in rows[1] and float(rows[1].split("|")[2]) < 0.6 * 40
-    assert rows[2].startswith("| 1.x student student_1x_175 | 1.75 |")
-    assert all(r.split("|")[4].strip().endswith("/4") for r in rows)  # the demo classifier's accuracy per column
+    lines = table.split("\n\n")[0].splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == ["column", "NFE per image", "ms per image (median of 3)", "spread", "class accuracy"]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]  # aligned text: cells two or more spaces apart
+    assert len(rows) == 3 and rows[0][:2] == ["teacher 20 steps, CFG 2", "40.00"]  # CFG: two evaluations a step
+    assert "X-Slim fast" in rows[1][0] and float(rows[1][1]) < 0.6 * 40
+    assert rows[2][:2] == ["1.x student student_1x_175", "1.75"]
+    ms = [float(r[2]) for r in rows]  # per image, in ms with 2 decimals
+    assert all(len(r[2].split(".")[1]) == 2 for r in rows) and all(m > 0 for m in ms)
+    assert ms[2] < ms[0]  # 1.75 network evaluations against 40, each column timed alike
+    assert all(r[3].endswith("%") for r in rows)  # three timed runs each: a spread
+    assert all(r[4].endswith("/4") for r in rows)  # the demo classifier's accuracy per column
+    assert "|" not in table  # no pipe table to wrap in a preview box
+    assert "median of 3 runs per column, interleaved, after one untimed warm-up run of each column" in table
     assert grid.ndim == 4 and grid.shape[-1] == 3
+
+
+def test_student_compare_warms_up_every_column_once_then_times_them_interleaved(demo_teacher, monkeypatch):
+    from comfyui_xslim.nodes import student_nodes
+
+    sn = nodes()[0]
+    student = load(demo_teacher, "student_1x_175.safetensors")
+    calls = []  # which column ran, in order: the teacher's columns by their X-Slim mode, the student by name
+    real_install, real_run_student = student_nodes.install, student_nodes.run_student
+    monkeypatch.setattr(student_nodes, "install", lambda m, s: calls.append(s.config.mode) or real_install(m, s))
+    monkeypatch.setattr(student_nodes, "run_student", lambda m, *a: calls.append("student") or real_run_student(m, *a))
+    real_load = student_nodes.load_untimed  # each column's model is loaded before its clock starts
+    monkeypatch.setattr(student_nodes, "load_untimed", lambda m: calls.append("load") or real_load(m))
+    latent = {"samples": torch.zeros(1, *DEMO_SHAPE)}
+    sn.StudentCompare.execute(demo_teacher, student, demo_class(7), demo_class(10), latent, 0, 4, 2.0, "euler", "simple", "fast")
+    teacher_mode, xslim_mode = calls[0], calls[2]
+    assert teacher_mode == "off" and xslim_mode not in ("off", "load")
+    # a warm-up round, then three timed rounds, the columns interleaved
+    assert calls == [teacher_mode, "load", xslim_mode, "load", "load", "student"] * 4
 
 
 # -- students of ComfyUI's own tiny SD3 / FLUX / HunyuanVideo classes -------------------------------------------
@@ -217,6 +294,8 @@ def test_tiny_family_students_load_and_sample_at_their_declared_nfe(tiny, studen
     stats = report(student).stats
     first, last = CACHE[family]
     assert stats.effective_nfe == pytest.approx(1 + (stats.num_blocks - (last - first + 1)) / stats.num_blocks)
+    with safe_open(str(students_dir / f"{family}.safetensors"), framework="pt") as f:
+        assert stats.effective_nfe == pytest.approx(float(f.metadata()["effective_nfe"]), abs=1e-4)
     assert set(report(student).pattern_rows.values()) == {"FB"}
 
     # without a cache, the patched model is exactly the student's weights loaded into the model
@@ -246,6 +325,7 @@ def fresh_demo_teacher(**model_options):
     return comfy.sd.load_diffusion_model(os.path.join(WEIGHTS_DIR, "demo_teacher.safetensors"), model_options=model_options)
 
 
+@pytest.mark.bad_input("clear error")
 def test_a_student_of_other_weights_is_refused_naming_both_and_trust_overrides(pack, students_dir):
     changed = fresh_demo_teacher()  # the same architecture, other weights: the shipped student must not run on it
     with torch.no_grad():
@@ -260,13 +340,15 @@ def test_a_student_of_other_weights_is_refused_naming_both_and_trust_overrides(p
         load(half, "student_1x_175.safetensors")
 
 
+@pytest.mark.bad_input("clear error")
 def test_a_student_for_another_family_or_architecture_is_refused(demo_teacher, students_dir):
     tiny_hy, tiny_flux = ce.tiny_model("hunyuan_video"), ce.tiny_model("flux")
     refused(tiny_hy, "student_1x_175.safetensors", r"declares block stacks \[\('double', 4\), \('single', 8\)\]; the model connected here has \[\('double', 2\), \('single', 3\)\]")
     refused(tiny_flux, "student_1x_175.safetensors", r"distilled from a 'hunyuan_video' model; the model connected here is FLUX")
 
 
-def test_bad_student_files_are_refused_before_anything_large_is_built(demo_teacher, students_dir):
+@pytest.mark.bad_input("clear error")
+def test_bad_student_files_are_refused_before_anything_large_is_built(demo_teacher, students_dir, monkeypatch):
     (students_dir / "not_safetensors.safetensors").write_bytes(b"\x80\x04 this is a pickle, not safetensors" * 10)
     refused(demo_teacher, "not_safetensors.safetensors", "is not a safetensors file")
     shipped = os.path.join(ce.REPO, "distill_core", "weights", "student_1x_175.safetensors")
@@ -283,6 +365,19 @@ def test_bad_student_files_are_refused_before_anything_large_is_built(demo_teach
         meta.update({k: v for k, v in changes.items() if k != "drop"})
         save_file(tensors, str(students_dir / name), metadata=meta)
         refused(demo_teacher, name, match)
+    # an incomplete compensation is refused before weight_patches reads the model's tensors
+    from comfyui_xslim.nodes import student as student_module
+
+    with safe_open(shipped, framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys() if k != "comp.txt.fc2.bias"}
+    save_file(tensors, str(students_dir / "no_comp_bias.safetensors"), metadata=meta)
+
+    def large_read(*args):
+        raise AssertionError("weight_patches ran before the compensation was checked")
+
+    monkeypatch.setattr(student_module, "weight_patches", large_read)
+    refused(demo_teacher, "no_comp_bias.safetensors", r"no_comp_bias.safetensors: its compensation tensors are incomplete \(11 of 12\)")
+    monkeypatch.undo()
     # a crafted header declaring 40k blocks: refused from the header alone, without building anything
     save_file({"model.x": torch.zeros(1)}, str(students_dir / "huge.safetensors"), metadata={
         "format": "xslim-1x-student/1", "base_family": "hunyuan_video", "sigmas": "[1.0, 0.75, 0.0]",
