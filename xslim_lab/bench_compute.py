@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from xslim_core import XSlimConfig, adapter_for, preset_config, record_profile
+from xslim_core import XSlimConfig, adapter_for, online_preset_config, preset_config, record_profile
 from .random_models import random_flux, random_sd3
 from xslim_core.engine import run_cached
 from .sampling import flow_sigmas, sample_euler
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flux-text", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one: a shared machine's other work disturbs it least)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))
     dtype = getattr(torch, args.dtype)
 
     if args.model == "sd3":
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             "step only (slow)": (preset_config("slow", levels={"step"}), profile),
             "X-Slim slow": (preset_config("slow"), profile),
             "X-Slim fast": (preset_config("fast"), profile),
-            "online": (XSlimConfig(mode="online", warn=0.4, crit=1.0), None),
+            "X-Slim online slow": (online_preset_config("slow"), None),
+            "X-Slim online fast": (online_preset_config("fast"), None),
             "caching off (hooks only)": (XSlimConfig(mode="off"), None),
         }
         stats = {name: run_cached(model, *s, sigmas, sample)[1] for name, s in settings.items()}
