@@ -34,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_training(cfg)
     except REFUSALS as err:
+        shutdown()
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    shutdown(synchronize=True)  # every rank ended cleanly
     print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
           + (f"; student {result['student']}" if result["student"] else ""))
     return 0 if result["status"] != "failed" else 1

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.remove(os.path.join(run_dir, stale))
     beat = Heartbeat(run_dir, enabled=is_main).start()
     outcome, code = {"state": "failed", "iteration": None, "message": "", "student": None}, EXIT_FAILED
-    distributed = False
+    distributed = ended_together = False
     try:
         job, cfg, base = load_job(run_dir)
         bootstrap(job)
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import run_training
 
         result = run_training(cfg, progress=beat.progress, stop=StopRequest(run_dir))
+        ended_together = True  # run_training returned on every rank (its collectives keep them in step)
         outcome = {"state": result["status"], "iteration": result["iteration"], "message": result["message"],
                    "student": result["student"] and os.path.basename(result["student"])}
         code = EXIT_FAILED if result["status"] == "failed" else EXIT_DONE
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if distributed:
             from .parallel import shutdown
 
-            shutdown()
+            shutdown(synchronize=ended_together)
         if is_main:
             outcome.update(time=time.time(), pid=os.getpid())
             jf.write_json(os.path.join(run_dir, jf.STATUS), outcome)

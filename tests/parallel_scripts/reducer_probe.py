@@ -136,7 +136,7 @@ def main():
     if d.is_main:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=1)
-    P.shutdown()
+    P.shutdown(synchronize=True)
 
 
 if __name__ == "__main__":

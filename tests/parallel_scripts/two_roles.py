@@ -185,9 +185,12 @@ def main(argv=None):
     torch.set_num_threads(1)
     d = P.init_distributed("cpu")
     try:
-        return run(a, d)
-    finally:
+        code = run(a, d)
+    except BaseException:
         P.shutdown()
+        raise
+    P.shutdown(synchronize=True)
+    return code
 
 
 def run(a, d: P.Dist):
