@@ -420,6 +420,7 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
     start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
     if main and resumed:
         message = f"resumed from iteration {run.iteration}"
+        print(f"[1.x-Distill] {message}", flush=True)  # in the log at once, not only in the final status
     while run.iteration < cfg.iterations:
         if _stop_requested(stop) or (cfg.max_minutes and time.time() - start > cfg.max_minutes * 60):
             status = "stopped"
