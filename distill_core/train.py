@@ -31,16 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # a bad file or value: argparse's "error:" line and exit status 2
         parser.error(str(err))
     init_distributed(cfg.device)  # a no-op outside torchrun
+    ended_together = False
     try:
         result = run_training(cfg)
+        ended_together = True  # run_training returned on every rank (its collectives keep them in step)
     except REFUSALS as err:
-        shutdown()
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    except BaseException:
-        shutdown()
-        raise
-    shutdown(synchronize=True)  # every rank ended cleanly
+    finally:
+        shutdown(synchronize=ended_together)
     print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
           + (f"; student {result['student']}" if result["student"] else ""))
     return 0 if result["status"] != "failed" else 1

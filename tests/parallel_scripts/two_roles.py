@@ -184,13 +184,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     d = P.init_distributed("cpu")
+    ended_together = False
     try:
         code = run(a, d)
-    except BaseException:
-        P.shutdown()
-        raise
-    P.shutdown(synchronize=True)
-    return code
+        ended_together = True
+        return code
+    finally:
+        P.shutdown(synchronize=ended_together)
 
 
 def run(a, d: P.Dist):
