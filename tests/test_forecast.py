@@ -86,3 +86,35 @@ def test_online_error_with_forecasting_is_the_remainder_of_the_linear_forecast()
     assert errors[0] == pytest.approx([row.rate * x for x in (0.05, 0.1, 0.15)])
     assert errors[1] == pytest.approx([row.curvature * a * b for a, b in ((0.05, 0.15), (0.1, 0.2), (0.15, 0.25))])
     assert errors[1][2] / errors[1][0] > 1.5 * (0.15 / 0.05)  # grows faster than linearly with the distance
+
+
+@pytest.mark.parametrize("name", ["hunyuan_video", "flux"])
+def test_skipped_steps_leave_out_what_only_the_blocks_read_and_change_nothing(name, monkeypatch):
+    """A skipped step serves the text refiner / RoPE table (adapter.block_only_inputs) from the last computed
+    call: the same images to the bit as computing them, and those modules run only at computed calls."""
+    from xslim_core import adapter_for
+
+    f = BUILDERS[name]()
+    adapter = type(adapter_for(f.model))
+    assert adapter.block_only_inputs
+    prof, x = profile_of(f), noise(f)
+    config = XSlimConfig(levels={"step"}, forecast=1)
+    calls = {n: 0 for n in adapter.block_only_inputs}
+    for n in calls:  # count the module's own computation (under X-Slim's wrapper; a forward hook would also
+        module = getattr(f.model, n)  # see an output served without computing)
+
+        def counted(*args, _n=n, _forward=module.forward, **kwargs):
+            calls[_n] += 1
+            return _forward(*args, **kwargs)
+
+        monkeypatch.setattr(module, "forward", counted)
+    shortcut, stats, schedule, _ = cached_sample(f, config, prof, x, [1])
+    computed = {n: c for n, c in calls.items()}
+    monkeypatch.setattr(adapter, "block_only_inputs", ())
+    calls.update({n: 0 for n in calls})
+    full, _, _, _ = cached_sample(f, config, prof, x, [1])
+    assert torch.equal(shortcut, full)
+    skipped = schedule.pattern.count(".")
+    assert skipped > 0
+    for n in calls:  # one model call per step (CFG rows share it); skipped steps left these modules out
+        assert calls[n] == len(schedule.pattern) and computed[n] == len(schedule.pattern) - skipped

@@ -148,7 +148,17 @@ class _Run:
         self.profile_steps: dict[int, list] = {}  # step -> [sum step change, sum block changes, count]
         self.visited: set = set()  # (row key, step) evaluated so far
         self.keeps_state = engine.recording or cfg.mode != "off"  # "off" only counts
+        # a token refresh scatters its tokens into the last output; without one ahead, no copy of it is kept
+        self.keeps_last_out = (StepKind.TOKEN.value in self.schedule.pattern if self.schedule is not None
+                               else cfg.mode == "online" and "token" in cfg.levels and cfg.crit > cfg.warn)
+        self.block_inputs: dict = {}  # (module name, input shapes) -> its last output (see XSlim._block_only_input)
         self.tracks_rate = isinstance(self.controller, OnlineController)
+
+    def measure_cache(self) -> None:
+        """Cache memory now and at its peak; once per model call (every group of rows is in by then)."""
+        if self.keeps_state:
+            self.stats.cache_bytes = sum(r.nbytes() for r in self.rows.values())
+            self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, self.stats.cache_bytes)
 
     def row(self, key) -> RowState:
         return self.rows.setdefault(key, RowState())
@@ -360,7 +370,8 @@ class _CallContext:
                     row.kv = {}
             if plan.capture_kv or kind is StepKind.TOKEN:
                 row.kv.update(self.new_kv[j])
-            row.last_out = self.store.put(out)
+            if run.keeps_last_out:
+                row.last_out = self.store.put(out)
         if self.engine.recording:
             self._record_profile_step()
         if plan.record_blocks and run.adaptive_blocks and self.block_change:
@@ -368,8 +379,6 @@ class _CallContext:
             for name, count in self.engine.stacks:
                 run.block_thresholds[name] = float(torch.tensor(self.block_change[start : start + count]).median())
                 start += count
-        run.stats.cache_bytes = sum(r.nbytes() for r in run.rows.values())
-        run.stats.cache_bytes_peak = max(run.stats.cache_bytes_peak, run.stats.cache_bytes)
 
     def _track_change(self, row: RowState, delta: torch.Tensor) -> None:
         """Online controller: the relative L1 change of the step residual per unit sigma (the error of plain reuse
@@ -531,6 +540,7 @@ class XSlimEngine:
             args_g, kwargs_g = call.args_for(rows)
             ctx = _CallContext(self, run, [keys[r] for r in rows], plan, step, call.sigma)
             outputs.append(ctx.execute(forward, args_g, kwargs_g))
+        run.measure_cache()
         if len(groups) == 1:
             return outputs[0]
         return call.merge(outputs, [rows for rows, _ in groups])
@@ -690,6 +700,10 @@ class XSlim(XSlimEngine):
     # -- hooks -------------------------------------------------------------------------------------------
     def _install(self) -> None:
         self._wrap(self.model, self._model_forward)
+        for name in self.adapter.block_only_inputs:
+            module = getattr(self.model, name, None)
+            if isinstance(module, torch.nn.Module):
+                self._wrap(module, functools.partial(self._block_only_input, name))
         for spec in self.blocks:
             self._wrap(spec.module, functools.partial(self._block_forward, spec))
             for j, (module, layout) in enumerate(spec.attention):
@@ -712,6 +726,21 @@ class XSlim(XSlimEngine):
     def _block_forward(self, spec, forward, *args, **kwargs):
         return self.block_call(spec, forward, args, kwargs)
 
+    def _block_only_input(self, name: str, forward, *args, **kwargs):
+        """A module whose output only the blocks read (adapter.block_only_inputs). A skipped step passes the
+        blocks through and the model drops their text stream, so any output of the right shape serves there:
+        the last one computed in this run for inputs of the same shapes. On a small model the text refiner
+        alone costs half of a skipped step."""
+        call, run = self._call, self._run
+        if call is None or run is None:
+            return forward(*args, **kwargs)
+        key = (name, _shapes(args), _shapes(kwargs.values()))
+        if call.plan.kind is StepKind.SKIP and key in run.block_inputs:
+            return run.block_inputs[key]
+        out = forward(*args, **kwargs)
+        run.block_inputs[key] = out
+        return out
+
     def _model_forward(self, forward, *args, **kwargs):
         if self._call is not None:
             return forward(*args, **kwargs)
@@ -723,6 +752,10 @@ class XSlim(XSlimEngine):
             self.warn_once(f"X-Slim: this call runs uncached ({reason}).")
             return forward(*args, **kwargs)
         return self.dispatch(call, forward)
+
+
+def _shapes(values) -> tuple:
+    return tuple((tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) else type(v).__name__ for v in values)
 
 
 def record_profile(model: torch.nn.Module, sample: Callable[[], object], sigmas: Iterable[float], **kwargs) -> Profile:

@@ -1,12 +1,18 @@
 """ComfyUI's own EasyCache and LazyCache nodes (as shipped in the checkout) next to X-Slim and fewer steps, on the
-demo teacher in a real ComfyUI (UNETLoader's loader, ModelSamplingSD3 shift 1, KSampler's sampling, Euler/simple,
-CFG 2), on the benchmark's held-out images (xslim_lab.bench.HELD_OUT) with the same noise for every method.
+demo teacher in a real ComfyUI (UNETLoader's loader, ModelSamplingSD3 shift 1, KSampler's sampling, Euler/simple
+by default, CFG 2), on the benchmark's held-out images (xslim_lab.bench.HELD_OUT) with the same noise for every method.
 
 Block evaluations are counted by an independent ``dit`` patch on every block (placed before any cache), PSNR is
 against the full-compute run of the same step count. The test checks what each cache claims against the count
 (EasyCache's log line "skipped k/N steps" must equal the blocks that did not run) and prints the table; with
 XSLIM_COMFY_CACHES_OUT=<file.md> it also writes it there (docs/bench/comfyui_caches.md was made so), and
 XSLIM_COMFY_CACHES_STEPS / _PER_CLASS choose the step count (default 28) and images per class (default 2).
+
+XSLIM_COMFY_CACHES_SAMPLER picks KSampler's sampler name (default ``euler``) for every method in the table: the
+reference (full sampling, same sampler and step count), fewer steps, EasyCache, LazyCache, and X-Slim including the
+profile it records through the X-Slim Profile node. The profile needs one model call per step, so use a sampler such
+as ``res_multistep`` or ``dpmpp_2m`` (second-order multistep, one call per step); the block count (NFE) and EasyCache's
+"skipped k/N steps" check assume one call per step as well. The table's title names the sampler.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import comfy_env as ce
 
 STEPS = int(os.environ.get("XSLIM_COMFY_CACHES_STEPS", "28"))
 PER_CLASS = int(os.environ.get("XSLIM_COMFY_CACHES_PER_CLASS", "2"))
+SAMPLER = os.environ.get("XSLIM_COMFY_CACHES_SAMPLER", "euler")
 THRESHOLDS = (0.05, 0.1, 0.2)  # 0.2 is the nodes' default
 
 
@@ -66,7 +73,7 @@ def sample_all(model, steps: int, per_call: int = 1):
         for i in range(0, len(rows), per_call):
             r = rows[i : i + per_call]
             out[r] = ce.sample(model, "hunyuan_video", steps=steps, cfg=2.0, noise=noise[r].clone(),
-                               latent=torch.zeros_like(noise[r]), positive=positive, negative=negative).float()
+                               latent=torch.zeros_like(noise[r]), positive=positive, negative=negative, sampler=SAMPLER).float()
     return out
 
 
@@ -86,9 +93,11 @@ def measure(model, steps, blocks, images, cache=lambda m: m):
 
 
 def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, user_dir, caplog):
+    import comfy.samplers
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     from comfyui_xslim.nodes.xslim_nodes import XSlimCache, XSlimProfile, XSlimDemoClass
 
+    assert SAMPLER in comfy.samplers.KSampler.SAMPLERS, f"XSLIM_COMFY_CACHES_SAMPLER={SAMPLER!r} is not a KSampler sampler"
     images = len(held_out()[1])
     blocks = len(teacher.model.diffusion_model.double_blocks) + len(teacher.model.diffusion_model.single_blocks)
     rows = []
@@ -119,7 +128,7 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
 
     XSlimProfile.execute(teacher, XSlimDemoClass.execute(CLASSES[int(pl[0])]).args[0],
                          XSlimDemoClass.execute("unconditional").args[0], {"samples": torch.zeros_like(pn[:1])}, 99, 50, 2.0,
-                         "euler", "simple", "demo-teacher")
+                         SAMPLER, "simple", "demo-teacher")
     for preset, profile in (("slow", "demo-teacher"), ("fast", "demo-teacher"), ("slow", "none (online)"), ("fast", "none (online)")):
         node = lambda m: XSlimCache.execute(m, preset, profile, 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model").args[0]  # noqa: E731
         caplog.clear()
@@ -128,7 +137,8 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
         assert "uncached" not in caplog.text and nfe < 0.6 * STEPS  # X-Slim really cached
         rows.append((f"X-Slim {preset}" + (" online" if profile.startswith("none") else ""), "X-Slim", nfe, fidelity(lat, ref)))
 
-    lines = [f"ComfyUI's EasyCache / LazyCache vs X-Slim on the demo teacher in a real ComfyUI: {STEPS} steps, Euler, "
+    sampler = "Euler" if SAMPLER == "euler" else f"sampler {SAMPLER}"
+    lines = [f"ComfyUI's EasyCache / LazyCache vs X-Slim on the demo teacher in a real ComfyUI: {STEPS} steps, {sampler}, "
              f"simple scheduler, CFG 2, {images} held-out images (bench HELD_OUT, {PER_CLASS} per class); NFE = block "
              "evaluations per image / 12, counted by dit patches on every block; PSNR against full sampling.", "",
              "| method | group | NFE | compute x | PSNR median | PSNR p5 | SSIM |", "|---|---|---|---|---|---|---|"]

@@ -192,6 +192,10 @@ class Adapter:
     time_scale = 1000.0  # timestep = sigma * time_scale
     unbatched_inputs: tuple[str, ...] = ()
     per_row_positions = False  # RoPE tables have no batch dim: a token subset must share its rows' positions
+    # Submodules of the model whose outputs only the block stack reads (text refiners, RoPE tables): a skipped
+    # step passes the stack through, so it need not compute them. Listed only where the model's forward was
+    # checked to read nothing of them after the blocks.
+    block_only_inputs: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> list[BlockSpec]:
         specs = []

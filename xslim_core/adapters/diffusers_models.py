@@ -36,6 +36,7 @@ class FluxAdapter(Adapter):
     time_scale = 1.0  # the pipeline passes sigma; the model scales by 1000 internally
     unbatched_inputs = ("img_ids", "txt_ids")
     per_row_positions = True
+    block_only_inputs = ("context_embedder", "pos_embed")
 
     def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
         rope = block.arguments.get("image_rotary_emb")
@@ -65,6 +66,7 @@ class HunyuanVideoAdapter(Adapter):
     block_outputs = {"double": ("img", "txt"), "single": ("img", "txt")}
     attention = {"double": (("attn", IMG_FIRST),), "single": (("attn", IMG_FIRST),)}
     per_row_positions = True
+    block_only_inputs = ("context_embedder", "rope")  # the token refiner is a small transformer of its own
 
     def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
         for name in ("image_rotary_emb", "freqs_cis"):  # single blocks / double blocks
