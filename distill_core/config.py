@@ -30,10 +30,15 @@ def _check_run_fields(cfg) -> None:
     for name in ("run_dir",):
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ValueError(f"run config: {name} must be a folder path, got {getattr(cfg, name)!r}.")
-    for name, (accepted, ok) in RUN_RULES.items():
-        value = getattr(cfg, name)
+    _check_rules(cfg, RUN_RULES)
+
+
+def _check_rules(obj, rules: dict, prefix: str = "") -> None:
+    """Each ``rules`` entry (field -> (what is accepted, test)) on ``obj``, refused naming ``prefix + field``."""
+    for key, (accepted, ok) in rules.items():
+        value = getattr(obj, key)
         if not ok(value):
-            raise ValueError(f"run config: {name} must be {accepted}, got {value!r:.80} ({type(value).__name__}).")
+            raise ValueError(f"run config: {prefix}{key} must be {accepted}, got {value!r:.80} ({type(value).__name__}).")
 
 
 def _number(v) -> bool:
@@ -114,10 +119,7 @@ def stage_settings(name: str, value, cls, rules: dict):
         value = cls(**value)
     if not isinstance(value, cls):
         raise ValueError(f"run config: {name} must be a dict of {name} settings, got {value!r:.80} ({type(value).__name__}).")
-    for key, (accepted, ok) in rules.items():
-        if not ok(getattr(value, key)):
-            got = getattr(value, key)
-            raise ValueError(f"run config: {name}.{key} must be {accepted}, got {got!r:.80} ({type(got).__name__}).")
+    _check_rules(value, rules, f"{name}.")
     _check_cache_pair(name, value.cache_first, value.cache_last)
     return value
 

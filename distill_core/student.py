@@ -136,15 +136,14 @@ def _architecture_class(path: str, architecture: dict):
     return name, (lambda: cls(**kwargs)) if from_demo else (lambda: cls.from_config(kwargs))
 
 
-def build_architecture(path: str, architecture: dict, shapes: dict | None = None):
-    """The diffusers transformer a student file declares (its config), with random weights. With ``shapes`` (the
-    header's tensor shapes) it is first built on the meta device, which allocates nothing, and every parameter
-    shape compared with the file's: the real model is then never larger than the weights the file holds."""
+def build_architecture(path: str, architecture: dict, shapes: dict):
+    """The diffusers transformer a student file declares (its config), with random weights. It is first built on
+    the meta device, which allocates nothing, and its parameter names and shapes compared with ``shapes`` (the
+    header's): the real model is then never larger than the weights the file holds."""
     name, make = _architecture_class(path, architecture)
-    if shapes is not None:
-        with torch.device("meta"):
-            skeleton = _built(path, name, make)
-        _check_shapes(path, skeleton, shapes)
+    with torch.device("meta"):
+        skeleton = _built(path, name, make)
+    _check_shapes(path, skeleton, shapes)
     return _built(path, name, make)
 
 
@@ -181,10 +180,9 @@ def load_student(path: str, base_hash: str | None = None, base_family: str | Non
     if not isinstance(architecture, dict):
         raise ValueError(f"{path} declares no architecture; export it again.")
     check_architecture(path, architecture, header.shapes)  # from the header alone, before anything is built
+    model = build_architecture(path, architecture, header.shapes)  # names and shapes checked against the header
     tensors, _ = _read(path)
-    model = build_architecture(path, architecture, header.shapes)
     groups = {p: {k[len(p) + 1 :]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("model", "cond", "comp")}
-    _check_keys(path, "model", set(model.state_dict()), set(groups["model"]))
     model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
     model.eval().requires_grad_(False)
     latent_shape = json_field(path, meta, "latent_shape") or [16, 1, 8, 8]  # the demo's, for files written before

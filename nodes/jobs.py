@@ -306,9 +306,10 @@ class JobManager:
             recorded = (spec.get("base") or {}).get("size")
             if not model or not os.path.isfile(model):
                 raise JobError(f"job {name!r} cannot be resumed: its base model file {model!r} is gone", 409)
-            if recorded is not None and os.path.getsize(model) != recorded:  # other contents: the worker's hash decides
+            size = os.path.getsize(model)
+            if recorded is not None and size != recorded:  # other contents: the worker's hash decides
                 raise JobError(f"job {name!r} cannot be resumed: its base model {spec['base'].get('name')} changed on disk "
-                               f"({recorded} bytes when the job started, {os.path.getsize(model)} now); the checkpoint "
+                               f"({recorded} bytes when the job started, {size} now); the checkpoint "
                                "belongs to the old weights. Start a new run for the new weights.", 409)
             self._restart(job, parse_devices((spec.get("gpu") or {}).get("device", "cpu")))
             return self.summary(job)

@@ -15,7 +15,7 @@ from .runner import decode, sample_latent
 from .settings import parse_setting_line
 from .student import BASE_CHECKS, load_student_model, register_students_folder, student_names, student_settings
 from .student_sampling import demo_class_accuracy, run_student, student_sampler
-from .xslim_nodes import BUSY_SPREAD, COMPARE_ROUNDS, aligned_text, interleaved_rounds, median_and_spread
+from .xslim_nodes import BUSY_SPREAD, COMPARE_ROUNDS, aligned_text, busy_labels, interleaved_rounds, median_and_spread
 
 CATEGORY = "X-Slim/1.x student"
 NEGATIVE_TOOLTIP = ("Ignored: the student was distilled with guidance built in and samples at CFG 1, so it never "
@@ -219,20 +219,19 @@ class StudentCompare(io.ComfyNode):
         accuracy = demo_class_accuracy(images, latent_image["samples"], positive)
         timed = len(times[0])
         header = ["column", "NFE per image", f"ms per image (median of {timed})", "spread", "class accuracy"]
-        labels, rows, busy = [], [], []
+        labels, rows = [], []
         for k, ((label, _, stats), timed_runs) in enumerate(zip(results, times)):
             nfe = stats.block_evals / max(1, stats.num_blocks) / batch
             seconds, spread = median_and_spread(timed_runs)
             ms = 1000 * seconds / batch
             spread_cell = f"{spread:.0%}" if spread == spread else "-"  # nan: one timed run, no spread
-            if spread == spread and spread > BUSY_SPREAD:
-                busy.append(label)
             acc = "" if accuracy is None else f"{accuracy[k][0]}/{accuracy[k][1]}"
             labels.append([label, f"NFE {nfe:.2f} per image", f"{ms:.2f} ms per image"] + ([f"class accuracy {acc}"] if acc else []))
             rows.append([label, f"{nfe:.2f}", f"{ms:.2f}", spread_cell, acc or "n/a"])
         notes = [(f"time: median of {timed} runs per column, interleaved, after one untimed warm-up run of each column; "
                   "spread = (max - min) / median") if timed > 1 else
                  "time: one run per column after one untimed warm-up run of each (a round is long): no spread measured"]
+        busy = busy_labels([label for label, _, _ in results], times)
         if busy:
             notes.append(f"The machine was busy (spread over {BUSY_SPREAD:.0%} for {', '.join(busy)}): times are noisy; "
                          "network evaluations are exact.")

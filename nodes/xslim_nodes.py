@@ -240,6 +240,11 @@ def median_and_spread(values: list[float]) -> tuple[float, float]:
     return median, ((max(kept) - min(kept)) / max(median, 1e-9) if len(kept) > 1 else float("nan"))
 
 
+def busy_labels(labels: list[str], times: list[list[float]]) -> list[str]:
+    """The runs whose repeats spread over ``BUSY_SPREAD`` of their median: the machine was busy while they ran."""
+    return [label for label, t in zip(labels, times) if len(t) > 1 and median_and_spread(t)[1] > BUSY_SPREAD]
+
+
 def timing_notes(labels: list[str], times: list[list[float]], fewer_blocks: list[float | None]) -> tuple[str, list[str]]:
     """(how the times were taken, warnings a person must see before reading the speed-up column). A warning when
     a setting was timed only once (no spread, so no way to tell a busy machine), when the spread of its repeats
@@ -250,7 +255,7 @@ def timing_notes(labels: list[str], times: list[list[float]], fewer_blocks: list
               f"{COMPARE_REPEAT_BUDGET_S:.0f} s, so it was not repeated)")
     base = median_and_spread(times[0])[0]
     once = [label for label, t in zip(labels, times) if len(t) < 2]
-    busy = [label for label, t in zip(labels, times) if len(t) > 1 and median_and_spread(t)[1] > BUSY_SPREAD]
+    busy = busy_labels(labels, times)
     slower = [label for label, t, fewer in zip(labels, times, fewer_blocks)
               if fewer is not None and fewer > 1.0 and base / max(median_and_spread(t)[0], 1e-9) < 1.0]
     warnings = []

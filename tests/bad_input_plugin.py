@@ -27,7 +27,7 @@ def pytest_runtest_makereport(item, call):
     results = item.config.stash.setdefault(_RESULTS, {})
     _, before = results.get(item.nodeid, (None, None))
     now = _phase_outcome(report)
-    if now is not None and before != "failed" and not (before == "skipped" and now == "passed"):
+    if now is not None and before != "failed":  # a skipped setup has no call phase that could pass after it
         results[item.nodeid] = (marker.args[0], now)
 
 

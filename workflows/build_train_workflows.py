@@ -9,7 +9,7 @@ The host tests check the file against a real ComfyUI's /object_info.
 
 from __future__ import annotations
 
-from build_workflows import SOCKETS, Workflow
+from build_workflows import SOCKETS, Workflow, about, write_all
 
 SOCKETS.update({
     "XSlimDistillTrain": ([("clip", "CLIP")], ["STRING"]),
@@ -30,7 +30,6 @@ def link_widget(w: Workflow, src: int, slot: int, dst: int, name: str, type_: st
 
 
 def distill_demo_cpu() -> Workflow:
-    from build_workflows import about
 
     w = Workflow("1.x-Distill: distil the demo teacher on a CPU, then sample the student next to the teacher",
                  "1.x-Distill of the shipped demo model on any CPU")
@@ -89,7 +88,6 @@ SD35_TRAIN = ["sd3.5_large.safetensors", SD35_PROMPTS, "sd35-large-1x", 2000, 1,
 def distill_sd35() -> Workflow:
     """SD3.5 Large: distil from a prompt list encoded with the checkpoint's CLIP (LoRA rank 32 on one shared
     bf16 base), then sample the student."""
-    from build_workflows import about
 
     w = Workflow("1.x-Distill: distil SD3.5 Large from a prompt list, then sample the 1.x student")
     about(w, "Distils **SD3.5 Large** into a 2-step 1.x student in the background (the queue stays free), then "
@@ -142,6 +140,5 @@ THUMBNAILS = {"xslim_distill_demo_cpu.json": (
      ("1.x student, 1.75 NFE", (SHOWN[0], 11 * GRID_ROW, SHOWN[1], 12 * GRID_ROW))])}
 
 if __name__ == "__main__":
-    from build_workflows import write_all
 
     write_all(WORKFLOWS, THUMBNAILS)

@@ -24,6 +24,7 @@ class ScheduleController:
     def __init__(self, schedule: Schedule, num_attention_layers: int):
         self.schedule = schedule
         self.num_layers = num_attention_layers
+        self.plans_token_refreshes = StepKind.TOKEN in schedule.kinds
 
     def plan(self, row: RowState, step: int) -> StepPlan:
         kind = _downgrade(self.schedule.kinds[step], row, len(row.kv) == self.num_layers)
@@ -49,6 +50,8 @@ class OnlineController:
         self.sigmas = sigmas
         self.eligible = eligible_steps(sigmas, config)
         self.num_layers = num_attention_layers
+        self.band = config.crit > config.warn  # equal lines: skip or compute fully, so nothing is recorded for refreshes
+        self.plans_token_refreshes = self.band and "token" in config.levels
 
     def error(self, row: RowState, step: int) -> float:
         """The predicted relative error of the residual a skipped step would add. Plain reuse: the rate of change
@@ -66,7 +69,7 @@ class OnlineController:
         cfg = self.config
         levels = cfg.levels
         kind = StepKind.FULL
-        band = cfg.crit > cfg.warn  # equal lines: skip or compute fully, so nothing is recorded for refreshes
+        band = self.band
         if self.eligible[step]:
             err = self.error(row, step)
             if err < cfg.warn and "step" in levels and row.skips_in_row < cfg.max_skips:
@@ -94,6 +97,8 @@ class SegmentController:
     """A 1.x-step student's plan: full steps; the step before the last records the delta of the block range
     ``segment``, the last step reuses it for those blocks and computes the rest."""
 
+    plans_token_refreshes = False
+
     def __init__(self, segment: tuple[int, int], num_steps: int):
         self.segment = segment
         self.blocks = frozenset(range(segment[0], segment[1] + 1))
@@ -107,6 +112,8 @@ class SegmentController:
 
 class FullController:
     """Computes every step; used for mode "off" and for profiling."""
+
+    plans_token_refreshes = False
 
     def __init__(self, record: bool = False):
         self.record = record

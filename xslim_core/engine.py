@@ -149,8 +149,7 @@ class _Run:
         self.visited: set = set()  # (row key, step) evaluated so far
         self.keeps_state = engine.recording or cfg.mode != "off"  # "off" only counts
         # a token refresh scatters its tokens into the last output; without one ahead, no copy of it is kept
-        self.keeps_last_out = (StepKind.TOKEN.value in self.schedule.pattern if self.schedule is not None
-                               else cfg.mode == "online" and "token" in cfg.levels and cfg.crit > cfg.warn)
+        self.keeps_last_out = self.controller.plans_token_refreshes
         self.block_inputs: dict = {}  # (module name, input shapes) -> its last output (see XSlim._block_only_input)
         self.tracks_rate = isinstance(self.controller, OnlineController)
 

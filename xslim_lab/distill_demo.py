@@ -11,7 +11,6 @@ co-trained 1.x student. Running it again skips finished runs and resumes an inte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,9 +21,8 @@ from safetensors import safe_open
 from distill_core import SHIPPED_STUDENTS
 from distill_core.config import RunConfig
 from distill_core.files import save_atomic
-from distill_core.jobfiles import RunFolderBusy, RunLock
+from distill_core.jobfiles import RunFolderBusy, RunLock, write_json
 from distill_core.runtime import STATE_FILE, STUDENT_FILE, run_training
-from xslim_core.files import atomic_path
 
 # Scaled to two CPU cores: batch 16, a few hundred iterations, learning rates raised over the SD3 recipe.
 STAGE1_ITERATIONS, COTRAIN_ITERATIONS, STAGE2_ITERATIONS, BATCH = 400, 150, 300, 16
@@ -116,8 +114,7 @@ def run_locked(cfg: RunConfig) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
     lock = RunLock(cfg.run_dir).acquire()
     try:
-        with atomic_path(os.path.join(cfg.run_dir, "config.json"), overwrite=True) as tmp, open(tmp, "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
+        write_json(os.path.join(cfg.run_dir, "config.json"), asdict(cfg))
         return run_training(cfg)
     finally:
         lock.release()
