@@ -1,7 +1,10 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
 # Each creates .venv (CPU torch pinned; ComfyUI users get torch from their host instead).
-# `make test` then runs the host tests against a real ComfyUI checkout when there is one ($COMFYUI_PATH, else
-# the fixed place /work/ComfyUI), in .venv-host (ComfyUI's requirements; torch/torchvision built for each other).
+# `make test` then runs the host tests against every real ComfyUI checkout it finds: 0.3.64 at $COMFYUI_PATH
+# (else the fixed place /work/ComfyUI) in .venv-host, and 0.28.0 at that path plus -0.28 in .venv-host-0.28,
+# the same test code on each, one line of counts per host. The slow end-to-end cases run once, on the newest
+# host present; the 0.28 host's browser tests use the newest frontend (1.58.1). `make test-quick`: the core
+# suite without its slow cases, no host (a few minutes, for daily work).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,9 +13,16 @@ HOST_VENV := .venv-host
 HOST_PY := $(HOST_VENV)/bin/python
 HOST_STAMP := $(HOST_VENV)/.installed
 COMFYUI_PATH ?= /work/ComfyUI
+COMFYUI_028 := $(COMFYUI_PATH)-0.28
+HOST_VENV_028 := .venv-host-0.28
+HOST_PY_028 := $(HOST_VENV_028)/bin/python
+HOST_STAMP_028 := $(HOST_VENV_028)/.installed
+FRONTEND_NEW := 1.58.1
+FRONTEND_DIR := .frontend-$(FRONTEND_NEW)
+FRONTEND_STAMP := $(FRONTEND_DIR)/.installed
 export COMFYUI_PATH
 
-.PHONY: demo test core-test host-test bench distill-demo distill-eval clean
+.PHONY: demo test test-quick core-test host-test bench distill-demo distill-eval clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,21 +37,49 @@ $(HOST_STAMP): requirements.txt requirements-host.txt
 	$(HOST_PY) -m pip install --quiet -r requirements-host.txt
 	touch $(HOST_STAMP)
 
+$(HOST_STAMP_028): requirements.txt requirements-host-0.28.txt
+	$(PYTHON) -m venv $(HOST_VENV_028)
+	$(HOST_PY_028) -m pip install --quiet --upgrade pip
+	$(HOST_PY_028) -m pip install --quiet -r requirements-host-0.28.txt
+	$(HOST_PY_028) -m pip install --quiet --no-deps torchaudio==2.11.1
+	touch $(HOST_STAMP_028)
+
+# the newest frontend, served by ComfyUI's --front-end-root (its files only, outside any environment)
+$(FRONTEND_STAMP):
+	$(PYTHON) -m pip install --quiet --no-deps --target $(FRONTEND_DIR) comfyui-frontend-package==$(FRONTEND_NEW)
+	touch $(FRONTEND_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m xslim_lab.demo
 
 test: core-test host-test
 
-core-test: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/host
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests --ignore=tests/host
 
+core-test: $(STAMP)
+	@start=$$(date +%s); $(PY) -m pytest -q tests --ignore=tests/host; status=$$?; \
+	echo "core tests: $$(( $$(date +%s) - start )) s"; exit $$status
+
+# Every host found runs; the suite fails if any did. The once-only end-to-end cases (marked `once`) run on the
+# 0.28 host when it is there, else on 0.3.64.
 host-test:
-	@if [ -d "$(COMFYUI_PATH)/comfy" ]; then \
-		$(MAKE) --no-print-directory $(HOST_STAMP) && $(HOST_PY) -m pytest -q -rs tests/host; \
-	else \
-		echo "No ComfyUI checkout at $(COMFYUI_PATH): the host tests skip (set COMFYUI_PATH to run them)."; \
-		$(MAKE) --no-print-directory $(STAMP) && $(PY) -m pytest -q -rs tests/host; \
-	fi
+	@status=0; found=0; \
+	if [ -d "$(COMFYUI_PATH)/comfy" ]; then found=1; \
+		once=$$([ -d "$(COMFYUI_028)/comfy" ] && echo 1 || echo 0); \
+		$(MAKE) --no-print-directory $(HOST_STAMP) && \
+		XSLIM_SKIP_ONCE=$$once bash tests/host/run_host.sh 0.3.64 "$(COMFYUI_PATH)" $(HOST_PY) || status=1; \
+	fi; \
+	if [ -d "$(COMFYUI_028)/comfy" ]; then found=1; \
+		$(MAKE) --no-print-directory $(HOST_STAMP_028) $(FRONTEND_STAMP) && \
+		XSLIM_FRONTEND_ROOT="$(CURDIR)/$(FRONTEND_DIR)/comfyui_frontend_package/static" \
+		bash tests/host/run_host.sh 0.28.0 "$(COMFYUI_028)" $(HOST_PY_028) || status=1; \
+	fi; \
+	if [ $$found = 0 ]; then \
+		echo "No ComfyUI checkout at $(COMFYUI_PATH) or $(COMFYUI_028): the host tests skip (see the README to make them)."; \
+		$(MAKE) --no-print-directory $(STAMP) && $(PY) -m pytest -q -rs tests/host || status=1; \
+	fi; \
+	exit $$status
 
 bench: $(STAMP)
 	$(PY) -m xslim_lab.bench
@@ -53,4 +91,4 @@ distill-eval: $(STAMP)
 	$(PY) -m xslim_lab.distill_evaluate --runs runs/distill
 
 clean:
-	rm -rf $(VENV) $(HOST_VENV)
+	rm -rf $(VENV) $(HOST_VENV) $(HOST_VENV_028) $(FRONTEND_DIR)

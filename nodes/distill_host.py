@@ -10,7 +10,7 @@ here loads through *Load 1.x Student* with no key mapping. The family table is `
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -101,13 +101,14 @@ class SingleStreamSpec:
 def comfy_blocks(diffusion_model) -> list:
     """Block specs of a ComfyUI diffusion model, in execution order (the family table's stacks)."""
     family = _family(diffusion_model)
+    single_layout, _ = family.layouts(diffusion_model)
     specs = []
     for stack, attr, kind in family.comfy_stacks:
         for block in getattr(diffusion_model, attr):
             if family.family == "sd3":
                 specs.append(PositionalBlockSpec(len(specs), stack, block))
             elif kind == "single_block":  # [txt; img] (or [img; txt]) in one sequence named x
-                specs.append(SingleStreamSpec(len(specs), stack, block, diffusion_model, family.single_layout))
+                specs.append(SingleStreamSpec(len(specs), stack, block, diffusion_model, single_layout))
             else:
                 specs.append(BlockSpec(len(specs), stack, block, "img", "txt", ("img", "txt"), []))
     return specs
@@ -144,6 +145,23 @@ def _out_of_place_blocks(module):
             u()
 
 
+@contextmanager
+def _comfy_training_kernels():
+    """ComfyUI's own switch to differentiable kernels, ``comfy.model_management.in_training`` (its train node sets
+    it): ComfyUI 0.28 otherwise applies RoPE with comfy-kitchen's fused op, which has no backward. Feature-detected;
+    restored after the call. The Train node's worker is a process of its own, so no sampling shares the switch."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
 def comfy_velocity(module, x: torch.Tensor, sigma, cond: Conditioning, extra: dict) -> torch.Tensor:
     family = extra["family"]
     t = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * TIME_SCALE[family]
@@ -153,7 +171,9 @@ def comfy_velocity(module, x: torch.Tensor, sigma, cond: Conditioning, extra: di
     if family == "hunyuan_video" and cond.mask is not None and not bool(cond.mask.all()):
         kwargs["attention_mask"] = cond.mask.long()
     module.__dict__["_distill_text_tokens"] = cond.context.shape[1]  # where single-stream blocks split their sequence
-    with _out_of_place_blocks(module) if torch.is_grad_enabled() else nullcontext():
+    if not torch.is_grad_enabled():
+        return module(x, t, context=cond.context, **kwargs)
+    with _out_of_place_blocks(module), _comfy_training_kernels():
         return module(x, t, context=cond.context, **kwargs)
 
 

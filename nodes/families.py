@@ -87,17 +87,22 @@ class ComfyFamily(Adapter):
     single_layout = IMG_ONLY  # image tokens in the single stream
     attention_layout = IMG_ONLY  # image tokens in the joint attention sequence
 
+    def layouts(self, diffusion_model) -> tuple[str, str]:
+        """(where the image tokens sit in the single stream, and in the joint attention sequence) of this model."""
+        return self.single_layout, self.attention_layout
+
     def specs(self, diffusion_model) -> list[DictBlockSpec]:
         specs = []
+        single, attention = self.layouts(diffusion_model)
         for stack, attr, kind in self.comfy_stacks:
-            layout = IMG_ONLY if kind == "double_block" else self.single_layout
+            layout = IMG_ONLY if kind == "double_block" else single
             for i, block in enumerate(getattr(diffusion_model, attr)):
-                specs.append(DictBlockSpec(len(specs), stack, (kind, i), layout, self.block_attention(block)))
+                specs.append(DictBlockSpec(len(specs), stack, (kind, i), layout, self.block_attention(block, attention)))
         return specs
 
-    def block_attention(self, block) -> tuple[str, ...]:
+    def block_attention(self, block, layout: str) -> tuple[str, ...]:
         """Token layout of each attention call of ``block``; none where the token level is off."""
-        return (self.attention_layout,) if self.token_level else ()
+        return (layout,) if self.token_level else ()
 
     def stack_sizes(self, diffusion_model) -> list[tuple[str, int]]:
         return [(stack, len(getattr(diffusion_model, attr))) for stack, attr, _ in self.comfy_stacks]
@@ -111,7 +116,7 @@ class ComfyFamily(Adapter):
         if id(pe) not in memo:
             n_txt = pe.shape[2] - n_img
             txt = torch.arange(n_txt, device=idx.device).expand(idx.shape[0], -1)
-            rows = torch.cat([txt, idx + n_txt], 1) if self.attention_layout == TXT_FIRST else torch.cat([idx, txt + n_img], 1)
+            rows = torch.cat([txt, idx + n_txt], 1) if block.spec.attention[0] == TXT_FIRST else torch.cat([idx, txt + n_img], 1)
             table = pe.expand(idx.shape[0], *pe.shape[1:]) if pe.shape[0] != idx.shape[0] else pe
             index = rows.to(pe.device).view(rows.shape[0], 1, -1, *([1] * (pe.ndim - 3))).expand(-1, pe.shape[1], -1, *pe.shape[3:])
             memo[id(pe)] = (pe, table.gather(2, index))  # pe kept alive: its id stays unique
@@ -129,7 +134,14 @@ class ComfyHunyuanVideo(ComfyFamily):
     family, display_name = "hunyuan_video", "HunyuanVideo"
     model_classes = ("HunyuanVideo",)
     comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
-    single_layout = attention_layout = IMG_FIRST  # sequences are cat(img, txt)
+
+    def layouts(self, diffusion_model) -> tuple[str, str]:
+        # ComfyUI 0.3.x builds HunyuanVideo's double blocks with ``flipped_img_txt=True`` and orders every sequence
+        # cat(img, txt); ComfyUI 0.28 dropped the flag and orders them cat(txt, img), as FLUX. Read off the block
+        # itself: a fixed order silently mixed text rows into the refreshed image tokens on the newer host.
+        blocks = getattr(diffusion_model, "double_blocks", ())
+        layout = IMG_FIRST if len(blocks) and getattr(blocks[0], "flipped_img_txt", False) else TXT_FIRST
+        return layout, layout
 
 
 class ComfySD3(ComfyFamily):
@@ -138,7 +150,7 @@ class ComfySD3(ComfyFamily):
     comfy_stacks = (("joint", "joint_blocks", "double_block"),)
     attention_layout = TXT_FIRST  # joint attention over cat(context, x)
 
-    def block_attention(self, block) -> tuple[str, ...]:
+    def block_attention(self, block, layout: str) -> tuple[str, ...]:
         extra = getattr(block.x_block, "x_block_self_attn", False)  # SD3.5: a second, image-only attention
         return (TXT_FIRST, IMG_ONLY) if extra else (TXT_FIRST,)
 

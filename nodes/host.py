@@ -21,6 +21,7 @@ import torch
 from ..xslim_core import Profile, StepKind, XSlimConfig, XSlimEngine, check_profile
 from ..xslim_core.adapters.base import merge_rows, take_rows
 from ..xslim_core.state import RunStats
+from ..xslim_core.tokens import IMG_FIRST, TXT_FIRST
 from .families import ComfyFamily, family_for, supported_families
 
 KEY = "xslim"  # wrapper key and transformer_options entry of the settings
@@ -161,9 +162,11 @@ def block_patch(spec, previous):
         def run_block(a):
             return previous(a, extra) if previous is not None else extra["original_block"](a)
 
-        engine = (args.get("transformer_options") or {}).get(RUN)
+        options = args.get("transformer_options") or {}
+        engine = options.get(RUN)
         if engine is None:
             return run_block(args)
+        check_image_slice(spec, options.get("img_slice"))
         ctx = engine.current_call
         if ctx is not None and (ctx.plan.kind is StepKind.TOKEN or ctx.plan.capture_kv):
             ctx.pending = [((spec.index, j), layout) for j, layout in enumerate(spec.attention)]
@@ -171,6 +174,18 @@ def block_patch(spec, previous):
 
     patch.xslim_block = spec.patch
     return patch
+
+
+def check_image_slice(spec, image_slice) -> None:
+    """Where the host says the image tokens are (``transformer_options["img_slice"]``, set by newer ComfyUI for
+    single-stream blocks) must agree with the layout read off the model: a disagreement would refresh text rows
+    as image tokens, so the run stops with the cause instead of drawing a wrong picture."""
+    if image_slice is None or spec.layout not in (IMG_FIRST, TXT_FIRST):
+        return
+    if (image_slice[0] == 0) != (spec.layout == IMG_FIRST):
+        raise XSlimSetupError(f"X-Slim: this ComfyUI puts the image tokens of block {spec.patch} at {list(image_slice)}, "
+                              f"but X-Slim read the order {spec.layout!r} off the model. This ComfyUI version changed the "
+                              "model's token order: update comfyui-xslim, or bypass the X-Slim node for this model.")
 
 
 ATTENTION_ARGS = ("heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")

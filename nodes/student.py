@@ -136,6 +136,21 @@ def comfy_layout(header: StudentHeader) -> dict[str, tuple[tuple[str, ...], bool
     )
 
 
+def host_key_names(model_patcher, names) -> dict[str, str]:
+    """File key name -> the name this ComfyUI gives it, by the model config's own file conversion
+    (``process_unet_state_dict``): ComfyUI 0.28 renames RMSNorm ``scale`` to ``weight`` when it loads a file, so a
+    student written with the older names (the shipped ones) follows whatever the host does to the base's file."""
+    convert = getattr(getattr(model_patcher.model, "model_config", None), "process_unet_state_dict", None)
+    if convert is None:
+        return {n: n for n in names}
+    try:  # the names ride as values: a conversion that only renames (every DiT family's) maps them through
+        converted = convert({n: n for n in names})
+    except (TypeError, AttributeError):  # a conversion that computes on tensors: names taken as they are
+        return {n: n for n in names}
+    renamed = {original: new for new, original in converted.items() if isinstance(original, str)}
+    return {n: renamed.get(n, n) for n in names}
+
+
 def check_against_base(header: StudentHeader, model_patcher, base_check: str) -> tuple[dict, dict]:
     """Refuse a student that does not fit this base model, naming both; returns (layout, base weights)."""
     where = f"1.x student {os.path.basename(header.path)}"
@@ -159,7 +174,9 @@ def check_against_base(header: StudentHeader, model_patcher, base_check: str) ->
     if header.cache is not None and isinstance(width, int) and comp_width not in (None, width):
         raise XSlimSetupError(f"{where}: its compensation module is {comp_width} wide, this model's blocks are {width} wide.")
     base = base_weights(model_patcher)
-    layout = comfy_layout(header)
+    file_layout = comfy_layout(header)
+    names = host_key_names(model_patcher, list(file_layout))
+    layout = {names[k]: v for k, v in file_layout.items()}
     wanted = {p for parts, _ in layout.values() for p in parts}
     missing = sorted(wanted - set(header.shapes))
     unexpected = sorted({k for k in header.shapes if k.startswith("model.")} - wanted)
@@ -174,8 +191,9 @@ def check_against_base(header: StudentHeader, model_patcher, base_check: str) ->
         shape = (sum(header.shapes[p][0] for p in parts), *header.shapes[parts[0]][1:])
         if shape != tuple(base[key].shape):
             raise XSlimSetupError(f"{where}: tensor {key} is {list(shape)} in the student, {list(base[key].shape)} in this model: another architecture.")
-    if base_check == BASE_CHECKS[0]:
-        check_identity(where, header, base)
+    if base_check == BASE_CHECKS[0]:  # the signature was taken under the file's names
+        file_names = {host: file for file, host in names.items()}
+        check_identity(where, header, {file_names.get(k, k): t for k, t in base.items()})
     return layout, base
 
 

@@ -95,6 +95,7 @@ def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
 SHIPPED = teacher.default_weights_path()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="the demo teacher weights are not built yet")
 def test_shipped_teacher_draws_recognisable_classes():
     from xslim_lab.demo_model.classifier import load_classifier

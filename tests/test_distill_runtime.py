@@ -116,6 +116,7 @@ def _write_config(path, cfg: RunConfig):
     return str(path)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_from_the_last_checkpoint(teacher_path, tmp_path):
     run_dir = tmp_path / "run"
     config = _write_config(tmp_path / "run.json", _config(run_dir, teacher_path, iterations=500, checkpoint_every=3))
@@ -150,6 +151,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_writes_the_same_kind_of_checkpoint(teacher_path, tmp_path):
     run_dir = tmp_path / "ddp"
     config = _write_config(tmp_path / "ddp.json", _config(run_dir, teacher_path, iterations=2))

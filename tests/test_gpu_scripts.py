@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_the_trainer_benchmark_runs_the_real_trainer_in_its_tiny_mode(tmp_path):
     out = tmp_path / "figures.json"
     done = subprocess.run([sys.executable, "scripts/gpu_trainer_bench.py", "--tiny", "--rank", "4", "--out", str(out)],

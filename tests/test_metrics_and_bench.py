@@ -51,6 +51,7 @@ def test_distribution_metrics_separate_real_images_from_noise():
     assert noise["recall"] < 0.05  # noise collapses to one corner of feature space
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(default_weights_path()), reason="the demo teacher weights are not built yet")
 def test_benchmark_runs_end_to_end_and_writes_its_tables_plot_and_grid(tmp_path):
     import json

@@ -21,6 +21,8 @@ SCRIPTS = HERE / "parallel_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import two_roles  # noqa: E402
 
+pytestmark = pytest.mark.slow  # processes, torchrun or whole training runs: left out of `make test-quick`
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -2,10 +2,10 @@
 layout that follows the data flow, titled groups, notes, model metadata for the missing-models dialog and the
 Templates-browser thumbnail. ``build_workflows.py`` (and any other generator) imports this module.
 
-Node sizes come from a real frontend: ``layout/node_sizes.json`` holds each node type's size as ComfyUI's
-frontend creates it (``LiteGraph.createNode(type).size``), measured in headless Chromium by
+Node sizes come from real frontends: ``layout/node_sizes.json`` holds each node type's size as each tested
+ComfyUI frontend creates it (``LiteGraph.createNode(type).size``), measured in headless Chromium by
 ``tests/host/test_browser_workflows.py``, which fails when the file and the frontend differ by more than a few
-pixels and rewrites the file with ``XSLIM_WRITE_NODE_SIZES=1``. A type missing from the file is an error here,
+pixels and rewrites that frontend's entry with ``XSLIM_WRITE_NODE_SIZES=1``; the layout takes the larger size. A type missing from the file is an error here,
 not a guess: a guessed size is how nodes came to overlap after a run.
 """
 
@@ -18,7 +18,11 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "layout", "node_sizes.json")) as _f:
-    MEASURED_SIZES = json.load(_f)
+    SIZES_PER_FRONTEND = json.load(_f)  # {frontend version: {node type: [w, h]}}
+# the layout must hold on every tested frontend: each type at the largest size any of them gives it, and only
+# types measured on all of them (one measured on a single frontend could overlap on another)
+MEASURED_SIZES = {t: [max(s[t][0] for s in SIZES_PER_FRONTEND.values()), max(s[t][1] for s in SIZES_PER_FRONTEND.values())]
+                  for t in set.intersection(*(set(s) for s in SIZES_PER_FRONTEND.values()))}
 
 # One namespace for the pack: the same title gives the same id on every machine, so a re-generated workflow
 # stays "the same workflow" for the frontend (which keys open tabs and its zod schema check on a UUID).
@@ -72,7 +76,7 @@ class UnmeasuredNodeType(KeyError):
 def node_size(type_: str, text: str | None = None) -> list[int]:
     if type_ not in MEASURED_SIZES:
         raise UnmeasuredNodeType(
-            f"{type_} has no measured size in workflows/layout/node_sizes.json. Measure it in the real frontend: "
+            f"{type_} has no measured size on every frontend in workflows/layout/node_sizes.json. Measure it in each: "
             f"XSLIM_WRITE_NODE_SIZES=1 XSLIM_MEASURE_TYPES={type_} .venv-host/bin/python -m pytest -q "
             "tests/host/test_browser_workflows.py -k node_sizes")
     w, h = MEASURED_SIZES[type_]

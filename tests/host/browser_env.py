@@ -10,6 +10,10 @@ downloaded. Without either, ``SKIP_MARKS`` skips the module saying what to insta
 ``open_comfy`` records every alert/confirm/prompt and page error on ``page.xslim_dialogs`` / ``page.xslim_errors``
 (an alert is dismissed, so a test can go on and report all of them at the end), and answers every request for
 another host itself (refused, as offline), recording it on ``page.xslim_external``.
+
+The tests run on more than one frontend (1.27.10, bundled with ComfyUI 0.3.64; 1.58.1, the newest): they find
+the pack's UI by what the pack sets (ids, data attributes, its own text), the frontend's by roles and the text a
+person reads, never by the frontend's CSS classes, which change between releases.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -95,3 +100,45 @@ def open_comfy(browser, url: str, width: int = 1600, height: int = 1000):
                            " && Object.keys(LiteGraph.registered_node_types).length > 100", timeout=120_000)
     page.keyboard.press("Escape")  # any first-visit dialog the settings did not prevent
     return page
+
+
+def frontend_version(page) -> str:
+    return page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+
+
+# what the frontend shows over the canvas: dialogs and notifications, by their ARIA roles
+VISIBLE_DIALOGS = """() => [...document.querySelectorAll('[role=dialog], [role=alertdialog]')]
+    .filter(d => d.offsetParent !== null && d.innerText.trim()).map(d => d.innerText)"""
+VISIBLE_ALERTS = """() => [...document.querySelectorAll('[role=alert]')]
+    .filter(t => t.offsetParent !== null && t.innerText.trim()).map(t => t.innerText)"""
+# the section of a side panel that lists missing models (newer frontends list them there, not in a dialog)
+MISSING_MODELS_SECTION = """() => {
+    const heading = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 && e.offsetParent !== null
+        && /^missing models$/i.test(e.textContent.trim()));
+    const box = heading && (heading.closest('section') || heading.parentElement.parentElement);
+    return box ? box.innerText : null;
+}"""
+
+
+def missing_models_text(page) -> str:
+    """The text a person reads about the missing model files of the loaded workflow: frontend 1.27 opens a dialog;
+    newer ones show a notice whose "View details" opens the list in a side panel."""
+    dialogs = "\n".join(page.evaluate(VISIBLE_DIALOGS))
+    if re.search(r"missing", dialogs, re.I):
+        return dialogs
+    listed = page.evaluate(MISSING_MODELS_SECTION)  # the panel is open already (it follows the loaded workflow)
+    if listed:
+        return listed
+    details = page.get_by_role("button", name=re.compile(r"^\s*view details\s*$", re.I))
+    if details.count():
+        details.first.click()
+        page.wait_for_function(MISSING_MODELS_SECTION, timeout=10_000)
+        return page.evaluate(MISSING_MODELS_SECTION)
+    return dialogs
+
+
+def open_sidebar_tab(page, title: str, timeout: float = 90_000):
+    """Click the sidebar tab the pack registered with this title (its accessible name or its text)."""
+    button = page.get_by_role("button", name=re.compile(re.escape(title)))
+    button.first.wait_for(timeout=timeout)
+    button.first.click()

@@ -45,42 +45,69 @@ def load_pack():
     return module
 
 
-TINY = {
-    "flux": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
-                          mlp_ratio=2.0, num_heads=4, depth=2, depth_single_blocks=3, axes_dim=[4, 6, 6], theta=10000,
-                          patch_size=2, qkv_bias=True, guidance_embed=True)),
-    "sd3": ("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=4, adm_in_channels=64,
-                        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}},
-                        num_patches=1024, pos_embed_max_size=32, pos_embed_scaling_factor=None, qk_norm="rms",
-                        x_block_self_attn_layers=[], input_size=None)),
-    "wan": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=256, text_dim=64,
-                              num_heads=2, num_layers=4, in_dim=16, out_dim=16)),
-    "qwen_image": ("QwenImage", dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=4,
-                                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
-                                     axes_dims_rope=[8, 12, 12])),
-    "hunyuan_video": ("HunyuanVideo", dict(image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2],
-                                           vec_in_dim=768, context_in_dim=64, hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=2,
-                                           depth_single_blocks=3, axes_dim=[16, 56, 56], theta=256, qkv_bias=True,
-                                           guidance_embed=False, byt5=False, meanflow=False)),
+# Each family's model is built the way ComfyUI builds it from a file: its own detection reads a seed state dict
+# (only the tensors detection looks at; their shapes set the width and depth), so every constructor argument of
+# the host's version (FLUX's ``txt_ids_dims``, HunyuanVideo 1.5's ``vision_in_dim`` ...) comes from the host
+# itself. SHRINK then overrides the few sizes some detections fix at full scale (0.3.64's FLUX is always
+# 3072 wide; Qwen-Image's width is a constructor default): stable size arguments, never version-specific ones.
+def _blocks(prefix: str, count: int, suffix: str, shape: tuple) -> dict:
+    return {f"{prefix}.{i}.{suffix}": shape for i in range(count)}
+
+
+SEEDS = {
+    "flux": {"img_in.weight": (128, 64), "txt_in.weight": (128, 64), "vector_in.in_layer.weight": (128, 32),
+             "guidance_in.in_layer.weight": (128, 256), "final_layer.linear.weight": (64, 128),
+             **_blocks("double_blocks", 2, "img_attn.norm.key_norm.scale", (128,)),
+             **_blocks("single_blocks", 3, "norm.key_norm.scale", (128,))},
+    "sd3": {"x_embedder.proj.weight": (256, 16, 2, 2), "final_layer.linear.weight": (64, 256),
+            "y_embedder.mlp.0.weight": (256, 64), "context_embedder.weight": (256, 64), "pos_embed": (1, 1024, 256),
+            **_blocks("joint_blocks", 4, "context_block.attn.qkv.weight", (768, 256)),
+            "joint_blocks.0.context_block.attn.ln_q.weight": (64,)},
+    "wan": {"head.modulation": (1, 2, 128), "head.head.weight": (64, 128), "patch_embedding.weight": (128, 16, 1, 2, 2),
+            **_blocks("blocks", 4, "ffn.0.weight", (256, 128))},
+    "qwen_image": {"txt_norm.weight": (64,), "img_in.weight": (64, 64), **_blocks("transformer_blocks", 4, "img_mod.1.weight", (384, 64))},
+    "hunyuan_video": {"img_in.proj.weight": (128, 16, 1, 2, 2), "final_layer.linear.weight": (64, 128),
+                      "vector_in.in_layer.weight": (128, 768), "txt_in.input_embedder.weight": (128, 64),
+                      "txt_in.individual_token_refiner.blocks.0.norm1.weight": (128,),
+                      **_blocks("double_blocks", 2, "img_attn.qkv.weight", (384, 128)),
+                      **_blocks("single_blocks", 3, "linear2.weight", (128, 640))},
+    "lumina2": {"cap_embedder.1.weight": (64, 64), "noise_refiner.0.attention.k_norm.weight": (32,),
+                **_blocks("layers", 2, "attention.qkv.weight", (192, 64))},
+}
+SHRINK = {
+    "flux": dict(hidden_size=128, num_heads=1, context_in_dim=64),
+    "sd3": {},
+    "wan": dict(text_dim=64),
+    "qwen_image": dict(patch_size=2, out_channels=16, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                       axes_dims_rope=[8, 12, 12]),
+    "hunyuan_video": {},
+    "lumina2": dict(dim=64, n_heads=2, n_kv_heads=2, multiple_of=16, cap_feat_dim=64, n_refiner_layers=1, axes_dims=[8, 12, 12],
+                    axes_lens=[1, 64, 64]),
 }
 POOLED = {"flux": 32, "sd3": 64, "hunyuan_video": 768, "wan": 0, "qwen_image": 0}
 VIDEO = ("hunyuan_video", "wan", "qwen_image")  # 5-D latents [B, C, T, H, W]
 
 
-def native_model(config_class: str, unet_config: dict):
-    """A ModelPatcher around the model that ComfyUI's ``supported_models.<config_class>`` builds, in fp32."""
+def native_model(family: str):
+    """A ModelPatcher around ComfyUI's own model for ``family``, detected from its seed, tiny, in fp32 (weights
+    not yet set: ``tiny_model`` fills them)."""
+    import comfy.model_detection as detection
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.supported_models as sm
 
-    cfg = getattr(sm, config_class)(dict(unet_config))
+    seed = {k: torch.zeros(shape) for k, shape in SEEDS[family].items()}
+    unet_config = detection.detect_unet_config(seed, "")
+    if unet_config is None:
+        raise RuntimeError(f"ComfyUI at {COMFY} does not detect the {family} seed state dict: its detection changed")
+    unet_config.update(SHRINK[family])
+    cfg = detection.model_config_from_unet_config(unet_config, seed)
     cfg.set_inference_dtype(torch.float32, None)
     return comfy.model_patcher.ModelPatcher(cfg.get_model({}), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def tiny_model(family: str, seed: int = 0):
     """ComfyUI's own model class for ``family``, tiny, with random weights (buffers too)."""
-    patcher = native_model(*TINY[family])
+    patcher = native_model(family)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, t in patcher.model.diffusion_model.state_dict().items():
@@ -119,9 +146,7 @@ def sample(model, family: str, *, steps=12, cfg=2.0, batch=1, side=16, seed=0, s
 
 def tiny_lumina2():
     """A model family X-Slim does not cover (ComfyUI's own Lumina 2 class), for the error path."""
-    return native_model("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2,
-                                        n_refiner_layers=1, n_heads=2, n_kv_heads=2, multiple_of=16, cap_feat_dim=64,
-                                        axes_dims=[8, 12, 12], axes_lens=[1, 64, 64]))
+    return native_model("lumina2")
 
 
 def counting(model):

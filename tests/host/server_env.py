@@ -28,6 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def frontend_args() -> list[str]:
+    """The frontend to serve: $XSLIM_FRONTEND_ROOT (another frontend package's static folder, through ComfyUI's
+    own --front-end-root; `make test` sets it to the newest frontend on the 0.28 host), else the host's own."""
+    root = os.environ.get("XSLIM_FRONTEND_ROOT")
+    if not root:
+        return []
+    if not os.path.isfile(os.path.join(root, "index.html")):
+        pytest.fail(f"XSLIM_FRONTEND_ROOT={root} holds no frontend (no index.html): `make test` installs it")
+    return ["--front-end-root", root]
+
+
 def make_base(base) -> str:
     """The folder layout one server (or a server and its restart) runs on."""
     for sub in ("custom_nodes", "output", "input", "user", "temp", "models/diffusion_models", "models/students"):
@@ -55,7 +66,7 @@ class Server:
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
              "--extra-model-paths-config", os.path.join(base, "paths.yaml"), "--output-directory", os.path.join(base, "output"),
              "--input-directory", os.path.join(base, "input"), "--user-directory", os.path.join(base, "user"),
-             "--temp-directory", os.path.join(base, "temp")],
+             "--temp-directory", os.path.join(base, "temp"), *frontend_args()],
             cwd=ce.COMFY, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
         self.url = f"http://127.0.0.1:{port}"
@@ -106,15 +117,33 @@ class Server:
         assert status == 200, answer
         return answer["prompt_id"]
 
+    def in_queue(self, prompt_id: str) -> bool:
+        """Whether ComfyUI still holds the prompt: running, or pending behind others."""
+        queue = self.get("/queue")
+        return any(item[1] == prompt_id for item in queue.get("queue_running", []) + queue.get("queue_pending", []))
+
+    def assert_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"ComfyUI exited ({self.proc.returncode}):\n" + open(self.log_path).read()[-3000:])
+
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        """The prompt's history entry once it ends. The wait follows the server, not a clock: it goes on while
+        ComfyUI is alive and holds the prompt (a busy machine only makes it longer); ``timeout`` counts only the
+        time the prompt is neither in the queue nor in the history (lost)."""
+        lost_since = None
+        while True:
             history = self.get(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
                 if history[prompt_id]["status"]["status_str"] in ("success", "error"):
                     return history[prompt_id]
+            self.assert_alive()
+            if self.in_queue(prompt_id):
+                lost_since = None
+            elif prompt_id not in history:
+                lost_since = lost_since or time.time()
+                if time.time() - lost_since > timeout:
+                    raise TimeoutError(f"prompt {prompt_id} is neither queued nor in the history ({timeout} s)")
             time.sleep(0.25)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
     def run(self, prompt: dict, timeout: float = 600) -> dict:
         return self.wait(self.queue(prompt), timeout)

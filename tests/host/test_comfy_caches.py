@@ -92,6 +92,7 @@ def measure(model, steps, blocks, images, cache=lambda m: m):
     return latents, counter["rows"] / (2 * images * blocks)  # CFG: two rows per image and step
 
 
+@pytest.mark.once  # a benchmark (four minutes): the counting it checks is host-specific and tested on every host below
 def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, user_dir, caplog):
     import comfy.samplers
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode

@@ -68,6 +68,10 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
                 assert name in spec["input_order"].get("optional", []), f"{node['type']}.{name} needs a link"
                 continue
+            if not values and name in spec["input_order"].get("optional", []):
+                # an optional widget newer than the workflow (0.28's CreateVideo.bit_depth): the frontend gives it
+                # its default, and so does the prompt (left out)
+                continue
             assert values, f"{node['type']}: no widget value left for {name}"
             inputs[name] = values.pop(0)
             _check_widget(node["type"], name, kind, conf, inputs[name])

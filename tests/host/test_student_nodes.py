@@ -196,7 +196,11 @@ def test_xslim_cache_on_a_student_and_a_student_on_a_cached_model_are_refused(de
         load(cached, "student_1x_175.safetensors")
 
 
-def test_student_compare_puts_teacher_xslim_and_student_in_one_grid(demo_teacher):
+def test_student_compare_puts_teacher_xslim_and_student_in_one_grid(demo_teacher, monkeypatch):
+    from comfyui_xslim.nodes import xslim_nodes
+
+    # three rounds whatever the machine's speed (a busy machine's round outlasts the repeat budget: one round)
+    monkeypatch.setattr(xslim_nodes, "COMPARE_REPEAT_BUDGET_S", float("inf"))
     sn = nodes()[0]
     student = load(demo_teacher, "student_1x_175.safetensors")
     latent = {"samples": torch.zeros(4, *DEMO_SHAPE)}
@@ -385,3 +389,33 @@ def test_bad_student_files_are_refused_before_anything_large_is_built(demo_teach
     start = time.perf_counter()
     refused(demo_teacher, "huge.safetensors", "at most 1000 blocks")
     assert time.perf_counter() - start < 1.0
+
+
+# -- weights that move between runs ----------------------------------------------------------------------------
+def test_student_and_cache_give_the_same_latents_after_comfyui_unloads_and_reloads_the_model(demo_teacher):
+    """ComfyUI unloads a model when another needs the memory (its weight patches undone, the weights back on the
+    offload device) and loads and patches it again at the next run. On this CPU host that is
+    ``unload_all_models`` between two runs; dynamic VRAM, which streams weights within a run, needs a GPU
+    (docs/COMFYUI_COMPAT.md: read, not run). The student's weight patches and X-Slim's run state must come back
+    the same: equal latents, and the base model's own weights unchanged in between."""
+    import comfy.model_management as mm
+
+    sn, xn = nodes()
+    student = load(demo_teacher, "student_1x_175.safetensors")
+    cached = xn.XSlimCache.execute(demo_teacher, "fast", "demo_teacher", 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model",
+                                   "same as model").args[0]
+    latent = {"samples": torch.zeros(2, *DEMO_SHAPE)}
+
+    def runs():
+        from comfyui_xslim.nodes.runner import sample_latent
+
+        return (ksample(student, demo_class(3)),
+                sample_latent(cached, latent, 5, 12, 2.0, "euler", "simple", demo_class(3), demo_class(10)))
+
+    base_before = {k: v.clone() for k, v in demo_teacher.model.diffusion_model.state_dict().items()}
+    first = runs()
+    mm.unload_all_models()
+    assert all(torch.equal(v, base_before[k]) for k, v in demo_teacher.model.diffusion_model.state_dict().items())
+    second = runs()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
