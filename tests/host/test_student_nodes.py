@@ -412,6 +412,7 @@ def test_student_and_cache_give_the_same_latents_after_comfyui_unloads_and_reloa
         return (ksample(student, demo_class(3)),
                 sample_latent(cached, latent, 5, 12, 2.0, "euler", "simple", demo_class(3), demo_class(10)))
 
+    mm.unload_all_models()  # earlier tests may have left this module-scoped model loaded with their patches
     base_before = {k: v.clone() for k, v in demo_teacher.model.diffusion_model.state_dict().items()}
     first = runs()
     mm.unload_all_models()
