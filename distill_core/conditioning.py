@@ -117,7 +117,7 @@ class PromptSet:
         def part(prefix):
             return Conditioning(tensors[f"{prefix}.context"], tensors.get(f"{prefix}.pooled"), tensors.get(f"{prefix}.mask"))
 
-        return cls(json.loads(meta.get("prompts", "[]")), part("cond"), part("uncond"), meta.get("kind", "text"))
+        return cls(_prompt_list(path, meta.get("prompts", "[]")), part("cond"), part("uncond"), meta.get("kind", "text"))
 
     def check_model(self, context_dim: int | None, pooled_dim: int | None, what: str) -> None:
         """Refuse a prompt set encoded for another text encoder before anything trains."""
@@ -129,6 +129,20 @@ class PromptSet:
         if pooled_dim is not None and got_pool != pooled_dim:
             raise ValueError(f"the prompt set's pooled vectors are {got_pool} wide but {what} takes {pooled_dim}: "
                              "encode the prompt list again for this model.")
+
+
+def _prompt_list(path: str, raw: str) -> list[str]:
+    """The ``prompts`` metadata of a prompt-set file: a JSON list of strings, else refused naming the file (a
+    string would be taken as one prompt per character, a list of numbers as prompts)."""
+    try:
+        prompts = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError(f"{path}: its 'prompts' metadata is not JSON ({raw[:60]!r}); the file is damaged. Encode the "
+                         "prompt list again.") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{path}: its 'prompts' metadata must be a list of prompt texts, got {type(prompts).__name__} "
+                         f"{raw[:60]!r}; the file is damaged. Encode the prompt list again.")
+    return prompts
 
 
 def read_prompt_file(path: str) -> list[str]:

@@ -55,14 +55,51 @@ def write_json(path: str, data: dict) -> None:
             os.unlink(tmp)
 
 
+JSON_LIMIT = 1 << 20  # bytes: run-folder JSON files are small; a larger one is damaged, not read
+METRICS_CHUNK = 8 << 20  # bytes of metrics.jsonl read per call (the rest on the next)
+
+
 def read_json(path: str) -> dict | None:
-    """None for a missing or unreadable file (a watcher must never crash on a worker's files)."""
+    """None for a missing, unreadable, oversized or malformed file (a watcher must never crash on a worker's
+    files): too deep (RecursionError), not an object, or larger than JSON_LIMIT."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(JSON_LIMIT + 1)
+        if len(raw) > JSON_LIMIT:
+            return None
+        data = json.loads(raw)
         return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (a NaN loss, an infinite ETA) as None, so that what a route sends
+    is JSON a browser can parse (Python's json writes NaN, which JSON does not have)."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(value) -> str:
+    """The one serializer of the jobs routes: never emits NaN or Infinity."""
+    return json.dumps(json_safe(value), allow_nan=False)
+
+
+def stale_temporaries(run_dir: str) -> list[str]:
+    """Temporary checkpoint files a killed worker left (``.state.safetensors.*.tmp``, gigabytes on real models).
+    Only the lock holder writes those, so the worker that opens the folder removes them."""
+    prefixes = tuple(f".{name}." for name in (STATE, STUDENT))
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return []
+    return [os.path.join(run_dir, n) for n in names if n.startswith(prefixes) and n.endswith(".tmp")
+            and os.path.isfile(os.path.join(run_dir, n)) and not os.path.islink(os.path.join(run_dir, n))]
 
 
 def safetensors_entries(path: str, limit: int = 64 << 20) -> tuple[dict, dict]:
@@ -121,7 +158,10 @@ class RunLock:
             handle.close()
             raise RunFolderBusy(f"the run folder {os.path.dirname(self.path)} is in use by another worker") from None
         self.handle = handle
-        _HELD.add(os.path.realpath(os.path.dirname(self.path)))
+        run_dir = os.path.dirname(self.path)
+        _HELD.add(os.path.realpath(run_dir))
+        for stale in stale_temporaries(run_dir):  # the folder is ours now: no other writer of these is alive
+            os.unlink(stale)
         return self
 
     def release(self) -> None:
@@ -303,16 +343,20 @@ def read_metrics(path: str, offset: int = 0) -> tuple[list[dict], int]:
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            data = f.read(METRICS_CHUNK)
     except OSError:
         return [], offset
     end = data.rfind(b"\n") + 1
+    if end == 0 and len(data) == METRICS_CHUNK:  # one line longer than a chunk: damaged, skipped
+        return [], offset + len(data)
     records = []
     for line in data[:end].splitlines():
         try:
-            records.append(json.loads(line))
-        except ValueError:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(record, dict) and isinstance(record.get("iteration", 0), int):
+            records.append(record)
     return records, offset + end
 
 
@@ -331,10 +375,29 @@ def tail(path: str, lines: int = 30, max_bytes: int = 16384) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+PREVIEW_LIMIT = 32 << 20  # bytes: a preview grid is a few hundred kB
+
+
 def latest_preview(run_dir: str) -> str | None:
+    """The preview of the highest iteration: a regular file named ``<iteration>.png`` directly in the previews
+    folder (numbers compared as numbers: 100000.png comes after 99999.png). Links and anything else placed
+    there are ignored, so no other file of the machine can be served as a preview."""
     folder = os.path.join(run_dir, PREVIEWS)
     try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+        entries = list(os.scandir(folder))
     except OSError:
         return None
-    return os.path.join(folder, names[-1]) if names else None
+    found = [(int(e.name[:-4]), e.path) for e in entries
+             if e.name.endswith(".png") and e.name[:-4].isdigit() and e.is_file(follow_symlinks=False)]
+    return max(found)[1] if found else None
+
+
+def read_preview(path: str) -> bytes:
+    """A preview's bytes, refusing a link swapped in after ``latest_preview`` looked (O_NOFOLLOW) and any file
+    larger than PREVIEW_LIMIT."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(PREVIEW_LIMIT + 1)
+    if len(data) > PREVIEW_LIMIT:
+        raise ValueError(f"preview {path} is larger than {PREVIEW_LIMIT >> 20} MiB")
+    return data

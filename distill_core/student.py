@@ -9,6 +9,7 @@ be sampled from class labels.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from .cache import CacheRange, Compensation, effective_nfe, recording, replaying
 from .conditioning import Conditioning
 from .flow import euler
 from .models import FlowModel
-from .student_file import FORMAT, MAX_BLOCKS, StudentHeader, file_hash, file_signature, json_field, open_student, read_header, save_student_file  # noqa: F401 (re-exported)
+from .student_file import FORMAT, MAX_BLOCKS, StudentHeader, file_hash, file_signature, MAX_SIDE, json_field, latent_shape, open_student, read_header, save_student_file  # noqa: F401 (re-exported)
 
 try:
     from ..xslim_core.adapters import adapter_for
@@ -165,6 +166,24 @@ def _check_shapes(path: str, skeleton: torch.nn.Module, shapes: dict) -> None:
                          f"({len(wrong)} tensor(s) differ); the file is damaged or crafted.")
 
 
+def call_extra(path: str, meta: dict) -> dict:
+    """The model-call options a student file carries (``call_extra``): a JSON object whose known fields are
+    checked like a config - ``guidance`` a finite number, ``grid`` two whole numbers from 1 to MAX_SIDE - so a
+    damaged field is named here rather than failing inside the model."""
+    extra = json_field(path, meta, "call_extra") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: its call_extra must be a JSON object, got {str(extra)[:60]!r}; the file is damaged.")
+    guidance = extra.get("guidance", 0.0)
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise ValueError(f"{path}: call_extra.guidance must be a finite number, got {str(guidance)[:40]!r}; the file is damaged.")
+    grid = extra.get("grid", [1, 1])
+    if (not isinstance(grid, list) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in grid)):
+        raise ValueError(f"{path}: call_extra.grid must be two whole numbers from 1 to {MAX_SIDE} (the token grid), got "
+                         f"{str(grid)[:40]!r}; the file is damaged.")
+    return extra
+
+
 def load_student(path: str, base_hash: str | None = None, base_family: str | None = None) -> Student:
     """Load and validate a student file; pass the host's base model hash/family to refuse a foreign student."""
     header = read_header(path)
@@ -182,11 +201,14 @@ def load_student(path: str, base_hash: str | None = None, base_family: str | Non
     check_architecture(path, architecture, header.shapes)  # from the header alone, before anything is built
     model = build_architecture(path, architecture, header.shapes)  # names and shapes checked against the header
     tensors, _ = _read(path)
+    not_finite = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if not_finite is not None:  # it would sample NaN without a word
+        raise ValueError(f"{path}: tensor {not_finite} holds NaN or infinite values; the file is damaged. Export the student again.")
     groups = {p: {k[len(p) + 1 :]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("model", "cond", "comp")}
     model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
     model.eval().requires_grad_(False)
-    latent_shape = json_field(path, meta, "latent_shape") or [16, 1, 8, 8]  # the demo's, for files written before
-    flow = FlowModel(model, tuple(latent_shape), json_field(path, meta, "call_extra") or {})
+    shape = latent_shape(path, meta, [16, 1, 8, 8])  # the demo's, for files written before the field
+    flow = FlowModel(model, shape, call_extra(path, meta))
     table = None
     if groups["cond"]:
         _check_keys(path, "conditioning", {"context", "pooled"}, set(groups["cond"]))

@@ -27,6 +27,8 @@ from .identity import weights_signature
 FORMAT = "xslim-1x-student/1"
 MAX_TENSORS = 100_000  # far above any real DiT; a header declaring more is refused before it is read
 MAX_BLOCKS = 1_000
+MAX_STEPS = 64  # a 1.x student takes one or two steps; more is a damaged header
+MAX_SIDE, MAX_LATENT = 4096, 1 << 26  # one latent axis, and values in one sample's latent (64 Mi: far above any video)
 
 
 def file_signature(path: str) -> dict:
@@ -109,9 +111,26 @@ def _sigmas(path: str, meta: dict) -> list[float]:
     if not isinstance(sigmas, list) or len(sigmas) < 2:
         raise ValueError(f"{path} declares no usable sigmas ({meta.get('sigmas')!r}); a student needs at least two "
                          "(one step). The file is incomplete: export it again.")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"{path}: its sigmas {sigmas} are not finite and strictly decreasing.")
+    if len(sigmas) > MAX_STEPS + 1:
+        raise ValueError(f"{path} declares {len(sigmas) - 1} steps; a 1.x student takes at most {MAX_STEPS}.")
+    if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0 for v in sigmas)
+            or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
+        raise ValueError(f"{path}: its sigmas {sigmas[:8]} must be numbers from 1 down to 0, strictly decreasing (flow "
+                         "matching noise levels); the file is damaged or crafted.")
     return [float(v) for v in sigmas]
+
+
+def latent_shape(path: str, meta: dict, default: list[int]) -> tuple[int, ...]:
+    """One sample's latent shape from the header: 2 to 5 whole numbers (FLUX's packed tokens are [tokens,
+    channels]) from 1 to MAX_SIDE, at most MAX_LATENT values in all (a crafted shape would allocate without bound
+    before the first step)."""
+    shape = json_field(path, meta, "latent_shape", default)
+    if (not isinstance(shape, list) or not 2 <= len(shape) <= 5
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in shape)
+            or math.prod(shape) > MAX_LATENT):
+        raise ValueError(f"{path}: its latent_shape {str(shape)[:60]} must be 2 to 5 whole numbers from 1 to {MAX_SIDE}, "
+                         f"at most {MAX_LATENT} values in all (e.g. [16, 1, 8, 8]); the file is damaged or crafted.")
+    return tuple(shape)
 
 
 def open_student(path: str):

@@ -8,6 +8,7 @@ gloo on CPU; DDP averages each role's gradients).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .config import RunConfig
@@ -17,6 +18,7 @@ from .runtime import MemoryPlanRefused, run_training
 
 # refusals before the first iteration: the user's to fix, so a message rather than a traceback
 REFUSALS = (MemoryPlanRefused, ResumeRefused, RunFolderBusy)
+WRITE_FAILURES = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)  # a full disk, a read-only folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     except REFUSALS as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in WRITE_FAILURES:
+            raise
+        # checkpoints are written atomically: the last complete one is still there, so say so instead of a traceback
+        print(f"{parser.prog}: error: cannot write {err.filename or cfg.run_dir}: {err.strerror}. The last checkpoint in "
+              f"{cfg.run_dir} is kept; free disk space or make the folder writable, then run the same command again to "
+              "resume from it.", file=sys.stderr)
+        return 1
     finally:
         shutdown(synchronize=ended_together)
     print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"

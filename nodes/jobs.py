@@ -9,7 +9,7 @@ prompt being executed. Routes (also under /api):
 
     GET  /xslim/jobs                     every job (summaries), and whether ComfyUI has its own jobs API
     GET  /xslim/jobs/{name}              one job: summary, loss history, log tail
-    POST /xslim/jobs/{name}/cancel       save and stop; a second cancel (or {"force": true}) terminates it
+    POST /xslim/jobs/{name}/cancel       save and stop (repeating it changes nothing); {"force": true} terminates it
     POST /xslim/jobs/{name}/resume       continue a stopped, interrupted or failed job from its checkpoint
     GET  /xslim/jobs/{name}/loss.png     the loss curves
     GET  /xslim/jobs/{name}/preview.png  the latest preview grid
@@ -100,6 +100,15 @@ def comfy_jobs_api() -> bool:
         return False
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value) -> int | None:
+    """A non-negative whole number from a run file, else None (a damaged file says nothing)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 class Job:
     def __init__(self, name: str, run_dir: str):
         self.name, self.run_dir = name, run_dir
@@ -107,6 +116,7 @@ class Job:
         self.offset, self.history, self.last = 0, [], {}
         self.cancel_at = self.term_at = None
         self.sent = None
+        self.damage: str | None = None  # why the run folder could not be read, once said
 
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -172,21 +182,23 @@ class JobManager:
         if status and status.get("state") in jf.FINAL_STATES:
             return status["state"]
         if job.proc is not None:  # our worker ended without its last word: it crashed or was killed
-            self._record_crash(job)
-            return "failed"
+            return self._record_crash(job)
         return "interrupted"  # a worker of an earlier ComfyUI session stopped without a clean exit
 
-    def _record_crash(self, job: Job) -> None:
+    def _record_crash(self, job: Job) -> str:
         code = job.proc.returncode
         how = f"was killed by signal {-code} ({signal.Signals(-code).name})" if code is not None and code < 0 else f"exited with code {code}"
         log_tail = jf.tail(job.path(jf.LOG))
-        message = (f"the worker process {how} without a final status; the last checkpoint is kept and the job can be "
-                   f"resumed. Last lines of its log ({job.path(jf.LOG)}):\n{log_tail}")
+        asked = job.cancel_at is not None  # the user asked it to stop: stopped, only without its final save
+        message = (f"{'stopped as asked, but ' if asked else ''}the worker process {how} without a final status; the "
+                   f"last checkpoint is kept and the job can be resumed. Last lines of its log ({job.path(jf.LOG)}):\n{log_tail}")
         if jf.is_locked(job.run_dir) is not True:  # never write into a folder a live worker owns
-            jf.write_json(job.path(jf.STATUS), {"state": "failed", "iteration": job.last.get("iteration"), "message": message,
-                                                "student": None, "crashed": True, "exit_code": code, "time": time.time()})
+            jf.write_json(job.path(jf.STATUS), {"state": "stopped" if asked else "failed", "iteration": job.last.get("iteration"),
+                                                "message": message, "student": None, "crashed": True, "exit_code": code,
+                                                "time": time.time()})
         log.warning("1.x-Distill job %s: %s", job.name, message.splitlines()[0])
         job.proc = None
+        return "stopped" if asked else "failed"
 
     def _read_new_metrics(self, job: Job) -> None:
         records, job.offset = jf.read_metrics(job.path(jf.METRICS), job.offset)
@@ -203,26 +215,46 @@ class JobManager:
             self._read_new_metrics(job)
             state = self.state(job)
             spec = jf.read_json(job.path(jf.JOB)) or {}
+            config, base = _mapping(spec.get("config")), _mapping(spec.get("base"))
             status = jf.read_json(job.path(jf.STATUS)) or {}
             if state == "done":  # whoever sees it done first exports (once), so "done" always comes with its student
                 self.export(job)
             export = jf.read_json(job.path("export.json")) or {}
             beat = jf.read_json(job.path(jf.HEARTBEAT)) or {}
-            total = (spec.get("config") or {}).get("iterations")
-            iteration = job.last.get("iteration", beat.get("iteration") or 0)
+            total = _count(config.get("iterations"))
+            iteration = _count(job.last.get("iteration", beat.get("iteration"))) or 0
             preview = jf.latest_preview(job.run_dir)
             return {
-                "name": job.name, "state": state, "model": (spec.get("base") or {}).get("name"),
-                "family": (spec.get("base") or {}).get("family"), "iteration": iteration, "iterations": total,
-                "progress": min(1.0, iteration / total) if total else 0.0,
+                "name": job.name, "state": state, "model": base.get("name"), "family": base.get("family"),
+                "iteration": iteration, "iterations": total, "progress": min(1.0, iteration / total) if total else 0.0,
                 "it_per_s": job.last.get("it_per_s") if state in ACTIVE else None,
                 "eta_s": job.last.get("eta_s") if state in ACTIVE else None,
                 "losses": {k: v for k, v in job.last.items() if k.startswith("loss")},
-                "preview": int(os.path.basename(preview)[:-4]) if preview and os.path.basename(preview)[:-4].isdigit() else None,
-                "student": export.get("student"), "message": self._message(state, status, iteration),
+                "preview": int(os.path.basename(preview)[:-4]) if preview else None,
+                # the student of this run as it stands: an earlier export of a run trained on is not its result
+                "student": export.get("student") if state == "done" else None,
+                "message": self._message(state, status, iteration),
                 "can_cancel": state in ACTIVE, "can_resume": state in RESUMABLE_STATES,
                 "heartbeat_age_s": jf.heartbeat_age(job.run_dir), "created": spec.get("created"),
             }
+
+    def safe_summary(self, job: Job) -> dict:
+        """``summary``, or, for a run folder whose files cannot be made sense of, that job alone as "damaged"
+        with the reason: one bad folder never hides the other jobs."""
+        try:
+            summary = self.summary(job)
+            job.damage = None
+            return summary
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            if job.damage != reason:  # said once per cause, not at every look
+                job.damage = reason
+                log.warning("1.x-Distill job %s: its run folder %s cannot be read (%s)", job.name, job.run_dir, reason)
+            return {"name": job.name, "state": "damaged", "model": None, "family": None, "iteration": 0, "iterations": None,
+                    "progress": 0.0, "it_per_s": None, "eta_s": None, "losses": {}, "preview": None, "student": None,
+                    "message": f"this job's run folder cannot be read ({reason}); the other jobs are not affected. "
+                               f"Look at the files in {job.run_dir}, or remove the folder.",
+                    "can_cancel": False, "can_resume": False, "heartbeat_age_s": None, "created": None}
 
     @staticmethod
     def _message(state: str, status: dict, iteration) -> str:
@@ -233,14 +265,14 @@ class JobManager:
 
     def detail(self, job: Job) -> dict:
         with self.lock:
-            out = self.summary(job)
+            out = self.safe_summary(job)
             spec = jf.read_json(job.path(jf.JOB)) or {}
             out.update(history=job.history[-1000:], config=spec.get("config"), gpu=spec.get("gpu"),
                        log_tail=jf.tail(job.path(jf.LOG), 20))
             return out
 
     def list(self) -> list[dict]:
-        return [self.summary(job) for job in self.scan()]
+        return [self.safe_summary(job) for job in self.scan()]
 
     # -- actions ------------------------------------------------------------------------------------------
     def submit(self, name: str, base: dict, config: dict, gpu: dict, overwrite_student: bool = False,
@@ -320,12 +352,13 @@ class JobManager:
             state = self.state(job)
             if state not in ACTIVE:
                 raise JobError(f"job {name!r} is not running (state {state}); nothing to cancel", 409)
-            if job.cancel_at is not None or force:  # asked twice: stop waiting for a clean save
+            if force:  # stop without waiting for the clean save
                 self._terminate(job, signal.SIGTERM)
-            else:
+            elif job.cancel_at is None:
                 with open(job.path(jf.STOP), "w") as f:
                     f.write("stop requested by the jobs panel / route\n")
                 job.cancel_at = time.time()
+            # a repeated plain cancel (a double click, two tabs) is the same request: it never escalates
             return self.summary(job)
 
     def _check_export_target(self, name: str, overwrite: bool, job: Job | None) -> None:
@@ -344,7 +377,8 @@ class JobManager:
         return export.get("path") == target and export.get("size") == st.st_size and export.get("mtime_ns") == st.st_mtime_ns
 
     def _restart(self, job: Job, devices) -> None:
-        for stale in (jf.STOP, jf.STATUS, jf.HEARTBEAT, "export.json"):
+        # export.json stays: it names the file this run exported before, which the next export replaces in place
+        for stale in (jf.STOP, jf.STATUS, jf.HEARTBEAT):
             if os.path.exists(job.path(stale)):
                 os.remove(job.path(stale))
         self._spawn(job, devices)
@@ -414,7 +448,7 @@ class JobManager:
 
     def _tick(self, job: Job) -> None:
         with self.lock:
-            summary = self.summary(job)
+            summary = self.safe_summary(job)
             state = summary["state"]
             now = time.time()
             if state == "stopping" and job.cancel_at is not None:
@@ -437,11 +471,12 @@ class JobManager:
         ask to replace (then it takes the next free name and says so)."""
         with self.lock:
             done = jf.read_json(job.path("export.json"))
-            if done:
+            finished_at = (jf.read_json(job.path(jf.STATUS)) or {}).get("iteration")
+            if done and done.get("iteration") == finished_at:
                 return done.get("student")
-            return self._export(job)
+            return self._export(job, finished_at)
 
-    def _export(self, job: Job) -> str | None:
+    def _export(self, job: Job, iteration) -> str | None:
         source = job.path(jf.STUDENT)
         if not os.path.isfile(source):
             return None
@@ -478,7 +513,7 @@ class JobManager:
         st = os.stat(target)
         note = "" if n == 1 else f"{job.name}.safetensors appeared meanwhile and was kept; exported as {os.path.basename(target)}"
         jf.write_json(job.path("export.json"), {"student": os.path.basename(target), "path": target, "size": st.st_size,
-                                                "mtime_ns": st.st_mtime_ns, "iteration": job.last.get("iteration"),
+                                                "mtime_ns": st.st_mtime_ns, "iteration": iteration,
                                                 "note": note, "time": time.time()})
         log.info("1.x-Distill job %s: student exported to %s", job.name, target)
         return os.path.basename(target)
@@ -526,8 +561,11 @@ def register_routes() -> bool:
         return False
     jobs = manager()
 
+    def reply(data, status: int = 200):  # one serializer for every route: never NaN, never a bare exception
+        return web.json_response(data, status=status, dumps=jf.dumps)
+
     def error(status: int, message: str):
-        return web.json_response({"error": message}, status=status)
+        return reply({"error": message}, status)
 
     def guarded(handler):
         async def wrapped(request):
@@ -548,12 +586,12 @@ def register_routes() -> bool:
     @routes.get("/xslim/jobs")
     @guarded
     async def list_jobs(request):
-        return web.json_response({"jobs": await run_blocking(jobs.list), "root": jobs.root, "comfy_jobs_api": comfy_jobs_api()})
+        return reply({"jobs": await run_blocking(jobs.list), "root": jobs.root, "comfy_jobs_api": comfy_jobs_api()})
 
     @routes.get("/xslim/jobs/{name}")
     @guarded
     async def get_job(request):
-        return web.json_response(await run_blocking(lambda: jobs.detail(jobs.job(request.match_info["name"]))))
+        return reply(await run_blocking(lambda: jobs.detail(jobs.job(request.match_info["name"]))))
 
     async def body(request) -> dict:
         if not request.can_read_body:
@@ -572,13 +610,13 @@ def register_routes() -> bool:
         force = (await body(request)).get("force", False)
         if not isinstance(force, bool):
             raise JobError("'force' must be true or false")
-        return web.json_response(await run_blocking(jobs.cancel, request.match_info["name"], force))
+        return reply(await run_blocking(jobs.cancel, request.match_info["name"], force))
 
     @routes.post("/xslim/jobs/{name}/resume")
     @guarded
     async def resume_job(request):
         await body(request)
-        return web.json_response(await run_blocking(jobs.resume, request.match_info["name"]))
+        return reply(await run_blocking(jobs.resume, request.match_info["name"]))
 
     @routes.get("/xslim/jobs/{name}/loss.png")
     @guarded
@@ -601,7 +639,11 @@ def register_routes() -> bool:
         path = jf.latest_preview(job.run_dir)
         if path is None:
             raise JobError(f"job {job.name!r} has no preview yet (one is written every preview_every iterations)", 404)
-        return web.FileResponse(path, headers={"Cache-Control": "no-store"})
+        try:
+            data = await run_blocking(jf.read_preview, path)
+        except (OSError, ValueError) as err:  # swapped for a link after the look, or far too large
+            raise JobError(f"job {job.name!r}: its latest preview cannot be served ({err})", 404) from None
+        return web.Response(body=data, content_type="image/png", headers={"Cache-Control": "no-store"})
 
     _registered = True
     jobs.start_monitor()

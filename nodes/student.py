@@ -220,6 +220,9 @@ def weight_patches(header: StudentHeader, layout: dict, base: dict, buffers: set
     with safe_open(header.path, framework="pt") as f:
         for key, (parts, swap) in layout.items():
             weight = torch.cat([f.get_tensor(p) for p in parts], dim=0)
+            if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):  # would sample NaN without a word
+                raise XSlimSetupError(f"1.x student {os.path.basename(header.path)}: tensor {parts[0]} holds NaN or infinite "
+                                      "values; the file is damaged. Export the student again.")
             weight = swap_halves(weight) if swap else weight
             original = base[key]
             diff = weight.float() - original.detach().float().cpu()

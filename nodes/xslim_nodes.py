@@ -11,7 +11,7 @@ from functools import partial
 from comfy_api.latest import io
 
 from ..xslim_lab.demo_model.teacher import CLASSES, classes_path, default_weights_path
-from .host import install
+from .host import XSlimSetupError, install
 from .pictures import decision_map, labelled_grid, row_labels, table_image
 from .runner import cached_run, decode, last_report, sample_latent
 from .settings import CACHE_DEVICES, CACHE_DTYPES, PRESET_NAMES, make_settings, parse_setting_line, profile_names, save_profile
@@ -193,8 +193,12 @@ class XSlimCompare(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, settings, vae=None) -> io.NodeOutput:
         import comfy.utils
 
-        lines = [parse_setting_line(line) for line in settings.splitlines() if line.strip()]
-        lines = [("uncached", None)] + [item for item in lines if item[1] is not None]
+        lines = [line for line in settings.splitlines() if line.strip()]
+        if len(lines) > MAX_COMPARE_SETTINGS:  # each line samples COMPARE_ROUNDS + 1 times, holding the queue
+            raise XSlimSetupError(f"X-Slim Compare: {len(lines)} setting lines; at most {MAX_COMPARE_SETTINGS} are compared in "
+                                  "one run (each samples the model up to four times while the queue waits). Split them "
+                                  "over several Compare nodes or runs.")
+        lines = [("uncached", None)] + [item for item in map(parse_setting_line, lines) if item[1] is not None]
         bar = comfy.utils.ProgressBar(1 + COMPARE_ROUNDS * len(lines))
 
         def sample(m):
@@ -209,6 +213,7 @@ class XSlimCompare(io.ComfyNode):
 
 
 COMPARE_ROUNDS = 3  # each setting timed up to this often, interleaved, after one untimed warm-up run
+MAX_COMPARE_SETTINGS = 12  # setting lines per Compare run: a grid people can read, and a bounded wait
 COMPARE_REPEAT_BUDGET_S = 20.0
 BUSY_SPREAD = 0.15  # spread above this fraction of the median: the machine was busy, say so
 

@@ -150,7 +150,7 @@ def test_a_worker_that_ignores_the_stop_file_is_terminated_then_killed(manager, 
         assert open(seen).read() == "SIGTERM" and proc.returncode == -9, proc.returncode  # SIGTERM first, then SIGKILL
         assert 1.0 <= took < 10, took  # after the two grace periods, not at once
         summary = manager.summary(job)
-        assert summary["state"] == "failed" and not summary["can_cancel"] and summary["can_resume"]
+        assert summary["state"] == "stopped" and not summary["can_cancel"] and summary["can_resume"]
         assert "killed by signal 9 (SIGKILL)" in summary["message"]
     finally:
         if proc.poll() is None:

@@ -13,7 +13,7 @@ let notice = "";
 
 const STATE_COLOURS = {
   starting: "#b58900", running: "#2a7fff", stopping: "#b58900", done: "#2e9e44",
-  stopped: "#888", interrupted: "#d9822b", failed: "#d33",
+  stopped: "#888", interrupted: "#d9822b", failed: "#d33", damaged: "#d33",
 };
 
 function duration(seconds) {
@@ -52,10 +52,10 @@ async function refresh() {
   render();
 }
 
-async function act(name, action) {
+async function act(name, action, body = {}) {
   try {
     const response = await api.fetchApi(jobPath(name, `/${action}`), {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     const data = await response.json();
     if (!response.ok) throw new Error(data.error || response.statusText);
@@ -73,7 +73,8 @@ function card(job) {
   const losses = Object.entries(job.losses || {}).map(([k, v]) => `${k.replace("loss_", "")} ${Number(v).toPrecision(3)}`).join(" · ");
   const version = `${job.iteration}-${job.state}`;
   const buttons = el("div", { class: "xslim-job-buttons", style: { display: "flex", gap: "6px", marginTop: "6px" } },
-    job.can_cancel ? el("button", { class: "xslim-job-cancel", onclick: () => act(job.name, "cancel"),
+    // a plain cancel repeated is the same request; only "Force stop" (while stopping) ends the worker at once
+    job.can_cancel ? el("button", { class: "xslim-job-cancel", onclick: () => act(job.name, "cancel", { force: job.state === "stopping" }),
       title: job.state === "stopping" ? "Stop now without waiting for the save" : "Save a checkpoint and stop" },
       job.state === "stopping" ? "Force stop" : "Cancel") : null,
     job.can_resume ? el("button", { class: "xslim-job-resume", onclick: () => act(job.name, "resume"),

@@ -101,14 +101,20 @@ class _ThreadState(threading.local):
         self.last_profile: Profile | None = None
 
 
+MAX_SIGMA = 1e6  # far above any schedule (EDM's 80, SD's 14.6, flow matching's 1): beyond, step differences overflow
+
+
 def check_sigmas(sigmas) -> list[float]:
     """A run's schedule as floats: at least two finite values (one step)."""
     try:
         values = [float(s) for s in sigmas]
     except (TypeError, ValueError):
         raise ValueError(f"X-Slim: sigmas must be a sequence of numbers, got {type(sigmas).__name__}.") from None
-    if len(values) < 2 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"X-Slim: a run needs at least two finite sigmas (one step), got {values[:8]}.")
+    if len(values) < 2 or not all(math.isfinite(v) and abs(v) <= MAX_SIGMA for v in values):
+        raise ValueError(f"X-Slim: a run needs at least two finite sigmas (one step) of at most {MAX_SIGMA:g}, got {values[:8]}.")
+    if any(b > a for a, b in zip(values, values[1:])) or values[0] == values[-1]:
+        raise ValueError(f"X-Slim: sigmas must fall from the first to the last (noise to clean) and never rise, got "
+                         f"{values[:8]}; steps could not be told apart.")
     return values
 
 
@@ -595,9 +601,16 @@ class XSlimEngine:
                 "X-Slim: the sampling schedule is unknown. Wrap sampling in `with cache.run(sigmas):` or pass "
                 "sigmas=... (a list, or a callable such as lambda: pipe.scheduler.sigmas) when creating XSlim."
             )
+        sigmas = check_sigmas(sigmas)
         step = locate_step(sigmas, sigma, call.time_resolution)
         if step is None:
             return None  # not a step of this schedule (e.g. a second-order sampler's midpoint): run uncached
+        if run is not None and run.shape_key != call.shape_key and step > 0:
+            # a new run starts at its first step; a new batch or resolution in the middle would start counting
+            # afresh and report a fraction of the calls made, so it is refused
+            raise ValueError(f"X-Slim: the latent changed in the middle of a run (at step {step}: {call.shape_key[0]} after "
+                             f"{run.shape_key[0]}). A run keeps one batch and resolution; start a new run (a new "
+                             "`cache.run(...)`, or sample again) to change them.")
         self.end_run()
         self._run = _Run(self, sigmas, call.shape_key)
         return self._run, step

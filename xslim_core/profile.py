@@ -102,8 +102,9 @@ def check_fields(prof: Profile, source: str) -> None:
     if not isinstance(prof.family, str):
         raise ValueError(f"X-Slim: {source}: family must be a model family name (a string), got {prof.family!r:.60}.")
     steps = len(prof.step_change) if isinstance(prof.step_change, (list, tuple)) else None
-    if steps is not None and not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"X-Slim: {source} has {steps} steps (step_change); a profile has 1..{MAX_STEPS}.")
+    if steps is not None and not 2 <= steps <= MAX_STEPS:  # one step has no change between steps to plan from
+        raise ValueError(f"X-Slim: {source} has {steps} steps (step_change); a profile has 2..{MAX_STEPS}. Record it "
+                         "with the step count you usually sample with.")
     if not isinstance(prof.stacks, (list, tuple)) or not all(
         isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int)
         and not isinstance(s[1], bool) and 0 < s[1] <= MAX_BLOCKS

@@ -138,3 +138,77 @@ def test_the_block_cache_composes_with_a_foreign_instance_forward_and_restores_i
     finally:
         for i in (1, 2):
             blocks[i].__dict__.pop("forward", None)
+
+
+# -- header fields validated like configs (second round) --------------------------------------------------------
+def _with_meta(src: str, dst, **changes) -> str:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({k: v for k, v in changes.items() if not k.startswith("tensor:")})
+    for key, value in changes.items():
+        if key.startswith("tensor:"):
+            tensors[key[len("tensor:"):]] = value
+    save_file(tensors, str(dst), meta)
+    return str(dst)
+
+
+@pytest.mark.bad_input("clear error")
+@pytest.mark.parametrize("field,value,message", [
+    ("latent_shape", "[16, -1, 8, 8]", "latent_shape .* must be 2 to 5 whole numbers"),
+    ("latent_shape", "[16, 1, 100000, 100000]", "must be 2 to 5 whole numbers from 1 to 4096"),
+    ("latent_shape", '["16", 1, 8, 8]', "must be 2 to 5 whole numbers"),
+    ("latent_shape", "16", "must be 2 to 5 whole numbers"),
+    ("latent_shape", "[16]", "must be 2 to 5 whole numbers"),
+    ("sigmas", "[1.0, 2.0]", "strictly decreasing"),
+    ("sigmas", "[5.0, 0.0]", "from 1 down to 0"),
+    ("sigmas", "[1.0, -0.5]", "from 1 down to 0"),
+    ("sigmas", '[1.0, "0"]', "from 1 down to 0"),
+    ("call_extra", "[1, 2]", "call_extra must be a JSON object"),
+    ("call_extra", '{"guidance": "high"}', "call_extra.guidance must be a finite number"),
+    ("call_extra", '{"guidance": NaN}', "call_extra.guidance must be a finite number"),
+    ("call_extra", '{"grid": [0, 8]}', "call_extra.grid must be two whole numbers"),
+    ("call_extra", '{"grid": "8x8"}', "call_extra.grid must be two whole numbers"),
+])
+def test_a_students_latent_shape_sigmas_and_call_extra_are_checked(tmp_path, field, value, message):
+    from distill_core.student import load_student
+
+    path = _with_meta("distill_core/weights/student_1x_175.safetensors", tmp_path / "s.safetensors", **{field: value})
+    with pytest.raises(ValueError, match=message):
+        load_student(path)
+
+
+@pytest.mark.bad_input("clear error")
+def test_a_student_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    from safetensors import safe_open
+
+    from distill_core.student import load_student
+
+    src = "distill_core/weights/student_1x_175.safetensors"
+    with safe_open(src, framework="pt") as f:
+        name = next(k for k in f.keys() if k.startswith("model.") and f.get_slice(k).get_shape())
+        bad = f.get_tensor(name).clone()
+    bad.view(-1)[0] = float("nan")
+    path = _with_meta(src, tmp_path / "nan.safetensors", **{f"tensor:{name}": bad})
+    with pytest.raises(ValueError, match=f"tensor {name} holds NaN"):
+        load_student(path)
+
+
+@pytest.mark.bad_input("clear error")
+@pytest.mark.parametrize("prompts,message", [
+    ("{not json", "'prompts' metadata is not JSON"),
+    ('"a single string"', "must be a list of prompt texts, got str"),
+    ("[1, 2, 3]", "must be a list of prompt texts, got list"),
+])
+def test_prompt_set_metadata_that_is_not_a_list_of_texts_is_refused_naming_the_file(tmp_path, prompts, message):
+    import torch
+
+    from distill_core.conditioning import Conditioning, PromptSet
+
+    good = PromptSet(["a", "b", "c"], Conditioning(torch.zeros(3, 2, 4), torch.zeros(3, 5)), Conditioning(torch.zeros(1, 2, 4), torch.zeros(1, 5)))
+    good.save(str(tmp_path / "p.safetensors"))
+    path = _with_meta(str(tmp_path / "p.safetensors"), tmp_path / "bad.safetensors", prompts=prompts)
+    with pytest.raises(ValueError, match=f"bad.safetensors: .*{message}"):
+        PromptSet.load(path)

@@ -142,7 +142,7 @@ def _long_profile(profile, n):
 def test_an_in_memory_profile_of_200k_steps_is_refused_before_planning(flux, profile):
     sigmas, fields = _long_profile(profile, 200_000)
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"has 200000 steps \(step_change\); a profile has 1\.\.10000"):
+    with pytest.raises(ValueError, match=r"has 200000 steps \(step_change\); a profile has 2\.\.10000"):
         XSlim(flux.model, preset_config("fast"), Profile(**fields))
     assert time.perf_counter() - start < 5.0
     assert getattr(flux.model, "_xslim_cache", None) is None  # nothing was installed
@@ -358,3 +358,50 @@ def test_two_threads_sampling_through_one_cache_each_get_their_own_result(flux, 
     assert not errors and barrier.n_waiting == 0 and not barrier.broken
     for seed in (1, 2):
         torch.testing.assert_close(together[seed], alone[seed], rtol=1e-5, atol=1e-5)
+
+
+# -- counts that stay true (second round) -------------------------------------------------------------------
+@CLEAR
+def test_a_batch_change_in_the_middle_of_a_run_is_refused_instead_of_undercounting(flux):
+    """Before: 6 full calls reported as effective NFE 3.0 (the run started counting afresh at the new batch)."""
+    sigmas = flow_sigmas(6, shift=3.0)
+    x = torch.randn(1, *flux.latent_shape, generator=torch.Generator().manual_seed(0))
+    with XSlim(flux.model, XSlimConfig(mode="online")) as cache, cache.run(sigmas):
+        for i in range(3):
+            x = x + (sigmas[i + 1] - sigmas[i]) * flux.velocity_fn([1])(x, sigmas[i])
+        with pytest.raises(ValueError, match=r"latent changed in the middle of a run \(at step 3.*start a new run"):
+            flux.velocity_fn([1, 2])(torch.cat([x, x]), sigmas[3])
+
+
+@SURVIVED
+def test_a_new_batch_at_the_first_step_is_a_new_run_counted_whole(flux):
+    sigmas = flow_sigmas(4, shift=3.0)
+    with XSlim(flux.model, XSlimConfig(mode="online"), sigmas=sigmas) as cache:
+        sample(flux, prompts=(1,), sigmas=sigmas)
+        sample(flux, prompts=(1, 2), sigmas=sigmas)
+        cache.end_run()
+        stats = cache.stats
+    # the second run alone, whole: two samples x two CFG branches, every step decided for every row
+    assert stats.num_rows == 4 and all("?" not in stats.pattern(row) for row in stats.decisions)
+    assert stats.effective_nfe == pytest.approx(stats.block_evals / stats.num_blocks / 4)
+
+
+@CLEAR
+@pytest.mark.parametrize("sigmas,message", [
+    ([0.0, 0.0, 0.0], "must fall from the first to the last"),
+    ([0.5, 0.8, 0.0], "never rise"),
+    ([3.0e38, 1.0e38, 0.0], "at most 1e\\+06"),
+])
+def test_sigmas_that_cannot_be_a_schedule_are_refused_by_name(flux, sigmas, message):
+    with XSlim(flux.model, XSlimConfig(mode="online")) as cache:
+        with pytest.raises(ValueError, match=message):
+            with cache.run(sigmas):
+                pass
+
+
+@CLEAR
+def test_a_one_step_profile_is_refused_when_it_is_made(flux):
+    sigmas = flow_sigmas(1, shift=3.0)
+    x = torch.randn(1, *flux.latent_shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"1 steps \(step_change\); a profile has 2\.\.10000"):
+        record_profile(flux.model, lambda: sample_euler(flux.velocity_fn([1]), x, sigmas, cfg_scale=1.0), sigmas)

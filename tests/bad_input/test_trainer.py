@@ -185,7 +185,7 @@ def _variant(tmp_path, name, drop=(), **meta_changes):
 @pytest.mark.parametrize("changes,message", [
     (dict(sigmas="[]"), "declares no usable sigmas"),
     (dict(sigmas="[1.0]"), "declares no usable sigmas"),
-    (dict(sigmas='[1.0, "x"]'), "not finite and strictly decreasing"),
+    (dict(sigmas='[1.0, "x"]'), "must be numbers from 1 down to 0, strictly decreasing"),
     (dict(cached_blocks="[4, 40]"), "exceeds the model's 12 blocks"),
     (dict(cached_blocks='"4..6"'), "must be \\[first, last\\] or null"),
     (dict(stacks="not json"), "is not valid JSON"),
@@ -384,3 +384,29 @@ def test_a_second_writer_in_the_same_run_folder_is_refused(tiny_teachers, tmp_pa
     finally:
         holder.kill()
         holder.wait()
+
+
+@CLEAR
+@pytest.mark.parametrize("code,words", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_a_full_disk_or_read_only_folder_ends_the_command_line_with_a_sentence_and_the_checkpoint_kept(
+        tiny_teachers, tmp_path, monkeypatch, capsys, code, words):
+    import json
+
+    from distill_core import state, train
+    from distill_core.runtime import STATE_FILE
+
+    one, _ = tiny_teachers
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(dict(run_dir=str(tmp_path / "run"), teacher=one, iterations=1, batch_size=2, checkpoint_every=1,
+                                      preview_every=0, threads=1, stage1={"lr_student": 1e-3, "lr_fake": 1e-3})))
+    assert train.main(["--config", str(config)]) == 0
+    kept = (tmp_path / "run" / STATE_FILE).read_bytes()
+
+    def no_room(tensors, path, *args, **kwargs):  # root writes anywhere, so the failure is made where files are written
+        raise OSError(code, words, path)
+
+    monkeypatch.setattr(state, "save_atomic", no_room)
+    assert train.main(["--config", str(config), "--iterations", "3"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'run' / STATE_FILE}: {words}" in err and "The last checkpoint" in err
+    assert "Traceback" not in err and (tmp_path / "run" / STATE_FILE).read_bytes() == kept

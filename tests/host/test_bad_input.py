@@ -81,6 +81,20 @@ def test_compare_lines_are_checked_before_any_sampling(pack):
 
 
 @CLEAR
+def test_compare_refuses_more_setting_lines_than_it_can_run_before_sampling_anything(pack, monkeypatch):
+    from comfyui_xslim.nodes import xslim_nodes
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    sampled = []
+    monkeypatch.setattr(xslim_nodes, "sample_latent", lambda *a, **k: sampled.append(1))
+    lines = "\n".join(["fast"] * 200)  # ran for many minutes and held the queue before the bound
+    with pytest.raises(XSlimSetupError, match=r"200 setting lines; at most 12 .*Split them"):
+        xslim_nodes.XSlimCompare.execute(ce.tiny_model("sd3"), ce.conditioning("sd3", 1), ce.conditioning("sd3", 2),
+                                         {"samples": torch.zeros(1, 16, 8, 8)}, 0, 4, 2.0, "euler", "simple", lines)
+    assert not sampled
+
+
+@CLEAR
 def test_saving_a_profile_never_overwrites_or_takes_a_shipped_name(pack, user_dir):
     from comfyui_xslim.nodes.host import XSlimSetupError
     from comfyui_xslim.nodes.settings import load_profile, save_profile

@@ -360,7 +360,7 @@ def test_bad_student_files_are_refused_before_anything_large_is_built(demo_teach
         ("missing.safetensors", dict(drop=("model.single_transformer_blocks.3.proj_out.weight",)), "is missing 1 weight tensor"),
         ("no_sigmas.safetensors", dict(drop=(), sigmas=""), "declares no usable sigmas"),
         ("empty_sigmas.safetensors", dict(drop=(), sigmas="[]"), "declares no usable sigmas"),
-        ("rising_sigmas.safetensors", dict(drop=(), sigmas="[0.0, 1.0]"), "not finite and strictly decreasing"),
+        ("rising_sigmas.safetensors", dict(drop=(), sigmas="[0.0, 1.0]"), "must be numbers from 1 down to 0, strictly decreasing"),
         ("cache_outside.safetensors", dict(drop=(), cached_blocks="[10, 14]"), "exceeds the model's 12 blocks"),
         ("other_arch.safetensors", dict(drop=(), stacks='[["double", 4], ["single", 9]]'), "declares block stacks"),
     ]:
