@@ -343,6 +343,7 @@ class _CallContext:
         if self.I is None or self.O is None:
             return
         plan, kind, run = self.plan, self.plan.kind, self.run
+        self._check_finite()
         n_computed = self.idx.shape[1] if kind is StepKind.TOKEN else (0 if kind is StepKind.SKIP else self.n_img)
         for j, (key, row) in enumerate(zip(self.keys, self.rows)):
             run.stats.record(key, self.step, kind)
@@ -384,6 +385,20 @@ class _CallContext:
             for name, count in self.engine.stacks:
                 run.block_thresholds[name] = float(torch.tensor(self.block_change[start : start + count]).median())
                 start += count
+
+    def _check_finite(self) -> None:
+        """NaN or inf in the model's output make every change measure NaN: a controller then plans on nothing
+        and the summary would describe a run that produced no image. Checked at the first and last step only
+        (one host sync each), which catches a bad input latent and a blow-up on the way."""
+        stats = self.run.stats
+        if stats.non_finite_step is not None or self.step not in (0, stats.num_steps - 1):
+            return
+        if not bool(torch.isfinite(self.O).all()):
+            stats.non_finite_step = self.step
+            self.engine.warn_once(
+                f"X-Slim: the model's output holds NaN or inf at step {self.step}; the result is invalid. Check the "
+                "input latent and the model: X-Slim only reuses what the model computed."
+            )
 
     def _track_change(self, row: RowState, delta: torch.Tensor) -> None:
         """Online controller: the relative L1 change of the step residual per unit sigma (the error of plain reuse

@@ -101,6 +101,7 @@ class RunStats:
     cache_bytes_peak: int = 0
     uncached_calls: int = 0  # model calls run without X-Slim (midpoints, ControlNet steps): counted in full
     repeated_calls: int = 0  # model calls at a step a row was already evaluated at (e.g. Heun's corrector)
+    non_finite_step: int | None = None  # first checked step whose model output held NaN or inf
 
     def add_uncached(self, rows: int) -> None:
         self.uncached_calls += 1
@@ -134,6 +135,11 @@ class RunStats:
             f"X-Slim: {c[StepKind.FULL]}/{self.num_steps} full, {c[StepKind.BLOCK]} block, "
             f"{c[StepKind.TOKEN]} token, {c[StepKind.SKIP]} skipped - effective NFE {self.effective_nfe:.1f}"
             + (f" (incl. {self.uncached_calls} uncached model calls)" if self.uncached_calls else "")
+            + (
+                f" - INVALID RESULT: the model's output held NaN or inf at step {self.non_finite_step} (the input "
+                "latent or the model produced them; X-Slim's decisions from there on measured nothing)"
+                if self.non_finite_step is not None else ""
+            )
         )
 
     def as_dict(self) -> dict:
@@ -149,6 +155,7 @@ class RunStats:
             "cache_bytes_peak": self.cache_bytes_peak,
             "uncached_calls": self.uncached_calls,
             "repeated_calls": self.repeated_calls,
+            "non_finite_step": self.non_finite_step,
         }
 
     @property

@@ -405,3 +405,35 @@ def test_a_one_step_profile_is_refused_when_it_is_made(flux):
     x = torch.randn(1, *flux.latent_shape, generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match=r"1 steps \(step_change\); a profile has 2\.\.10000"):
         record_profile(flux.model, lambda: sample_euler(flux.velocity_fn([1]), x, sigmas, cfg_scale=1.0), sigmas)
+
+
+@CLEAR
+@pytest.mark.parametrize("mode", ["online", "profiled"])
+@pytest.mark.parametrize("where", ["input latent", "late blow-up"])
+def test_a_run_that_turns_nan_says_its_result_is_invalid(flux, profile, mode, where):
+    """Before: a NaN latent summarised as an ordinary run ("12/12 full ... effective NFE 12.0") beside an all-NaN
+    image. Now the summary, the stats and a warning name the first checked step whose output was not finite."""
+    x = torch.randn(1, *flux.latent_shape, generator=torch.Generator().manual_seed(0))
+    velocity = flux.velocity_fn([1])
+    if where == "input latent":
+        x.view(-1)[0] = float("nan")
+    else:  # a blow-up on the way: what enters the model at the last step is already inf
+        last_sigma, clean = SIGMAS[-2], velocity
+        velocity = lambda x, s: clean(x * float("inf") if s == last_sigma else x, s)  # noqa: E731
+    config = preset_config("fast") if mode == "profiled" else XSlimConfig(mode="online")
+    with XSlim(flux.model, config, profile=profile if mode == "profiled" else None, sigmas=SIGMAS) as cache:
+        with pytest.warns(UserWarning, match="holds NaN or inf at step"):
+            x = sample_euler(velocity, x, SIGMAS, cfg_scale=1.0)
+        cache.end_run()
+        stats = cache.stats
+    step = 0 if where == "input latent" else len(SIGMAS) - 2
+    assert stats.non_finite_step == step and stats.as_dict()["non_finite_step"] == step
+    assert f"INVALID RESULT: the model's output held NaN or inf at step {step}" in stats.summary()
+
+
+@SURVIVED
+def test_a_finite_run_reports_no_invalid_result(flux):
+    with XSlim(flux.model, XSlimConfig(mode="online"), sigmas=SIGMAS) as cache:
+        sample(flux)
+        cache.end_run()
+    assert cache.stats.non_finite_step is None and "INVALID" not in cache.stats.summary()
