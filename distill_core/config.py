@@ -220,3 +220,21 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A run's settings as a submitter gives them (the ComfyUI Train node, the job manager): checked at once as a
+    ``RunConfig`` (unknown keys, wrong types and values out of range are refused naming the setting, before a run
+    folder exists) and kept as given. job.json records exactly these keys (the worker fills in RunConfig's defaults
+    and the run folder), so a resume compares the same keys as the start did."""
+
+    settings: dict
+
+    def __post_init__(self):
+        if not isinstance(self.settings, dict):
+            raise ValueError(f"run config: the settings must be a dict, got {type(self.settings).__name__}.")
+        RunConfig.from_dict({**self.settings, "run_dir": self.settings.get("run_dir") or "."})
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(self.settings))  # a copy: nested dicts included

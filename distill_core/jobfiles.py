@@ -15,23 +15,49 @@ and starts ``python -m distill_core.worker --run-dir DIR``; from then on the wor
     stop               a stop request: the worker saves a checkpoint and the student, then exits
     status.json        the worker's last word: {state: done | stopped | failed, iteration, message, student}
     worker.log         the worker's stdout and stderr (the submitter redirects them there)
+    export.json        the ComfyUI side's record of where it exported the finished student (``ExportRecord``)
 
-Nothing here imports torch or ComfyUI, so the ComfyUI process can read run folders cheaply.
+Each JSON file is a record class here (``JobSpec``, ``Beat``, ``Status``, ``ExportRecord``), read leniently and
+written atomically; ``JobState`` names every state a job is shown in. A writer enters a folder only through
+``OpenRun`` (the lock, and the fingerprint checked once). Reading imports neither torch nor ComfyUI, so the
+ComfyUI process can read run folders cheaply.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 JOB, FINGERPRINT, LOCK, HEARTBEAT = "job.json", "fingerprint.json", "lock", "heartbeat.json"
 METRICS, STOP, STATUS, LOG = "metrics.jsonl", "stop", "status.json", "worker.log"
 PREVIEWS, STUDENT, STATE, CONDITIONING = "previews", "student.safetensors", "state.safetensors", "conditioning.safetensors"
-FINAL_STATES = ("done", "stopped", "failed")
+EXPORT = "export.json"
+JOB_FORMAT = "xslim-distill-job/1"
+
+
+class JobState(str, enum.Enum):
+    """Every state a job is shown in (the jobs panel's vocabulary). A worker's own last word is one of
+    ``FINAL_STATES``; the others are what a watcher concludes from the lock, the heartbeat and the stop file."""
+
+    STARTING = "starting"  # the worker holds the folder and is loading the model
+    RUNNING = "running"
+    STOPPING = "stopping"  # a stop was asked; the worker saves and exits
+    DONE = "done"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # no worker and no last word: it was killed or the machine restarted
+    DAMAGED = "damaged"  # the run folder's files cannot be made sense of
+
+
+FINAL_STATES = tuple(s.value for s in (JobState.DONE, JobState.STOPPED, JobState.FAILED))
+ACTIVE_STATES = tuple(s.value for s in (JobState.STARTING, JobState.RUNNING, JobState.STOPPING))
+RESUMABLE_STATES = tuple(s.value for s in (JobState.STOPPED, JobState.INTERRUPTED, JobState.FAILED))
 HEARTBEAT_EVERY_S = 2.0
 # A heartbeat older than this, with no final status, means the worker is gone (used where file locks do not work).
 STALE_AFTER_S = 30.0
@@ -41,18 +67,23 @@ RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "previe
              "memory_budget_gib", "offload_optimizer")  # placement and budget: a run may resume elsewhere
 
 
-def write_json(path: str, data: dict) -> None:
-    """Atomic: a reader never sees half a file. The temporary file is created exclusively under a fresh name, so two
-    writers (the server's threads, a worker) never share one and a planted link is never written through."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+def atomic_path(path: str, overwrite: bool):
+    """``xslim_core.files.atomic_path``, the pack's one way to write a file atomically; imported when first
+    written with, so that reading run folders never imports the engine (and torch)."""
     try:
-        with os.fdopen(fd, "w") as f:
+        from ..xslim_core.files import atomic_path as atomic  # inside the ComfyUI pack (the package comfyui_xslim)
+    except ImportError:  # run from the repository root, where distill_core is a top-level package
+        from xslim_core.files import atomic_path as atomic
+    return atomic(path, overwrite)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Atomic (``atomic_path``): a reader never sees half a file, two writers (the server's threads, a worker)
+    never share a temporary file and a planted link is never written through."""
+    with atomic_path(path, overwrite=True) as tmp:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; job files are read by the ComfyUI process and by people
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 JSON_LIMIT = 1 << 20  # bytes: run-folder JSON files are small; a larger one is damaged, not read
@@ -88,6 +119,150 @@ def json_safe(value):
 def dumps(value) -> str:
     """The one serializer of the jobs routes: never emits NaN or Infinity."""
     return json.dumps(json_safe(value), allow_nan=False)
+
+
+def mapping(value) -> dict:
+    """``value`` when it is a JSON object, else {} (a damaged file says nothing)."""
+    return value if isinstance(value, dict) else {}
+
+
+def count(value) -> int | None:
+    """A non-negative whole number from a run file, else None (a damaged file says nothing)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _number(value) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# -- the run folder's files as records ------------------------------------------------------------------------
+class RunFile:
+    """One file of the run folder as a record: read leniently (a damaged field reads as unknown, a damaged file
+    as None), written atomically."""
+
+    FILE: ClassVar[str]
+
+    @classmethod
+    def read(cls, run_dir: str):
+        data = read_json(os.path.join(run_dir, cls.FILE))
+        return None if data is None else cls.from_json(data)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        raise NotImplementedError
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def write(self, run_dir: str) -> None:
+        write_json(os.path.join(run_dir, self.FILE), self.to_json())
+
+
+@dataclass
+class JobSpec(RunFile):
+    """job.json: what to train, written by the submitter, read-only for the worker."""
+
+    FILE: ClassVar[str] = JOB
+    config: dict
+    base: dict
+    gpu: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)  # {"overwrite": bool}: may the export replace a student file
+    created: float | None = None
+    bootstrap: dict | None = None  # what the worker makes importable first (``worker.bootstrap``)
+    format: str = JOB_FORMAT
+
+    @classmethod
+    def from_json(cls, data: dict) -> "JobSpec":
+        return cls(config=mapping(data.get("config")), base=mapping(data.get("base")), gpu=mapping(data.get("gpu")),
+                   export=mapping(data.get("export")), created=_number(data.get("created")),
+                   bootstrap=data.get("bootstrap") or None, format=data.get("format"))
+
+    def to_json(self) -> dict:
+        data = {"format": self.format, "config": self.config, "base": self.base, "gpu": self.gpu, "export": self.export,
+                "created": self.created}
+        return {**data, "bootstrap": self.bootstrap} if self.bootstrap else data
+
+
+@dataclass
+class Status(RunFile):
+    """status.json: the worker's last word (or the watcher's, for a worker that died without one). Read as None
+    when it names no final state."""
+
+    FILE: ClassVar[str] = STATUS
+    state: str  # one of FINAL_STATES
+    iteration: int | None = None
+    message: str = ""
+    student: str | None = None
+    time: float | None = None
+    pid: int | None = None
+    error: str | None = None  # the traceback of a failure
+    crashed: bool | None = None  # written by the watcher: the worker ended without a status
+    exit_code: int | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Status | None":
+        if data.get("state") not in FINAL_STATES:
+            return None
+        message, student = data.get("message", ""), data.get("student")
+        return cls(state=data["state"], iteration=count(data.get("iteration")), message=message if isinstance(message, str) else "",
+                   student=student if isinstance(student, str) else None, time=_number(data.get("time")))
+
+    def to_json(self) -> dict:
+        data = {"state": self.state, "iteration": self.iteration, "message": self.message, "student": self.student}
+        extra = {"crashed": self.crashed, "exit_code": self.exit_code, "error": self.error, "time": self.time, "pid": self.pid}
+        return {**data, **{k: v for k, v in extra.items() if v is not None}}
+
+
+@dataclass
+class Beat(RunFile):
+    """heartbeat.json: the live worker's pulse, rewritten every HEARTBEAT_EVERY_S by a thread of the worker."""
+
+    FILE: ClassVar[str] = HEARTBEAT
+    pid: int | None = None
+    pgid: int | None = None  # what a watcher signals to stop the whole job
+    started: float | None = None
+    iteration: int | None = None
+    iterations: int | None = None
+    phase: str = "loading"  # loading, training, exited
+    time: float | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Beat":
+        return cls(pid=count(data.get("pid")), pgid=count(data.get("pgid")), started=_number(data.get("started")),
+                   iteration=count(data.get("iteration")), iterations=count(data.get("iterations")),
+                   phase=data.get("phase", "loading"), time=_number(data.get("time")))
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "time": time.time()}  # the time of writing: what a watcher's age is measured from
+
+
+@dataclass
+class ExportRecord(RunFile):
+    """export.json: which file of the students folder holds this run's student, and from which iteration."""
+
+    FILE: ClassVar[str] = EXPORT
+    student: str | None
+    path: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    iteration: int | None = None
+    note: str = ""
+    time: float | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ExportRecord":
+        student = data.get("student")
+        return cls(student=student if isinstance(student, str) else None, path=data.get("path"), size=data.get("size"),
+                   mtime_ns=data.get("mtime_ns"), iteration=data.get("iteration"), note=data.get("note", ""),
+                   time=_number(data.get("time")))
+
+    def names(self, target: str) -> bool:
+        """Whether ``target`` is still the very file this record made (same path, size and modification time)."""
+        try:
+            st = os.stat(target)
+        except OSError:
+            return False
+        return self.path == target and self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
 
 
 def stale_temporaries(run_dir: str) -> list[str]:
@@ -134,9 +309,6 @@ class RunFolderBusy(RuntimeError):
     pass
 
 
-_HELD: set[str] = set()  # run folders whose lock this process holds
-
-
 class RunLock:
     """An exclusive, non-blocking OS lock on ``<run>/lock``. The OS drops it when the holder exits in any way,
     so a lock that is free means no worker is alive in that folder."""
@@ -144,11 +316,6 @@ class RunLock:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK)
         self.handle = None
-
-    @staticmethod
-    def held_here(run_dir: str) -> bool:
-        """True when this process already holds the folder's lock (a worker that then calls run_training)."""
-        return os.path.realpath(run_dir) in _HELD
 
     def acquire(self) -> "RunLock":
         handle = open(self.path, "a+")
@@ -159,7 +326,6 @@ class RunLock:
             raise RunFolderBusy(f"the run folder {os.path.dirname(self.path)} is in use by another worker") from None
         self.handle = handle
         run_dir = os.path.dirname(self.path)
-        _HELD.add(os.path.realpath(run_dir))
         for stale in stale_temporaries(run_dir):  # the folder is ours now: no other writer of these is alive
             os.unlink(stale)
         return self
@@ -171,7 +337,6 @@ class RunLock:
             finally:
                 self.handle.close()
                 self.handle = None
-                _HELD.discard(os.path.realpath(os.path.dirname(self.path)))
 
 
 def is_locked(run_dir: str) -> bool | None:
@@ -329,12 +494,59 @@ def _base_changes(ob: dict, nb: dict) -> list[str]:
     return changes
 
 
+class OpenRun:
+    """The one way a writer enters a run folder: the main process (rank 0) takes the folder's lock, and the run's
+    fingerprint is checked once against the one recorded at its first start (``check_resume``). The worker opens
+    the folder before it loads anything (a busy folder or a changed base refuses at once, before torchrun's process
+    group); ``runtime.run_training`` opens it itself when nobody in this process has (the command line, a thread),
+    and otherwise finds it open and checked.
+
+        with OpenRun(run_dir, main) as run:   # RunFolderBusy
+            run.check(config, base)            # ResumeRefused; later checks in this process do nothing
+    """
+
+    _open: ClassVar[dict[str, "OpenRun"]] = {}  # real path -> the folder this process has open
+
+    def __init__(self, run_dir: str, main: bool = True):
+        self.run_dir, self.main = run_dir, main
+        self.lock = RunLock(run_dir) if main else None
+        self.checked = False
+
+    @classmethod
+    def current(cls, run_dir: str) -> "OpenRun | None":
+        return cls._open.get(os.path.realpath(run_dir))
+
+    def open(self) -> "OpenRun":
+        if self.lock is not None:
+            self.lock.acquire()
+        OpenRun._open[os.path.realpath(self.run_dir)] = self
+        return self
+
+    def close(self) -> None:
+        OpenRun._open.pop(os.path.realpath(self.run_dir), None)
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> "OpenRun":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check(self, config: dict, base: dict) -> None:
+        """Refuse a resume whose base model or result-shaping settings changed; the main process records the
+        fingerprint on first start. Once per open folder."""
+        if not self.checked:
+            check_resume(self.run_dir, config, base, write=self.main)
+            self.checked = True
+
+
 # -- reading a run ------------------------------------------------------------------------------------------
 def heartbeat_age(run_dir: str, now: float | None = None) -> float | None:
-    beat = read_json(os.path.join(run_dir, HEARTBEAT))
-    if not beat or not isinstance(beat.get("time"), (int, float)):
+    beat = Beat.read(run_dir)
+    if beat is None or beat.time is None:
         return None
-    return (now or time.time()) - beat["time"]
+    return (now or time.time()) - beat.time
 
 
 def read_metrics(path: str, offset: int = 0) -> tuple[list[dict], int]:

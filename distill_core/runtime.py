@@ -9,6 +9,7 @@ the deployable student file at the end. ``stop`` may be a threading.Event or any
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from . import parallel as P
 from .cache import Compensation
 from .conditioning import PromptSet
 from .config import RunConfig
-from .jobfiles import RunLock, check_resume
+from .jobfiles import OpenRun
 from .models import Teacher, load_teacher_from
 from .nets import RoleState, build_roles, merged_weights
 from .parallel import pick_device
@@ -374,8 +375,6 @@ def latent_preview(prompts: PromptSet, latent_shape: tuple):
 
 def autocast(precision: str, device: torch.device):
     """bf16 autocast for the step (weights and optimiser states stay fp32), or nothing for fp32."""
-    import contextlib
-
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -395,17 +394,13 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
     if planned and ranks.is_main:
         print(f"[1.x-Distill] {planned}", flush=True)
     os.makedirs(cfg.run_dir, exist_ok=True)
-    # one writer per run folder (a ComfyUI worker already holds the lock of its own folder)
-    lock = RunLock(cfg.run_dir).acquire() if ranks.is_main and not RunLock.held_here(cfg.run_dir) else None
-    try:
+    # one writer per run folder: a worker has opened (locked and checked) its own folder already
+    opened = OpenRun.current(cfg.run_dir)
+    with contextlib.nullcontext(opened) if opened is not None else OpenRun(cfg.run_dir, ranks.is_main) as run:
         teacher = load_run_teacher(cfg, teacher)
         name = teacher.base.get("name") or (os.path.basename(os.path.normpath(cfg.teacher)) if cfg.teacher else "the shipped demo teacher")
-        check_resume(cfg.run_dir, asdict(cfg), {"name": name, "hash": teacher.base["hash"], "prompts": teacher.base["prompts"]},
-                     write=ranks.is_main)
+        run.check(asdict(cfg), {"name": name, "hash": teacher.base["hash"], "prompts": teacher.base["prompts"]})
         return _train(cfg, ranks, progress, stop, teacher)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> dict:

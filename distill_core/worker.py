@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 from . import jobfiles as jf
 
-JOB_FORMAT = "xslim-distill-job/1"
+JOB_FORMAT = jf.JOB_FORMAT
 EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_BUSY = 0, 1, 2, 3
 
 
@@ -40,9 +40,9 @@ class Heartbeat:
     never looks like a dead worker."""
 
     def __init__(self, run_dir: str, total: int | None = None, enabled: bool = True):
-        self.path, self.enabled = os.path.join(run_dir, jf.HEARTBEAT), enabled
+        self.run_dir, self.enabled = run_dir, enabled
         pgid = os.getpgid(0) if hasattr(os, "getpgid") else None  # what a watcher signals to stop the whole job
-        self.beat = {"pid": os.getpid(), "pgid": pgid, "started": time.time(), "iteration": None, "iterations": total, "phase": "loading"}
+        self.beat = jf.Beat(pid=os.getpid(), pgid=pgid, started=time.time(), iterations=total)
         self._quit = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="xslim-heartbeat", daemon=True)
 
@@ -54,7 +54,7 @@ class Heartbeat:
 
     def write(self) -> None:
         try:
-            jf.write_json(self.path, {**self.beat, "time": time.time()})
+            self.beat.write(self.run_dir)
         except OSError:  # a full disk must not kill the training; the watcher will see a stale heartbeat
             pass
 
@@ -63,14 +63,14 @@ class Heartbeat:
             self.write()
 
     def progress(self, record: dict) -> None:
-        self.beat.update(iteration=record["iteration"], phase="training")
+        self.beat.iteration, self.beat.phase = record["iteration"], "training"
 
     def stop(self, phase: str = "exited") -> None:
         self._quit.set()
         if self.enabled:
             if self._thread.is_alive():
                 self._thread.join(5)
-            self.beat["phase"] = phase
+            self.beat.phase = phase
             self.write()
 
 
@@ -115,24 +115,23 @@ def load_job(run_dir: str):
     from .config import RunConfig
     from .student import file_hash
 
-    job = jf.read_json(os.path.join(run_dir, jf.JOB))
-    if job is None:
+    spec = jf.JobSpec.read(run_dir)
+    if spec is None:
         raise ValueError(f"{run_dir} has no readable {jf.JOB}; start jobs through the job manager or write one")
-    if job.get("format") != JOB_FORMAT:
-        raise ValueError(f"{jf.JOB} has format {job.get('format')!r}, expected {JOB_FORMAT!r}")
-    cfg = RunConfig.from_dict({**job["config"], "run_dir": run_dir})
+    if spec.format != JOB_FORMAT:
+        raise ValueError(f"{jf.JOB} has format {spec.format!r}, expected {JOB_FORMAT!r}")
+    cfg = RunConfig.from_dict({**spec.config, "run_dir": run_dir})
     if not cfg.teacher or not os.path.isfile(cfg.teacher):
         raise ValueError(f"the base model file {cfg.teacher!r} does not exist (it was moved or deleted after the job was made)")
-    base = {**job.get("base", {}), "hash": file_hash(cfg.teacher)}
-    return job, cfg, base
+    base = {**spec.base, "hash": file_hash(cfg.teacher)}
+    return spec.to_json(), cfg, base
 
 
-def check_fingerprint(run_dir: str, cfg, base: dict, write: bool) -> None:
+def check_fingerprint(run: jf.OpenRun, cfg, base: dict) -> None:
     """Refuse early (before torchrun's process group) when the base model, the prompts or settings changed. The
     fingerprint holds both the submitter's identities of the prompt list and text encoder (from job.json) and the
-    hash of the encoded prompt set in the run folder."""
-    base = {**base, "prompts": _prompts_hash(cfg.prompts_path)}
-    jf.check_resume(run_dir, asdict(cfg), base, write)
+    hash of the encoded prompt set in the run folder. ``run_training`` then finds the folder open and checked."""
+    run.check(asdict(cfg), {**base, "prompts": _prompts_hash(cfg.prompts_path)})
 
 
 def _prompts_hash(path: str | None) -> str | None:
@@ -174,24 +173,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     world = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
-    lock = None
-    if is_main:
-        try:
-            lock = jf.RunLock(run_dir).acquire()
-        except jf.RunFolderBusy as err:
-            print(f"[1.x-Distill worker] {err}; this worker leaves it alone", file=sys.stderr)
-            return EXIT_BUSY
-        for stale in (jf.STATUS,):  # the run is live again; an old final word would mislead watchers
-            if os.path.exists(os.path.join(run_dir, stale)):
-                os.remove(os.path.join(run_dir, stale))
+    run = jf.OpenRun(run_dir, main=is_main)
+    try:
+        run.open()
+    except jf.RunFolderBusy as err:
+        print(f"[1.x-Distill worker] {err}; this worker leaves it alone", file=sys.stderr)
+        return EXIT_BUSY
+    if is_main and os.path.exists(os.path.join(run_dir, jf.STATUS)):  # the run is live again; an old final word would mislead watchers
+        os.remove(os.path.join(run_dir, jf.STATUS))
     beat = Heartbeat(run_dir, enabled=is_main).start()
-    outcome, code = {"state": "failed", "iteration": None, "message": "", "student": None}, EXIT_FAILED
+    outcome, code = jf.Status(state="failed"), EXIT_FAILED
     distributed = ended_together = False
     try:
         job, cfg, base = load_job(run_dir)
         bootstrap(job)
-        beat.beat["iterations"] = cfg.iterations
-        check_fingerprint(run_dir, cfg, base, write=is_main)
+        beat.beat.iterations = cfg.iterations
+        check_fingerprint(run, cfg, base)
         if world > 1:
             from .parallel import init_distributed
 
@@ -202,17 +199,17 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_training(cfg, progress=beat.progress, stop=StopRequest(run_dir))
         ended_together = True  # run_training returned on every rank (its collectives keep them in step)
-        outcome = {"state": result["status"], "iteration": result["iteration"], "message": result["message"],
-                   "student": result["student"] and os.path.basename(result["student"])}
+        outcome = jf.Status(state=result["status"], iteration=result["iteration"], message=result["message"],
+                            student=result["student"] and os.path.basename(result["student"]))
         code = EXIT_FAILED if result["status"] == "failed" else EXIT_DONE
     except ResumeRefused as err:
-        outcome["message"], code = str(err), EXIT_REFUSED
+        outcome.message, code = str(err), EXIT_REFUSED
         _say(str(err))
     except Exception as err:  # anything else: the job is failed, with the reason where a person will look
         text = traceback.format_exc()
         print(text, file=sys.stderr, flush=True)
-        outcome["message"] = f"{type(err).__name__}: {err}"
-        outcome["error"] = text[-4000:]
+        outcome.message = f"{type(err).__name__}: {err}"
+        outcome.error = text[-4000:]
     finally:
         beat.stop()
         if distributed:
@@ -220,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
 
             shutdown(synchronize=ended_together)
         if is_main:
-            outcome.update(time=time.time(), pid=os.getpid())
-            jf.write_json(os.path.join(run_dir, jf.STATUS), outcome)
+            outcome.time, outcome.pid = time.time(), os.getpid()
+            outcome.write(run_dir)
             stop = os.path.join(run_dir, jf.STOP)
             if os.path.exists(stop):  # acted on; a later resume must not stop at once
                 os.remove(stop)
-            lock.release()
-    _say(f"{outcome['state']} at iteration {outcome['iteration']}" + (f": {outcome['message']}" if outcome["message"] else ""))
+        run.close()
+    _say(f"{outcome.state} at iteration {outcome.iteration}" + (f": {outcome.message}" if outcome.message else ""))
     return code
 
 

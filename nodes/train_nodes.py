@@ -381,15 +381,27 @@ class DistillTrain(io.ComfyNode):
         else:
             write_extra, bootstrap = _text_job(model, model_name, prompts, clip, config, base,
                                                dict(lora_rank=lora_rank, width=width, height=height, frames=frames))
+        run = _run_request(config)
         gpu = {"mode": {"separate device": "device"}.get(gpu_sharing, gpu_sharing), "device": device, "memory_fraction": memory_fraction}
         # exclusive: ComfyUI's models leave the GPU just before the worker starts, after the CLIP encoded the prompts
         before_start = _free_comfy_memory if gpu["mode"] == "exclusive" else None
-        summary, what = manager().submit(run_name, base, config, gpu, overwrite_student, write_extra=write_extra,
+        summary, what = manager().submit(run_name, base, run, gpu, overwrite_student, write_extra=write_extra,
                                          bootstrap=bootstrap, before_start=before_start)
         print(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}; "
               f"batch {batch_size}, cached blocks {cached_blocks}, CFG {guidance_scale}); follow it in the "
               "'1.x-Distill jobs' sidebar panel")
         return io.NodeOutput(run_name)
+
+
+def _run_request(config: dict):
+    """The run's settings checked as a run configuration before anything is written or started (a value the
+    trainer would refuse is refused here, at queue time, naming the setting)."""
+    from ..distill_core.config import RunRequest
+
+    try:
+        return RunRequest(config)
+    except (ValueError, TypeError) as err:
+        raise JobError(f"1.x-Distill Train: {err} Nothing was started.") from None
 
 
 def _chosen_model(model_name: str, clip):
