@@ -9,26 +9,8 @@ Pure PyTorch; no hand-written gradient all-reduce. Two ways to spread a run over
   of the base (and of the adapters); the roles' steps call the model directly and FSDP reduce-scatters the
   gradients of whatever parameters got one.
 
-Why DDP over a role-only view (tests/parallel_scripts/reducer_probe.py, run by tests/test_parallel.py; torch
-2.13, gloo, 2 processes). The student and the fake score are two LoRA adapters on ONE frozen base, so a DDP over
-the base (or over any module that registers it) puts both roles' parameters in its reducer:
-
-* one DDP over the base, ``find_unused_parameters=True``: correct gradients (the idle role is "unused" and
-  keeps ``grad=None``), but every backward all-reduces both roles' buckets - twice the traffic;
-* the same without find_unused: the first step's gradients are silently NOT averaged (the reducer waits for
-  the idle role forever), and the next forward raises "Expected to have finished reduction";
-* one DDP per role, each over the whole base: the second role's first backward raises "Encountered gradient
-  which is undefined, but still allreduced". The reducer does not fully ignore hooks it does not expect: it
-  skips the reduction but still marks the parameter used (``local_used_map_``, set before the
-  ``expect_autograd_hooks_`` check, for no_sync accumulation), so the other role's step poisons its next one;
-* one DDP per role over a module whose registered parameters are only that role's (``RoleStep``, the very
-  Parameter objects the base holds): correct, and each backward reduces exactly that role's gradients.
-
-``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` could give the per-role set too, but it
-is private and flags the Parameter objects themselves (``_ddp_ignored``), which the other role's wrapper
-shares. Rule that follows from the reducer's bookkeeping: the other role's forwards inside a step (the fake
-score in the student's step) run under ``torch.no_grad()``; otherwise its gradients accumulate un-averaged
-(zero them before that role's own step, as ``optimizer.zero_grad`` does) and it counts as "used".
+Why DDP over a role-only view, and the rules that follow: docs/decisions/0001-ddp-per-role.md (measured by
+tests/parallel_scripts/reducer_probe.py). FSDP2's rules: docs/decisions/0002-fsdp2-rules.md.
 """
 
 from __future__ import annotations
@@ -227,15 +209,8 @@ def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Dist, extra: Iterabl
     output projection). Each rank keeps 1/N of every parameter; a block is all-gathered just for its forward
     and again for its backward. Afterwards the model's parameters are DTensors: build optimisers *after* this.
 
-    Rules the trainer must follow under FSDP2 (collectives are issued per module call, unlike DDP's one
-    all-reduce per backward): every rank calls the same modules in the same order in a step (a cached step
-    with no rows on some rank still calls the model, e.g. on an empty slice), and every rank updates the same
-    role. ``reshard_after_forward=False`` keeps the blocks gathered between forward and backward (faster,
-    more memory). ``reshard_root_after_forward`` (default: the same) for the root's own parameters only
-    (embeddings, norms, output layer): ``False`` when a forward's root output is not part of the loss but
-    gradients still flow through the root's layers - e.g. block features taken with forward hooks on a sample
-    that requires grad (Stage II's discriminator backbone): FSDP2 re-gathers a module for backward from a hook on
-    its *output*, so such a root would run its backward on freed storage ("setStorage ... storage of size 0").
+    The rules the trainer keeps under FSDP2 (same modules in the same order on every rank, one role per step, when
+    ``reshard_root_after_forward`` must be False): docs/decisions/0002-fsdp2-rules.md.
     Single process: the model unchanged.
     """
     if not d.distributed:

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from distill_core.conditioning import encode_prompt_set
 from test_distill_families import LOADER, fake_text_encoder, tiny_flux
 
-pytestmark = pytest.mark.slow  # processes, torchrun or whole training runs: left out of `make test-quick`
+# processes, torchrun or whole training runs of real models: left out of `make test-quick`
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}

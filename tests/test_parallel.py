@@ -21,7 +21,8 @@ SCRIPTS = HERE / "parallel_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import two_roles  # noqa: E402
 
-pytestmark = pytest.mark.slow  # processes, torchrun or whole training runs: left out of `make test-quick`
+# processes, torchrun or whole training runs of real models: left out of `make test-quick`
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -19,7 +19,8 @@ from distill_core import jobfiles as jf
 from xslim_lab.tiny import write_tiny_teacher
 from distill_core.worker import EXIT_BUSY, EXIT_DONE, EXIT_REFUSED, JOB_FORMAT
 
-pytestmark = pytest.mark.slow  # processes, torchrun or whole training runs: left out of `make test-quick`
+# processes, torchrun or whole training runs of real models: left out of `make test-quick`
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
