@@ -81,4 +81,4 @@ class Discriminator(nn.Module):
 
 
 def multilevel_bce(logits: list[torch.Tensor], target: float) -> torch.Tensor:
-    return sum(F.binary_cross_entropy_with_logits(l, torch.full_like(l, target)) for l in logits)
+    return sum(F.binary_cross_entropy_with_logits(level, torch.full_like(level, target)) for level in logits)

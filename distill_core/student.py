@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 from .cache import CacheRange, Compensation, effective_nfe, recording, replaying
 from .conditioning import Conditioning

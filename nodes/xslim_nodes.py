@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from functools import partial
@@ -15,6 +16,8 @@ from .host import XSlimSetupError, install
 from .pictures import decision_map, labelled_grid, row_labels, table_image
 from .runner import cached_run, decode, last_report, sample_latent
 from .settings import CACHE_DEVICES, CACHE_DTYPES, PRESET_NAMES, make_settings, parse_setting_line, profile_names, save_profile
+
+log = logging.getLogger("xslim")
 
 CATEGORY = "X-Slim"
 
@@ -400,15 +403,13 @@ def _link_teacher(folder: str) -> bool:
 def register_demo_model_folder() -> None:
     """Make the shipped demo model visible to UNETLoader, and nothing else of the pack (models/diffusion_models
     stays untouched)."""
-    import logging
-
     import folder_paths
 
     if _link_teacher(LISTED_FOLDER):
         folder_paths.add_model_folder_path("diffusion_models", LISTED_FOLDER)
         return
     # a read-only install: list the weights folder itself, auxiliary files included, rather than no demo model
-    logging.warning("X-Slim: could not write %s (read-only install?); UNETLoader also lists the demo model's class table "
+    log.warning("X-Slim: could not write %s (read-only install?); UNETLoader also lists the demo model's class table "
                     "and classifier, which are not models: pick demo_teacher.safetensors.", LISTED_FOLDER)
     folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(default_weights_path()))
 

@@ -1,8 +1,6 @@
 """1.x-Distill units on a tiny random model: schedules, re-noising, importance sampling, guidance control,
 the block cache and compensation, the student file (and its refusals), one step of each stage."""
 
-import copy
-import os
 
 import pytest
 import torch
@@ -140,7 +138,8 @@ def test_effective_nfe():
         CacheRange(3, 1)
 
 
-def _save_tiny_student(tiny, path, cache=CacheRange(1, 1)):
+def _save_tiny_student(tiny, path, cache=None):
+    cache = cache or CacheRange(1, 1)
     _, teacher = tiny
     _, net, _ = build_roles(teacher.flow)
     comp = Compensation(32)

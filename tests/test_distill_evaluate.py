@@ -37,10 +37,10 @@ def test_targets_are_judged_from_the_measured_numbers():
         _row("stage2_c167", "1.x 1.67", 1.67, 42.0, 0.81, 0.35),  # accuracy and diversity fail
     ]
     lines = check_targets(rows)
-    fast = [l for l in lines if "1.x 1.67" in l]
-    assert all(l.endswith("**PASS**") for l in lines if "1.x 1.75" in l)
-    assert sum(l.endswith("**FAIL**") for l in fast) == 2 and any("accuracy" in l and "FAIL" in l for l in fast)
-    assert any("guidance control" in l and l.endswith("**PASS**") for l in lines)
+    fast = [line for line in lines if "1.x 1.67" in line]
+    assert all(line.endswith("**PASS**") for line in lines if "1.x 1.75" in line)
+    assert sum(line.endswith("**FAIL**") for line in fast) == 2 and any("accuracy" in ln and "FAIL" in ln for ln in fast)
+    assert any("guidance control" in line and line.endswith("**PASS**") for line in lines)
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| 1.x 1.75 | 1.75 | 44.00 | 0.830 | 0.3700 |" in table
 
@@ -116,7 +116,7 @@ def test_evaluation_on_the_shipped_students_reports_each_set_and_the_standard_er
     assert list(by) == ["teacher2cfg", "stage2_c175", "stage2_c167"]
     assert by["stage2_c175"]["nfe"] == pytest.approx(1.75) and by["stage2_c167"]["nfe"] == pytest.approx(1 + 8 / 12)
     for row in result["rows"]:
-        for key, m in row["metrics"].items():
+        for m in row["metrics"].values():
             assert len(m["sets"]) == 2
             assert m["mean"] == pytest.approx(sum(m["sets"]) / 2)
             assert m["se"] == pytest.approx(abs(m["sets"][0] - m["sets"][1]) / 2)  # n = 2: |a - b| / 2

@@ -178,6 +178,6 @@ def test_a_killed_rank_ends_the_run_and_the_same_command_resumes_it(flux_run, pa
     again = torchrun(path)
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
-    assert f"resumed from iteration" in out
+    assert "resumed from iteration" in out
     with safe_open(str(root / f"killed_{parallel}" / "student.safetensors"), framework="pt") as f:
         assert f.metadata()["iterations"] == "40"

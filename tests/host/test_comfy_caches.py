@@ -114,7 +114,7 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
         for thr in THRESHOLDS:
             caplog.clear()
             with caplog.at_level(logging.INFO):
-                lat, nfe = measure(teacher, STEPS, blocks, images, lambda m: node.execute(m, thr, 0.15, 0.95, False).args[0])
+                lat, nfe = measure(teacher, STEPS, blocks, images, lambda m, node=node, thr=thr: node.execute(m, thr, 0.15, 0.95, False).args[0])
             name = "EasyCache" if node is EasyCacheNode else "LazyCache"
             skipped = [int(s) for s in re.findall(rf"{name} - skipped (\d+)/{STEPS} steps", caplog.text)]
             assert len(skipped) == images  # one log line per sampling run (one image each)
@@ -131,7 +131,7 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
                          XSlimDemoClass.execute("unconditional").args[0], {"samples": torch.zeros_like(pn[:1])}, 99, 50, 2.0,
                          SAMPLER, "simple", "demo-teacher")
     for preset, profile in (("slow", "demo-teacher"), ("fast", "demo-teacher"), ("slow", "none (online)"), ("fast", "none (online)")):
-        node = lambda m: XSlimCache.execute(m, preset, profile, 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model").args[0]  # noqa: E731
+        node = lambda m, preset=preset, profile=profile: XSlimCache.execute(m, preset, profile, 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model").args[0]  # noqa: E731
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             lat, nfe = measure(teacher, STEPS, blocks, images, node)
@@ -150,7 +150,7 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
     if os.environ.get("XSLIM_COMFY_CACHES_OUT"):
         with open(os.environ["XSLIM_COMFY_CACHES_OUT"], "w") as f:
             f.write(table)
-    for name, group, nfe, f in rows[1:]:
+    for name, _group, nfe, f in rows[1:]:
         assert 0 < nfe <= STEPS + 1e-6, name
         if not name.startswith("EasyCache"):  # EasyCache: see test_easycache_adds_every_branchs_difference_to_every_row
             assert f["psnr"] > 15, name  # close to the reference
