@@ -49,7 +49,8 @@ class SharedLora:
                               "or use lora_rank 0 (full copies) for a small model.") from None
 
         module.requires_grad_(False)
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+        # peft takes a float alpha too (its annotation says int)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)  # type: ignore[arg-type]
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for role in ROLES:  # B starts at zero: both roles start as the teacher, as full copies do
@@ -137,16 +138,23 @@ class Role(nn.Module):
             return [p for p in self.flow.module.parameters() if p.requires_grad]
         return list(self.lora.params[self.adapter]) if self.adapter else []
 
+    @property
+    def adapter_name(self) -> str:
+        """This role's adapter (a LoRA role always has one; full-copy roles have none)."""
+        if self.adapter is None:
+            raise ValueError("a full-copy role has no adapter")
+        return self.adapter
+
     def state(self) -> RoleState | nn.Module:
         if self.lora is None:
             return self.flow.module
-        return RoleState(dict(zip(self.lora.names[self.adapter], self.lora.params[self.adapter])))
+        return RoleState(dict(zip(self.lora.names[self.adapter_name], self.lora.params[self.adapter_name])))
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The transformer's weights as this role computes them (LoRA merged in), under the base's own names."""
         if self.lora is None:
             return {k: v.detach() for k, v in self.flow.module.state_dict().items()}
-        return merged_weights(self.lora, self.adapter)
+        return merged_weights(self.lora, self.adapter_name)
 
 
 def merged_weights(lora: SharedLora, role: str, state: dict | None = None) -> dict[str, torch.Tensor]:
