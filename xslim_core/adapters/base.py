@@ -63,6 +63,8 @@ def class_signature(module: nn.Module) -> inspect.Signature:
 class BoundBlock:
     """One call of a block, with its arguments addressable by name."""
 
+    mutates_inputs = False  # diffusers blocks return new tensors
+
     def __init__(self, spec: BlockSpec, args, kwargs):
         self.spec = spec
         self.bound = spec.signature.bind(*args, **kwargs)
