@@ -21,8 +21,10 @@ from torch import nn
 
 try:
     from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
+    from ..xslim_core.protocols import PatchableBlock
 except ImportError:  # run from the repository root, where distill_core is a top-level package
     from xslim_core.hooks import wrap_forward
+    from xslim_core.protocols import PatchableBlock
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _patched(blocks_and_forwards):
             u()
 
 
-def _specs(blocks: list, cache: CacheRange) -> list:
+def _specs(blocks: list[PatchableBlock], cache: CacheRange) -> list[PatchableBlock]:
     cache.check(len(blocks))
     return blocks[cache.first : cache.last + 1]
 
@@ -98,7 +100,7 @@ def _minus(a, b):
 
 
 @contextmanager
-def recording(blocks: list, cache: CacheRange):
+def recording(blocks: list[PatchableBlock], cache: CacheRange):
     """Run the full model and capture {"img": delta, "txt": delta} of the cached segment (yielded dict).
     ``blocks``: the model's block specs (``FlowModel.blocks()``)."""
     specs = _specs(blocks, cache)
@@ -120,7 +122,7 @@ def recording(blocks: list, cache: CacheRange):
 
 
 @contextmanager
-def replaying(blocks: list, cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None):
+def replaying(blocks: list[PatchableBlock], cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None):
     """Skip the cached segment: its output is input + f(delta) (plain reuse when ``compensation`` is None)."""
     specs = _specs(blocks, cache)
     comp_img = compensation.img if compensation is not None else (lambda d: d)

@@ -38,7 +38,8 @@ class EngineBlockCall(BlockCall, Protocol):
     """A block call as the X-Slim engine carries out its plans on it: token subsets and joined streams too."""
 
     # the block adds to its inputs in place (ComfyUI's ``x += ...``): the engine copies what it must keep
-    mutates_inputs: bool
+    @property
+    def mutates_inputs(self) -> bool: ...
 
     @property
     def img(self) -> torch.Tensor: ...
@@ -62,10 +63,18 @@ class EngineBlockCall(BlockCall, Protocol):
 class PatchableBlock(Protocol):
     """A block the student's cached step patches by its module (``distill_core.cache``)."""
 
-    index: int
-    stack: str
-    module: nn.Module
-    outputs: tuple[str, ...]  # order of the block's outputs, e.g. ("txt", "img")
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def stack(self) -> str: ...
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Order of the block's outputs, e.g. ("txt", "img")."""
 
     def bind(self, args: tuple, kwargs: dict) -> BlockCall: ...
 
@@ -73,8 +82,13 @@ class PatchableBlock(Protocol):
 class EngineBlock(Protocol):
     """A block as the engine sees it; a host turns each call of it into ``XSlimEngine.block_call``."""
 
-    index: int  # position in the whole block sequence (all stacks)
-    attention: Sequence  # one entry per attention call the block makes, in order (what an entry is: the host's)
+    @property
+    def index(self) -> int:
+        """Position in the whole block sequence (all stacks)."""
+
+    @property
+    def attention(self) -> Sequence:
+        """One entry per attention call the block makes, in order (what an entry is: the host's business)."""
 
     def bind(self, args: tuple, kwargs: dict) -> EngineBlockCall: ...
 
@@ -86,11 +100,23 @@ class EngineBlock(Protocol):
 class EngineModelCall(Protocol):
     """One call of the whole model as ``XSlimEngine.dispatch`` sees it."""
 
-    batch: int
-    sigma: float
-    time_resolution: float  # relative precision the timestep arrived in (0 for Python numbers)
-    shape_key: tuple  # a run keeps one batch and resolution
-    keys: list  # cache-state key of each batch row
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def sigma(self) -> float: ...
+
+    @property
+    def time_resolution(self) -> float:
+        """Relative precision the timestep arrived in (0 for Python numbers)."""
+
+    @property
+    def shape_key(self) -> tuple:
+        """What a run keeps: batch and resolution."""
+
+    @property
+    def keys(self) -> list:
+        """Cache-state key of each batch row."""
 
     def args_for(self, rows: list[int]) -> tuple[tuple, dict]:
         """The call's arguments restricted to batch ``rows``."""
@@ -102,7 +128,9 @@ class EngineModelCall(Protocol):
 class Controller(Protocol):
     """Turns (row state, step) into a plan; pure decisions (``controller.py``)."""
 
-    plans_token_refreshes: bool  # a token refresh may come: the engine keeps each row's last output for it
+    @property
+    def plans_token_refreshes(self) -> bool:
+        """A token refresh may come: the engine keeps each row's last output for it."""
 
     def plan(self, row: RowState, step: int) -> StepPlan: ...
 
