@@ -13,6 +13,7 @@ from .config import StepKind, StepPlan
 from .forecast import forecast_rows
 from .protocols import EngineBlock, EngineBlockCall
 from .run import Run
+from .segment import range_delta, replay_range
 from .state import RowState, TensorStore
 from .tokens import IMG_ONLY, gather_tokens, intercept_sdpa, join_sequence, scatter_tokens, select_tokens, split_sequence, widen_mask
 
@@ -134,8 +135,7 @@ class CallContext:
 
     def _record_segment(self, call: EngineBlockCall, out_img, out_txt) -> None:
         """Segment mode, the step before the last: keep each row's delta over the block range."""
-        outs = call.streams(out_img, out_txt, self.n_img)
-        delta = [None if o is None or i is None else o - i for o, i in zip(outs, self.segment_in)]
+        delta = range_delta(self.segment_in, call.streams(out_img, out_txt, self.n_img))
         for j in range(len(self.rows)):
             self.new_segment[j] = tuple(None if d is None else self.store.put(d[j : j + 1]) for d in delta)
         self.segment_in = None
@@ -148,7 +148,7 @@ class CallContext:
         transform = self.engine.segment_transform
         if transform is not None:
             d_img, d_txt = transform(d_img, d_txt)
-        return call.join_streams(_add(image, d_img), text if d_txt is None else _add(text, d_txt), self.n_img)
+        return call.join_streams(*replay_range((image, text), (d_img, d_txt), _add), self.n_img)
 
     def _compute_block(self, spec: EngineBlock, call: EngineBlockCall, forward: Callable, img, txt):
         plan, stats = self.plan, self.run.stats
