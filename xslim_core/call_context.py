@@ -30,7 +30,6 @@ def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
-
 def _nonzero(x: float) -> float:
     return x if abs(x) > 1e-8 else 1e-8
 

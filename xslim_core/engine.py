@@ -131,9 +131,9 @@ class XSlimEngine:
     def block_selector(self) -> BlockSelector:
         return BlockSelector(self.stacks, self._run.block_thresholds, self.config.protected_blocks)
 
-    # -- the two entry points of a host ------------------------------------------------------------------
+    # -- the entry points of a host ----------------------------------------------------------------------
     def dispatch(self, call: EngineModelCall, forward: Callable):
-        """One model call. ``call`` gives sigma, batch, row keys and per-row argument slices (ModelCall)."""
+        """One model call. ``call`` gives sigma, batch, row keys and per-row argument slices (EngineModelCall)."""
         if call.batch == 0:
             raise ValueError("X-Slim: the model was called with an empty batch (0 samples); pass at least one latent.")
         everything = call.args_for(list(range(call.batch)))
