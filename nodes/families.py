@@ -30,6 +30,9 @@ class DictBlockSpec:
     def bind(self, args, kwargs) -> "DictBlock":
         return DictBlock(self, args[0])
 
+    def passthrough(self, args, kwargs) -> None:
+        return None  # the streams are in the argument dict: the engine binds it (cheaply) to pass them through
+
 
 class DictBlock:
     """One call of a patched block: its argument dict, addressable like the engine's BoundBlock."""

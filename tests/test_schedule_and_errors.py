@@ -169,7 +169,7 @@ def test_core_packages_never_import_comfyui(package):
 
 
 def test_steps_are_found_from_timesteps_rounded_to_bfloat16():
-    from xslim_core.engine import locate_step
+    from xslim_core.run import locate_step
 
     sigmas = flow_sigmas(50, shift=3.0)
     eps = torch.finfo(torch.bfloat16).eps

@@ -11,9 +11,13 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..protocols import EngineBlockCall
 
 
 @dataclass
@@ -62,6 +66,8 @@ def class_signature(module: nn.Module) -> inspect.Signature:
 
 class BoundBlock:
     """One call of a block, with its arguments addressable by name."""
+
+    mutates_inputs = False  # diffusers blocks return new tensors
 
     def __init__(self, spec: BlockSpec, args, kwargs):
         self.spec = spec
@@ -217,7 +223,7 @@ class Adapter:
     def stack_sizes(self, model: nn.Module) -> list[tuple[str, int]]:
         return [(stack, len(getattr(model, attr))) for stack, attr in self.stacks]
 
-    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
+    def gather_positions(self, block: EngineBlockCall, idx: torch.Tensor, n_img: int, memo: dict) -> None:
         """Restrict positional inputs (RoPE tables, masks) of a block call to the token subset ``idx``.
         ``memo`` lives for one model call: blocks share their RoPE table, so it is gathered once."""
 
