@@ -23,15 +23,15 @@ from torch import nn
 from .models import FlowModel
 
 try:
-    from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
+    from ..xslim_core.families import DIFFUSERS_LORA_TARGETS  # inside the ComfyUI pack (the package comfyui_xslim)
+    from ..xslim_core.hooks import wrap_forward
 except ImportError:  # run from the repository root, where distill_core is a top-level package
+    from xslim_core.families import DIFFUSERS_LORA_TARGETS
     from xslim_core.hooks import wrap_forward
 
 ROLES = ("student", "fake")
-# LoRA on the blocks' attention and MLP projections (diffusers names); other layers stay frozen.
-LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
-                r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
-                r"proj_mlp|proj_out)")
+# LoRA on the blocks' attention and MLP projections (diffusers names, the families' default); others stay frozen.
+LORA_TARGETS = DIFFUSERS_LORA_TARGETS
 
 
 class SharedLora:
@@ -211,7 +211,7 @@ def build_roles(teacher: FlowModel, lora_rank: int = 0, lora_alpha: float | None
     trainable transformers' blocks recompute their activations in backward (``checkpoint_blocks``)."""
     teacher.module.eval().requires_grad_(False)
     if lora_rank:
-        lora = SharedLora(teacher.module, lora_rank, lora_alpha, getattr(teacher, "lora_targets", LORA_TARGETS))
+        lora = SharedLora(teacher.module, lora_rank, lora_alpha, teacher.lora_targets)
         roles = Role(teacher, lora, None), Role(teacher, lora, "student"), Role(teacher, lora, "fake")
         if checkpointing:  # one module: the student and the fake score share its blocks
             checkpoint_blocks(teacher, lora)

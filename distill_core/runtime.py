@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .logs import log
+
 from . import memory as M
 from . import parallel as P
 from .cache import Compensation
@@ -393,7 +395,7 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
     ranks = Ranks(pick_device(cfg.device), cfg.parallel, cfg.offload_optimizer)
     planned = check_memory(cfg, ranks) if teacher is None else None  # before anything is loaded (MemoryPlanRefused)
     if planned and ranks.is_main:
-        print(f"[1.x-Distill] {planned}", flush=True)
+        log.info("[1.x-Distill] %s", planned)
     os.makedirs(cfg.run_dir, exist_ok=True)
     # one writer per run folder (a ComfyUI worker already holds the lock of its own folder)
     lock = RunLock(cfg.run_dir).acquire() if ranks.is_main and not RunLock.held_here(cfg.run_dir) else None
@@ -415,12 +417,12 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
     if run.sharded is not None:
         placement = run.placement()
         if main:
-            print(f"[1.x-Distill] {placement}", flush=True)
+            log.info("[1.x-Distill] %s", placement)
     bar = tqdm(total=cfg.iterations, initial=run.iteration, desc=f"1.x-Distill {cfg.stage}", unit="it", disable=not main)
     start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
     if main and resumed:
         message = f"resumed from iteration {run.iteration}"
-        print(f"[1.x-Distill] {message}", flush=True)  # in the log at once, not only in the final status
+        log.info("[1.x-Distill] %s", message)  # in the log at once, not only in the final status
     while run.iteration < cfg.iterations:
         if _stop_requested(stop) or (cfg.max_minutes and time.time() - start > cfg.max_minutes * 60):
             status = "stopped"
@@ -457,5 +459,5 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
     elif status != "failed":
         status, message = "failed", "the weights are not finite; nothing was written"
     if main and message:
-        print(f"[1.x-Distill] {message}")
+        log.info("[1.x-Distill] %s", message)
     return {"status": status, "iteration": run.iteration, "message": message, "student": student}

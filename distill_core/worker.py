@@ -23,6 +23,7 @@ import traceback
 from dataclasses import asdict
 
 from . import jobfiles as jf
+from .logs import log, show_on_stdout
 
 JOB_FORMAT = "xslim-distill-job/1"
 EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_BUSY = 0, 1, 2, 3
@@ -32,7 +33,7 @@ ResumeRefused = jf.ResumeRefused
 
 
 def _say(message: str) -> None:
-    print(f"[1.x-Distill worker] {message}", flush=True)
+    log.info("[1.x-Distill worker] %s", message)
 
 
 class Heartbeat:
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one 1.x-Distill job from its run folder (see distill_core/jobfiles.py).")
     parser.add_argument("--run-dir", required=True, help="the run folder holding job.json")
     args = parser.parse_args(argv)
+    show_on_stdout()
     run_dir = os.path.abspath(args.run_dir)
     if not os.path.isdir(run_dir):
         print(f"[1.x-Distill worker] no run folder {run_dir}", file=sys.stderr)
