@@ -4,7 +4,6 @@ node's defaults, and ComfyUI's description of the same family (its file signatur
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
