@@ -25,8 +25,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
+
+try:
+    from ..xslim_core.files import atomic_path  # inside the ComfyUI pack (the package comfyui_xslim)
+except ImportError:  # run from the repository root, where distill_core is a top-level package
+    from xslim_core.files import atomic_path
 
 JOB, FINGERPRINT, LOCK, HEARTBEAT = "job.json", "fingerprint.json", "lock", "heartbeat.json"
 METRICS, STOP, STATUS, LOG = "metrics.jsonl", "stop", "status.json", "worker.log"
@@ -42,17 +46,12 @@ RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "previe
 
 
 def write_json(path: str, data: dict) -> None:
-    """Atomic: a reader never sees half a file. The temporary file is created exclusively under a fresh name, so two
-    writers (the server's threads, a worker) never share one and a planted link is never written through."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Atomic: a reader never sees half a file, two writers (the server's threads, a worker) never share a temporary
+    file and a planted link is never written through (``xslim_core.files.atomic_path``). Readable by all: job files
+    are read by the ComfyUI process and by people."""
+    with atomic_path(path, overwrite=True, mode=0o644) as tmp:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; job files are read by the ComfyUI process and by people
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 JSON_LIMIT = 1 << 20  # bytes: run-folder JSON files are small; a larger one is damaged, not read

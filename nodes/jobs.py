@@ -27,11 +27,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 from ..distill_core import jobfiles as jf
+from ..xslim_core.files import fresh_temporary
 
 log = logging.getLogger("xslim")
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -485,12 +485,10 @@ class JobManager:
         folder = students_dir()
         os.makedirs(folder, exist_ok=True)
         # a fresh, exclusively created temporary name: a planted file or link in the models folder is never written through
-        fd, tmp = tempfile.mkstemp(prefix=f".{job.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        target, n = os.path.join(folder, f"{job.name}.safetensors"), 1
-        try:
+        with fresh_temporary(folder, job.name) as tmp:
+            shutil.copyfile(source, tmp)
+            os.chmod(tmp, 0o644)
+            target, n = os.path.join(folder, f"{job.name}.safetensors"), 1
             while True:
                 if overwrite or self._is_own_export(job, target):
                     os.replace(tmp, target)
@@ -507,9 +505,6 @@ class JobManager:
                         break
                     n += 1
                     target = os.path.join(folder, f"{job.name}_{n}.safetensors")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         st = os.stat(target)
         note = "" if n == 1 else f"{job.name}.safetensors appeared meanwhile and was kept; exported as {os.path.basename(target)}"
         jf.write_json(job.path("export.json"), {"student": os.path.basename(target), "path": target, "size": st.st_size,

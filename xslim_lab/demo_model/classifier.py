@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from xslim_core.files import atomic_path
+
 from .teacher import WEIGHTS_DIR
 
 FORMAT = "xslim-fmnist-classifier/1"
@@ -125,8 +127,8 @@ def train(epochs: int = 12, seed: int = 0, out: str | None = None) -> float:
         })
     out = out or default_classifier_path()
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    save_file(tensors, out + ".tmp", metadata={"format": FORMAT, "test_accuracy": f"{accuracy:.4f}", "epochs": str(epochs)})
-    os.replace(out + ".tmp", out)
+    with atomic_path(out, overwrite=True, mode=0o644) as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "test_accuracy": f"{accuracy:.4f}", "epochs": str(epochs)})
     print(f"Classifier test accuracy {accuracy:.4f}; written to {out}")
     return accuracy
 
