@@ -19,14 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-try:
-    from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
-    from ..xslim_core.protocols import PatchableBlock
-    from ..xslim_core.segment import range_delta, replay_range
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.hooks import wrap_forward
-    from xslim_core.protocols import PatchableBlock
-    from xslim_core.segment import range_delta, replay_range
+from xslim_core.hooks import wrap_forward
+from xslim_core.protocols import PatchableBlock
+from xslim_core.segment import range_delta, replay_range
 
 
 @dataclass(frozen=True)

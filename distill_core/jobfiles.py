@@ -27,10 +27,7 @@ import os
 import struct
 import time
 
-try:
-    from ..xslim_core.files import atomic_path  # inside the ComfyUI pack (the package comfyui_xslim)
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.files import atomic_path
+from xslim_core.files import atomic_path
 
 JOB, FINGERPRINT, LOCK, HEARTBEAT = "job.json", "fingerprint.json", "lock", "heartbeat.json"
 METRICS, STOP, STATUS, LOG = "metrics.jsonl", "stop", "status.json", "worker.log"

@@ -27,10 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-try:
-    from ..xslim_core.families import trainable_families  # inside the ComfyUI pack (the package comfyui_xslim)
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.families import trainable_families
+from xslim_core.families import trainable_families
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -16,12 +16,8 @@ from torch import nn
 
 from .conditioning import Conditioning
 
-try:
-    from ..xslim_core.adapters import adapter_for  # inside the ComfyUI pack (the package comfyui_xslim)
-    from ..xslim_core.families import REGISTRY, trainable_families
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.adapters import adapter_for
-    from xslim_core.families import REGISTRY, trainable_families
+from xslim_core.adapters import adapter_for
+from xslim_core.families import REGISTRY, trainable_families
 
 
 class FlowModel(nn.Module):

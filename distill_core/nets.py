@@ -22,12 +22,8 @@ from torch import nn
 
 from .models import FlowModel
 
-try:
-    from ..xslim_core.families import DIFFUSERS_LORA_TARGETS  # inside the ComfyUI pack (the package comfyui_xslim)
-    from ..xslim_core.hooks import wrap_forward
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.families import DIFFUSERS_LORA_TARGETS
-    from xslim_core.hooks import wrap_forward
+from xslim_core.families import DIFFUSERS_LORA_TARGETS
+from xslim_core.hooks import wrap_forward
 
 ROLES = ("student", "fake")
 # LoRA on the blocks' attention and MLP projections (diffusers names, the families' default); others stay frozen.

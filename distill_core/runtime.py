@@ -37,7 +37,7 @@ from .state import load_module, load_state, optimizer_state_dict, read_state, sa
 from .student import load_student, run_student, save_student
 from .updates import Ranks
 
-DEMO_LOADER = "xslim_lab.demo_model.distill:load_demo_teacher"
+DEMO_LOADER = "xslim_demo.distill:load_demo_teacher"
 STATE_FILE, STUDENT_FILE, METRICS_FILE = "state.safetensors", "student.safetensors", "metrics.jsonl"
 DIFFUSERS_LOADER = "distill_core.models:load_diffusers_teacher"
 

@@ -21,12 +21,8 @@ from .flow import euler
 from .models import FlowModel
 from .student_file import FORMAT, MAX_BLOCKS, StudentHeader, file_hash, file_signature, MAX_SIDE, json_field, latent_shape, open_student, read_header, save_student_file  # noqa: F401 (re-exported)
 
-try:
-    from ..xslim_core.adapters import adapter_for
-    from ..xslim_core.adapters.base import merge_rows  # noqa: F401 (re-exported for the stages)
-except ImportError:  # run from the repository root
-    from xslim_core.adapters import adapter_for
-    from xslim_core.adapters.base import merge_rows  # noqa: F401
+from xslim_core.adapters import adapter_for
+from xslim_core.adapters.base import merge_rows  # noqa: F401 (re-exported for the stages)
 
 
 def blocks_of(net) -> list:

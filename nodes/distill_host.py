@@ -14,12 +14,12 @@ from contextlib import contextmanager
 
 import torch
 
-from ..distill_core.conditioning import Conditioning
-from ..distill_core.models import FlowModel
-from ..xslim_core.adapters.base import BlockSpec
-from ..xslim_core.families import family_spec, trainable_families
-from ..xslim_core.hooks import wrap_forward
-from ..xslim_core.tokens import join_sequence, split_sequence
+from distill_core.conditioning import Conditioning
+from distill_core.models import FlowModel
+from xslim_core.adapters.base import BlockSpec
+from xslim_core.families import family_spec, trainable_families
+from xslim_core.hooks import wrap_forward
+from xslim_core.tokens import join_sequence, split_sequence
 from .families import family_for, supported_families
 
 
@@ -214,8 +214,8 @@ def load_comfy_student(path: str, template: torch.nn.Module, latent_shape: tuple
     ``distill_core.student.Student``: what a host-trained Stage II starts from and compares against."""
     import copy
 
-    from ..distill_core.cache import Compensation
-    from ..distill_core.student import Student, _check_keys, _read, read_header
+    from distill_core.cache import Compensation
+    from distill_core.student import Student, _check_keys, _read, read_header
 
     header = read_header(path)
     if header.model_keys != "comfy":
@@ -241,7 +241,7 @@ def comfy_teacher(diffusion_model: torch.nn.Module, latent_shape: tuple, prompts
     targets and key names, and a student loader for its Stage II."""
     from functools import partial
 
-    from ..distill_core.models import Teacher
+    from distill_core.models import Teacher
 
     flow = ComfyFlowModel(diffusion_model, latent_shape, extra)
     loader = partial(_load_for, template=diffusion_model, latent_shape=latent_shape, extra=extra)
@@ -293,8 +293,8 @@ def load_comfy_file_teacher(path: str, latent_shape: list, extra: dict | None = 
         comfy.cli_args.args.cpu = True
     import comfy.sd
 
-    from ..distill_core.jobfiles import content_hash
-    from ..distill_core.identity import weights_signature
+    from distill_core.jobfiles import content_hash
+    from distill_core.identity import weights_signature
 
     patcher = comfy.sd.load_diffusion_model(path)
     if dtype not in ("fp32", "bf16"):

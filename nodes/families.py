@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..xslim_core.adapters import Adapter
-from ..xslim_core.tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST, join_sequence, split_sequence
+from xslim_core.adapters import Adapter
+from xslim_core.tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST, join_sequence, split_sequence
 
 
 @dataclass

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..xslim_core import Profile, XSlimConfig, XSlimEngine, check_profile
-from ..xslim_core.adapters.base import merge_rows, take_rows
-from ..xslim_core.state import RunStats
-from ..xslim_core.tokens import IMG_FIRST, TXT_FIRST
+from xslim_core import Profile, XSlimConfig, XSlimEngine, check_profile
+from xslim_core.adapters.base import merge_rows, take_rows
+from xslim_core.state import RunStats
+from xslim_core.tokens import IMG_FIRST, TXT_FIRST
 from .families import ComfyFamily, family_for, supported_families
 
 KEY = "xslim"  # wrapper key and transformer_options entry of the settings

@@ -30,8 +30,8 @@ import sys
 import threading
 import time
 
-from ..distill_core import jobfiles as jf
-from ..xslim_core.files import fresh_temporary
+from distill_core import jobfiles as jf
+from xslim_core.files import fresh_temporary
 
 log = logging.getLogger("xslim")
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,8 @@ import time
 
 from comfy_api.latest import io
 
-from ..distill_core import jobfiles as jf
-from ..xslim_core.families import trainable_families
+from distill_core import jobfiles as jf
+from xslim_core.families import trainable_families
 from .distill_host import latent_shape_for
 from .families import FAMILIES as COMFY_FAMILIES
 from .families import family_of_file
@@ -68,7 +68,7 @@ def probe_model(name: str, path: str) -> dict:
     except ValueError as err:
         raise JobError(f"1.x-Distill Train: {err}.") from None
     if meta.get("format") == DEMO_FORMAT:
-        from ..xslim_lab.demo_model.teacher import classes_path
+        from xslim_demo.teacher import classes_path
 
         classes = classes_path(path)  # next to the file, or the shipped table for a link to the shipped teacher
         if not os.path.isfile(classes):
@@ -103,7 +103,7 @@ def encode_prompts(clip, prompts: list[str], negative: str = ""):
     length with a mask, as a ``distill_core`` PromptSet; ``negative`` is the unconditional prompt."""
     import torch
 
-    from ..distill_core.conditioning import Conditioning, encode_prompt_set
+    from distill_core.conditioning import Conditioning, encode_prompt_set
 
     def encode(texts):
         rows = []

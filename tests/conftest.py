@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # Test tiers, given by what a test touches rather than by hand: `pytest -m unit` runs in seconds, `-m model` builds
 # real (tiny, random or shipped) diffusers models, `host` needs a real ComfyUI, `browser` a real Chromium too; `slow`
 # (by hand) marks the minute-long core cases that `make test-quick` leaves out.
-MODEL_SOURCES = ("diffusers", "families", "xslim_lab.demo_model", "distill_core.student")
+MODEL_SOURCES = ("diffusers", "families", "xslim_demo", "distill_core.student")
 
 
 @functools.cache

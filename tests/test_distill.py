@@ -17,7 +17,7 @@ from distill_core.stage1 import Stage1, Stage1Config, pseudo_huber_dmd_loss
 from distill_core.stage2 import Stage2, Stage2Config
 from distill_core.student import blocks_of, load_student, run_student, save_student
 from distill_core.updates import Ranks
-from xslim_lab.demo_model.distill import load_demo_teacher
+from xslim_demo.distill import load_demo_teacher
 from xslim_lab.tiny import write_tiny_teacher
 
 

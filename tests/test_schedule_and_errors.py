@@ -12,7 +12,7 @@ import torch
 
 from families import BUILDERS
 from xslim_core import PRESETS, Profile, StepKind, XSlim, XSlimConfig, build_schedule, preset_config, record_profile
-from xslim_lab.sampling import flow_sigmas, sample_euler
+from xslim_demo.sampling import flow_sigmas, sample_euler
 from xslim_core.schedule import coarse_pass, fine_pass, resample_change
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

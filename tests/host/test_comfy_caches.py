@@ -38,7 +38,7 @@ def teacher(pack):
     import folder_paths
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
-    from xslim_lab.demo_model.teacher import WEIGHTS_DIR, default_weights_path
+    from xslim_demo.teacher import WEIGHTS_DIR, default_weights_path
 
     if not os.path.exists(default_weights_path()):
         pytest.skip("the demo teacher weights are not built yet")
@@ -62,7 +62,7 @@ def sample_all(model, steps: int, per_call: int = 1):
     images of one class per sampling call. One image per call by default: EasyCache 0.3.64 fails with more (see
     test_easycache_with_two_images_per_call)."""
     from comfyui_xslim.nodes.xslim_nodes import XSlimDemoClass
-    from xslim_lab.demo_model.teacher import CLASSES
+    from xslim_demo.teacher import CLASSES
 
     noise, labels = held_out()
     negative = XSlimDemoClass.execute("unconditional").args[0]
@@ -125,7 +125,7 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
     from xslim_lab.bench import PROFILE_SET
 
     pn, pl = PROFILE_SET.tensors()
-    from xslim_lab.demo_model.teacher import CLASSES
+    from xslim_demo.teacher import CLASSES
 
     XSlimProfile.execute(teacher, XSlimDemoClass.execute(CLASSES[int(pl[0])]).args[0],
                          XSlimDemoClass.execute("unconditional").args[0], {"samples": torch.zeros_like(pn[:1])}, 99, 50, 2.0,

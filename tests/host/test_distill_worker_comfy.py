@@ -29,7 +29,7 @@ def env():
     if reason:
         pytest.skip(reason)
     ce.load_pack()
-    from comfyui_xslim.xslim_lab.demo_model.teacher import CLASSES, classes_path, default_weights_path
+    from xslim_demo.teacher import CLASSES, classes_path, default_weights_path
 
     return CLASSES, classes_path, default_weights_path
 
@@ -89,7 +89,7 @@ def test_load_1x_student_samples_it_exactly_as_the_trainers_sampler(trained, env
     import comfy.sd
 
     from comfyui_xslim.nodes import distill_host, student_nodes, xslim_nodes
-    from comfyui_xslim.xslim_lab.demo_model.latents import COMFY_LATENT_SCALE
+    from xslim_demo.latents import COMFY_LATENT_SCALE
 
     CLASSES, _, default_weights_path = env
     run, _, prompts = trained

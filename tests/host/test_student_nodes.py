@@ -19,8 +19,8 @@ from distill_core.cache import CacheRange, Compensation
 from distill_core.identity import weights_signature
 from distill_core.conditioning import Conditioning
 from distill_core.student import load_student, save_student_file
-from xslim_lab.demo_model.latents import COMFY_LATENT_SCALE
-from xslim_lab.demo_model.teacher import CLASSES, WEIGHTS_DIR, classes_path, default_weights_path
+from xslim_demo.latents import COMFY_LATENT_SCALE
+from xslim_demo.teacher import CLASSES, WEIGHTS_DIR, classes_path, default_weights_path
 
 SHIPPED = {"student_1x_175.safetensors": 1.75, "student_1x_167.safetensors": 1 + 8 / 12}
 DEMO_SHAPE = (16, 1, 8, 8)

@@ -54,7 +54,7 @@ def models(tmp_path_factory):
     ce.load_pack()
     import folder_paths
 
-    from comfyui_xslim.xslim_lab.demo_model.teacher import default_weights_path
+    from xslim_demo.teacher import default_weights_path
 
     folder = tmp_path_factory.mktemp("train_node_models")
     for name, keys in FILES.items():
@@ -71,7 +71,7 @@ def node(models, tmp_path, monkeypatch):
     and hashing a file are recorded (hashing must not happen: the prompt would hold for a big file)."""
     import comfy.model_management as mm
 
-    from comfyui_xslim.distill_core import jobfiles
+    from distill_core import jobfiles
     from comfyui_xslim.nodes import jobs, train_nodes
 
     events = []
@@ -232,7 +232,7 @@ def test_the_worker_trains_a_text_job_with_comfyuis_server_unimportable(models, 
     loader) is where an import of ``server`` could sneak in."""
     from comfyui_xslim.nodes.jobs import LAUNCH
     from comfyui_xslim.nodes.train_nodes import encode_prompts
-    from comfyui_xslim.xslim_lab.demo_model.teacher import CLASSES, classes_path, default_weights_path
+    from xslim_demo.teacher import CLASSES, classes_path, default_weights_path
 
     run = tmp_path / "run"
     run.mkdir()
