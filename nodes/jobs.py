@@ -44,8 +44,8 @@ POLL_S = 1.0
 HISTORY_CAP = 4000  # loss points kept per job in memory (halved by decimation when reached)
 ACTIVE = ("starting", "running", "stopping")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")
-# Launch through -c so the worker finds its package even where PYTHONPATH is ignored (embedded Pythons).
-LAUNCH = "import sys; sys.path.insert(0, sys.argv[1]); from distill_core.worker import main; sys.exit(main(sys.argv[2:]))"
+# The worker's entry script (it finds its packages even where PYTHONPATH is ignored: embedded Pythons)
+WORKER_SCRIPT = os.path.join(PACK_ROOT, "xslim_worker.py")
 
 
 class JobError(Exception):
@@ -388,9 +388,9 @@ class JobManager:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices) if devices else ""  # 'cpu' keeps the worker off every GPU
         if devices and len(devices) > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(devices)),
-                   "-m", "distill_core.worker", "--run-dir", job.run_dir]
+                   WORKER_SCRIPT, "--run-dir", job.run_dir]
         else:
-            cmd = [sys.executable, "-c", LAUNCH, PACK_ROOT, "--run-dir", job.run_dir]
+            cmd = [sys.executable, WORKER_SCRIPT, "--run-dir", job.run_dir]
         group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         with open(job.path(jf.LOG), "ab") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd[:3])} ...\n".encode())

@@ -1,12 +1,9 @@
 import ast
 import functools
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

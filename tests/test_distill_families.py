@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from distill_core.conditioning import Conditioning, PromptSet, encode_prompt_set
+from distill_core.conditioning import Conditioning, encode_prompt_set
 from distill_core.config import RunConfig
 from distill_core.models import load_diffusers_teacher
 from distill_core.nets import build_roles

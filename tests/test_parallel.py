@@ -18,8 +18,7 @@ from distill_core import parallel as P
 
 HERE = Path(__file__).parent
 SCRIPTS = HERE / "parallel_scripts"
-sys.path.insert(0, str(SCRIPTS))
-import two_roles  # noqa: E402
+import two_roles  # noqa: E402 (tests/parallel_scripts, on pytest's pythonpath)
 
 # processes, torchrun or whole training runs of real models: left out of `make test-quick`
 pytestmark = [pytest.mark.slow, pytest.mark.model]

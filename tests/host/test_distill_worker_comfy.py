@@ -50,7 +50,7 @@ class TableClip:
 @pytest.fixture(scope="module")
 def trained(env, tmp_path_factory):
     CLASSES, classes_path, default_weights_path = env
-    from comfyui_xslim.nodes.jobs import LAUNCH
+    from comfyui_xslim.nodes.jobs import WORKER_SCRIPT
     from comfyui_xslim.nodes.train_nodes import encode_prompts
 
     prompts = encode_prompts(TableClip(load_file(classes_path(default_weights_path())), CLASSES), ["Trouser", "Bag", "Sneaker"])
@@ -66,7 +66,7 @@ def trained(env, tmp_path_factory):
            "gpu": {"mode": "exclusive", "device": "cpu"}, "export": {"overwrite": False},
            "bootstrap": {"sys_path": [ce.COMFY], "packages": {"comfyui_xslim": ce.REPO}}}
     (run / "job.json").write_text(json.dumps(job))
-    out = subprocess.run([sys.executable, "-c", LAUNCH, ce.REPO, "--run-dir", str(run)], cwd=ce.REPO, capture_output=True,
+    out = subprocess.run([sys.executable, WORKER_SCRIPT, "--run-dir", str(run)], cwd=ce.REPO, capture_output=True,
                          text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     return run, out, prompts
 

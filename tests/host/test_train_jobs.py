@@ -32,7 +32,6 @@ DEMO = "demo_teacher.safetensors"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    sys.path.insert(0, ce.REPO)
     from xslim_lab.tiny import write_tiny_teacher
 
     if os.path.exists(NUMBERS):  # the figures of one run only
