@@ -73,6 +73,11 @@ class Compensation(nn.Module):
         self.txt = DeltaMLP(width)
 
 
+def _for_block(handler, spec):
+    """A forward wrapper that calls ``handler(spec, inner, args, kwargs)`` for this one block."""
+    return lambda inner, *a, **k: handler(spec, inner, a, k)
+
+
 @contextmanager
 def _patched(blocks_and_forwards):
     """Each block's forward routed through ``forward(inner, ...)`` (``inner``: what the block's forward was,
@@ -109,7 +114,7 @@ def recording(blocks: list[PatchableBlock], cache: CacheRange):
             store["img"], store["txt"] = range_delta((store.pop("img_in"), store.pop("txt_in")), (img, txt))
         return call.pack(img, txt)
 
-    patches = [(spec.module, (lambda spec: lambda inner, *a, **k: run(spec, inner, a, k))(spec)) for spec in {id(s): s for s in (first, last)}.values()]
+    patches = [(spec.module, _for_block(run, spec)) for spec in {id(s): s for s in (first, last)}.values()]
     with _patched(patches):
         yield store
 
@@ -132,6 +137,6 @@ def replaying(blocks: list[PatchableBlock], cache: CacheRange, delta: dict[str, 
         return call.pack(call.img, call.txt)
 
     patches = [(specs[0].module, lambda inner, *a, **k: first_forward(specs[0], inner, a, k))]
-    patches += [(spec.module, (lambda spec: lambda inner, *a, **k: skipped(spec, inner, a, k))(spec)) for spec in specs[1:]]
+    patches += [(spec.module, _for_block(skipped, spec)) for spec in specs[1:]]
     with _patched(patches):
         yield

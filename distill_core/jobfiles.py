@@ -26,6 +26,7 @@ import json
 import os
 import struct
 import time
+from typing import IO
 
 from xslim_core.files import atomic_path
 
@@ -139,7 +140,7 @@ class RunLock:
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK)
-        self.handle = None
+        self.handle: IO | None = None
 
     @staticmethod
     def held_here(run_dir: str) -> bool:
@@ -252,7 +253,7 @@ PROMPT_IDENTITIES = (("prompt_list", "the prompt list changed"),
 def fingerprint(config: dict, base: dict) -> dict:
     """The parts of a run that shape its result: the base model (name, content hash or size), the prompts'
     identities (``BASE_KEYS``) and every setting but the resumable ones."""
-    inactive = {"stage1": "stage2", "stage2": "stage1"}.get(config.get("stage"))  # the other stage's settings do nothing
+    inactive = {"stage1": "stage2", "stage2": "stage1"}.get(str(config.get("stage")))  # the other stage's settings do nothing
     return {"base": {k: base.get(k) for k in BASE_KEYS},
             "config": {k: v for k, v in config.items() if k not in RESUMABLE and k != inactive}}
 

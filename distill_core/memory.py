@@ -267,10 +267,10 @@ def predict(s: Setup) -> Prediction:
         "student backward": ab * (act["saved"] + act["backward"]) + grads,
         "optimizer step": grads + adam_tmp,
     }
-    phase = max(phases, key=phases.get)
+    phase = max(phases, key=lambda name: phases[name])
     parts["activations + gradients" if phase != "optimizer step" else "gradients + AdamW temporaries"] = phases[phase]
     parts = {k: int(v) for k, v in parts.items()}
-    peak = sum(parts.values())
+    peak = int(sum(parts.values()))
     # CUDA: allocator fragmentation (~10%), the context and cuBLAS/NCCL workspaces (~0.75 GiB)
     reserved = peak if s.device == "cpu" else int(peak * 1.10 + 0.75 * GIB)
     cpu = int(12 * trainable_all / shard) if s.offload_optimizer else 0  # states + fp32 grad copies on the host
@@ -372,7 +372,10 @@ def setup_from_params(family: str, params: int, **kw) -> Setup:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(sorted(REFERENCE))}")
     if not isinstance(params, int) or params <= 0:
         raise ValueError(f"params must be a positive integer, got {params!r}")
-    ref = MODELS[REFERENCE[family]]
+    reference = REFERENCE[family]
+    if reference is None:
+        raise ValueError(f"family {family!r} names no published architecture to scale from")
+    ref = MODELS[reference]
     scale = params / ref.total_params
     arch = replace(ref, family=family, double_blocks=max(1, round(ref.double_blocks * scale)),
                    single_blocks=round(ref.single_blocks * scale), dual_attention_blocks=0, params=params,
@@ -416,13 +419,13 @@ def weights_params(path: str) -> tuple[int, str]:
     files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{path} holds no .safetensors weights to plan from.")
-    count, by_dtype = 0, {}
+    count, by_dtype = 0, {}  # type: tuple[int, dict[str, int]]
     for f in files:
         for dtype, shape in safetensors_shapes(f).values():
             n = math.prod(shape)
             count += n
             by_dtype[dtype] = by_dtype.get(dtype, 0) + n
-    return count, max(by_dtype, key=by_dtype.get)
+    return count, max(by_dtype, key=lambda dtype: by_dtype[dtype])
 
 
 def diffusers_run_setup(path: str, latent_shape, extra: dict | None = None, text_tokens: int | None = None,

@@ -9,7 +9,7 @@ forward runs unchanged. The demo teacher is a HunyuanVideo-family model whose te
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,12 +34,14 @@ class FlowModel(nn.Module):
             adapter = adapter_for(module)
             family = family or adapter.family
             blocks = blocks or adapter.blocks
-        spec = REGISTRY.get(family)
-        if call is None and (spec is None or spec.velocity is None):
-            known = ", ".join(s.id for s in trainable_families())
-            raise TypeError(f"1.x-Distill has no velocity call for the {family!r} family (it has: {known}).")
+        if call is None:
+            spec = REGISTRY.get(family)
+            if spec is None or spec.velocity is None:
+                known = ", ".join(s.id for s in trainable_families())
+                raise TypeError(f"1.x-Distill has no velocity call for the {family!r} family (it has: {known}).")
+            call = spec.velocity
         self.family = family
-        self._call = call or spec.velocity
+        self._call = call
         self._blocks = blocks
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -56,13 +58,13 @@ class FlowModel(nn.Module):
 
     @property
     def width(self) -> int:
-        c = self.module.config
+        c: Any = self.module.config  # a diffusers model's configuration
         return c.num_attention_heads * c.attention_head_dim
 
     @property
     def text_dims(self) -> tuple[int | None, int | None]:
         """(text sequence width, pooled width) the model takes, for checking a prompt set before training."""
-        c = self.module.config
+        c: Any = self.module.config
         context = c.get("joint_attention_dim", c.get("text_embed_dim"))
         return context, c.get("pooled_projection_dim")
 

@@ -104,7 +104,7 @@ def bootstrap(job: dict) -> None:
         if name in sys.modules:
             continue
         module_spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"), submodule_search_locations=[root])
-        if module_spec is None:
+        if module_spec is None or module_spec.loader is None:
             raise ValueError(f"job.json bootstrap: no package at {root}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
@@ -161,8 +161,8 @@ def apply_gpu_sharing(job: dict) -> None:
             fraction = float(gpu.get("memory_fraction", 0.5))
             torch.cuda.set_per_process_memory_fraction(fraction, device)
             _say(f"shared GPU: capped at {fraction:.0%} of {device}'s memory")
-    device = job["config"].get("device") or "cpu"
-    _say(f"training on {device} with {job['config'].get('threads', 2)} CPU thread(s)")
+    where = job["config"].get("device") or "cpu"
+    _say(f"training on {where} with {job['config'].get('threads', 2)} CPU thread(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.exists(os.path.join(run_dir, stale)):
                 os.remove(os.path.join(run_dir, stale))
     beat = Heartbeat(run_dir, enabled=is_main).start()
-    outcome, code = {"state": "failed", "iteration": None, "message": "", "student": None}, EXIT_FAILED
+    outcome: dict = {"state": "failed", "iteration": None, "message": "", "student": None}
+    code = EXIT_FAILED
     distributed = ended_together = False
     try:
         job, cfg, base = load_job(run_dir)
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             stop = os.path.join(run_dir, jf.STOP)
             if os.path.exists(stop):  # acted on; a later resume must not stop at once
                 os.remove(stop)
-            lock.release()
+            if lock is not None:  # the main rank took it above (or returned)
+                lock.release()
     _say(f"{outcome['state']} at iteration {outcome['iteration']}" + (f": {outcome['message']}" if outcome["message"] else ""))
     return code
 
