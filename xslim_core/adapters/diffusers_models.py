@@ -8,7 +8,7 @@ from ..tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST
 from .base import Adapter, BoundBlock, ModelCall
 
 
-class SD3Adapter(Adapter):
+class SD3Adapter(Adapter[BoundBlock]):
     """SD3 / SD3.5 MMDiT: one stack of joint blocks; SD3.5's dual-attention layers add an image-only attn2."""
 
     family = "sd3"
@@ -24,7 +24,7 @@ class SD3Adapter(Adapter):
         return None
 
 
-class FluxAdapter(Adapter):
+class FluxAdapter(Adapter[BoundBlock]):
     """FLUX: double-stream blocks, then single-stream blocks; RoPE over [text; image]."""
 
     family = "flux"
@@ -43,7 +43,9 @@ class FluxAdapter(Adapter):
         if rope is None:
             return
         if id(rope) not in memo:
-            txt_len = block.txt.shape[1]
+            txt = block.txt
+            assert txt is not None, "X-Slim: FLUX blocks always take the text stream"  # block_txt_arg is set
+            txt_len = txt.shape[1]
             rows = torch.cat([torch.arange(txt_len, device=idx.device), txt_len + idx[0]])
             memo[id(rope)] = (rope, tuple(t.index_select(0, rows.to(t.device)) for t in rope))  # rope kept alive: id stays unique
         block.arguments["image_rotary_emb"] = memo[id(rope)][1]
@@ -56,7 +58,7 @@ class FluxAdapter(Adapter):
         return None
 
 
-class HunyuanVideoAdapter(Adapter):
+class HunyuanVideoAdapter(Adapter[BoundBlock]):
     """HunyuanVideo: double- then single-stream blocks; RoPE over image tokens; a text padding mask."""
 
     family = "hunyuan_video"
@@ -83,7 +85,7 @@ class HunyuanVideoAdapter(Adapter):
             block.arguments["attention_mask"] = memo[id(mask)][1]
 
 
-class DiTAdapter(Adapter):
+class DiTAdapter(Adapter[BoundBlock]):
     """DiT (class-conditional, adaLN-zero): one stack of image-only blocks; positions are added at embedding."""
 
     family = "dit"
