@@ -13,7 +13,7 @@ from .config import StepKind, StepPlan
 from .forecast import forecast_rows
 from .protocols import EngineBlock, EngineBlockCall
 from .run import Run
-from .segment import range_delta, replay_range
+from .segment import Streams, range_delta, replay_range
 from .state import RowState, TensorStore
 from .tokens import IMG_ONLY, gather_tokens, intercept_sdpa, join_sequence, scatter_tokens, select_tokens, split_sequence, widen_mask
 
@@ -34,6 +34,22 @@ def _nonzero(x: float) -> float:
     return x if abs(x) > 1e-8 else 1e-8
 
 
+def _segment_delta(row: RowState) -> tuple:
+    """The delta a row recorded over the block range; the segment controller plans its replay only for rows
+    that hold one."""
+    assert row.segment_delta is not None, "X-Slim: a block range was replayed without a recorded delta"
+    return row.segment_delta
+
+
+def _step_change(row: RowState) -> float:
+    """Mean |delta_last - delta_prev| of a row; 0 until it has two computed steps."""
+    if row.delta_prev is None:
+        return 0.0
+    # delta_prev only ever takes delta_last's previous value, so delta_last is set whenever delta_prev is
+    assert row.delta_last is not None
+    return (row.delta_last.float() - row.delta_prev.float()).abs().mean().item()
+
+
 class CallContext:
     """Carries out one plan for a group of rows during one model call. A host reaches it as
     ``XSlimEngine.current_call`` and uses only its attention seam (``protocols.AttentionSeam``)."""
@@ -42,17 +58,19 @@ class CallContext:
         self.engine, self.run, self.keys, self.plan, self.step, self.sigma = engine, run, keys, plan, step, sigma
         self.rows = [run.row(k) for k in keys]
         self.store = engine.store
-        self.I = self.O = self.idx = None
+        self.I: torch.Tensor | None = None  # image tokens entering the first block
+        self.O: torch.Tensor | None = None  # image tokens leaving the last block
+        self.idx: torch.Tensor | None = None  # token refresh: the token subset, chosen at the first block
         self.n_img = 0
-        self._layer = None  # (key, layout) of the attention module running now
+        self._layer: tuple | None = None  # (key, layout) of the attention module running now
         self._pending: list = []  # host seam: (key, layout) of the attention calls the running block will make
         self.layers_seen: set = set()
         self.selectors = [engine.block_selector() for _ in keys] if plan.record_blocks else None
-        self.new_residuals = [dict() for _ in keys]
-        self.new_kv = [dict() for _ in keys]
+        self.new_residuals: list[dict[int, tuple]] = [dict() for _ in keys]  # block index -> (img, txt) residual
+        self.new_kv: list[dict[tuple, tuple]] = [dict() for _ in keys]  # attention layer -> (K, V)
         self.block_change: list[float] = []
         self.positions: dict = {}  # gathered RoPE tables / masks of this call, shared by its blocks
-        self.segment_in = None  # segment mode: the streams that entered the recorded block range
+        self.segment_in: Streams | None = None  # segment mode: the streams that entered the recorded block range
         self.new_segment: list = [None] * len(keys)
 
     # -- rows <-> batch ------------------------------------------------------------------------------------
@@ -78,7 +96,8 @@ class CallContext:
         kind, plan = self.plan.kind, self.plan
         first, last = spec.index == 0, spec.index == len(self.engine.blocks) - 1
         seg = plan.segment
-        in_segment = seg is not None and seg[0] <= spec.index <= seg[1]
+        seg_first, seg_last = seg if seg is not None else (-1, -1)  # block indices are never -1
+        in_segment = seg is not None and seg_first <= spec.index <= seg_last
         if kind is StepKind.FULL and not (first or last or plan.record_blocks or in_segment):
             self.run.stats.block_evals += len(self.rows)
             self.run.stats.block_calls += 1
@@ -99,24 +118,30 @@ class CallContext:
             out_img = _add(img, self._skip_residual(img)) if first else img
             out_txt = txt
         elif kind is StepKind.BLOCK and in_segment:
-            out_img, out_txt = self._reuse_segment(call, img, txt) if spec.index == seg[0] else (img, txt)
+            out_img, out_txt = self._reuse_segment(call, img, txt) if spec.index == seg_first else (img, txt)
         elif kind is StepKind.BLOCK and spec.index in plan.skip_blocks:
             out_img, out_txt = self._reuse_block(spec.index, img, txt)
         else:
-            if in_segment and spec.index == seg[0]:  # blocks may add to their inputs in place: copy
+            if in_segment and spec.index == seg_first:  # blocks may add to their inputs in place: copy
                 self.segment_in = tuple(self.store.keep(t) for t in call.streams(img, txt, self.n_img))
             out_img, out_txt = self._compute_block(spec, call, forward, img, txt)
-            if in_segment and spec.index == seg[1]:
+            if in_segment and spec.index == seg_last:
                 self._record_segment(call, out_img, out_txt)
 
         if last:
             if kind is StepKind.TOKEN:  # back to full length: reused tokens keep their last output
-                n_now = self.idx.shape[1]
-                self.O = scatter_tokens(self._batch("last_out", out_img), self.idx, call.image_tokens(out_img, n_now))
+                idx = self._token_subset()
+                n_now = idx.shape[1]
+                self.O = scatter_tokens(self._batch("last_out", out_img), idx, call.image_tokens(out_img, n_now))
                 out_img = call.with_image_tokens(out_img, self.O, n_now)
             else:
                 self.O = call.image_tokens(out_img, self.n_img)
         return call.pack(out_img, out_txt)
+
+    def _token_subset(self) -> torch.Tensor:
+        """The token subset of this token refresh; the first block chooses it, and blocks run in order."""
+        assert self.idx is not None, "X-Slim: a token refresh reached a block before its first block"
+        return self.idx
 
     def _skip_residual(self, like: torch.Tensor) -> torch.Tensor:
         """The residual a skipped step adds: the last computed one, or its extrapolation over sigma."""
@@ -134,6 +159,8 @@ class CallContext:
 
     def _record_segment(self, call: EngineBlockCall, out_img, out_txt) -> None:
         """Segment mode, the step before the last: keep each row's delta over the block range."""
+        # the range's first block kept its inputs earlier in this call (blocks run in order; the kind is the call's)
+        assert self.segment_in is not None, "X-Slim: the end of the recorded block range ran before its start"
         delta = range_delta(self.segment_in, call.streams(out_img, out_txt, self.n_img))
         for j in range(len(self.rows)):
             self.new_segment[j] = tuple(None if d is None else self.store.put(d[j : j + 1]) for d in delta)
@@ -142,25 +169,27 @@ class CallContext:
     def _reuse_segment(self, call: EngineBlockCall, img, txt):
         """Segment mode, the last step: the range's output is its input plus the (transformed) recorded delta."""
         image, text = call.streams(img, txt, self.n_img)
-        d_img = TensorStore.batch([r.segment_delta[0] for r in self.rows], image)
-        d_txt = None if text is None or self.rows[0].segment_delta[1] is None else TensorStore.batch([r.segment_delta[1] for r in self.rows], text)
+        recorded = [_segment_delta(r) for r in self.rows]
+        d_img = TensorStore.batch([d[0] for d in recorded], image)
+        d_txt = None if text is None or recorded[0][1] is None else TensorStore.batch([d[1] for d in recorded], text)
         transform = self.engine.segment_transform
         if transform is not None:
             d_img, d_txt = transform(d_img, d_txt)
-        return call.join_streams(*replay_range((image, text), (d_img, d_txt), _add), self.n_img)
+        out_image, out_text = replay_range((image, text), (d_img, d_txt), _add)
+        return call.join_streams(out_image, out_text, self.n_img)
 
     def _compute_block(self, spec: EngineBlock, call: EngineBlockCall, forward: Callable, img, txt):
         plan, stats = self.plan, self.run.stats
         if plan.kind is StepKind.TOKEN:
-            self.engine.adapter.gather_positions(call, self.idx, self.n_img, self.positions)
+            self.engine.adapter.gather_positions(call, self._token_subset(), self.n_img, self.positions)
         recording = plan.record_blocks
         if recording:  # blocks may update their inputs in place; keep what went in
             img, txt = self.store.keep(img), self.store.keep(txt)
         out_img, out_txt = call.call(forward)
-        fraction = self.idx.shape[1] / self.n_img if plan.kind is StepKind.TOKEN else 1.0
+        fraction = self._token_subset().shape[1] / self.n_img if plan.kind is StepKind.TOKEN else 1.0
         stats.block_evals += len(self.rows) * fraction
         stats.block_calls += 1
-        if recording:
+        if self.selectors is not None:  # made exactly when the plan records blocks
             change = (out_img.float() - img.float()).abs().mean(dim=(1, 2)).tolist()
             self.block_change.append(sum(change) / len(change))
             for j, e in enumerate(change):
@@ -210,12 +239,12 @@ class CallContext:
             return sdpa(q, k, v, attn_mask, *args, **kwargs)
         key, layout = layer
         self.layers_seen.add(key)
-        n_now = self.idx.shape[1] if self.plan.kind is StepKind.TOKEN else self.n_img
+        n_now = self._token_subset().shape[1] if self.plan.kind is StepKind.TOKEN else self.n_img
         txt_len = 0 if layout == IMG_ONLY else k.shape[2] - n_now  # the rest of the joint sequence is text
         k_txt, k_img = split_sequence(k, layout, txt_len, dim=2)
         v_txt, v_img = split_sequence(v, layout, txt_len, dim=2)
         if self.plan.kind is StepKind.TOKEN:
-            index = self.idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            index = self._token_subset()[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             k_img = TensorStore.batch([r.kv[key][0] for r in self.rows], k).scatter(2, index, k_img)
             v_img = TensorStore.batch([r.kv[key][1] for r in self.rows], v).scatter(2, index, v_img)
             k, v = join_sequence(k_txt, k_img, layout, 2), join_sequence(v_txt, v_img, layout, 2)
@@ -230,8 +259,8 @@ class CallContext:
         if self.I is None or self.O is None:
             return
         plan, kind, run = self.plan, self.plan.kind, self.run
-        self._check_finite()
-        n_computed = self.idx.shape[1] if kind is StepKind.TOKEN else (0 if kind is StepKind.SKIP else self.n_img)
+        self._check_finite(self.O)
+        n_computed = self._token_subset().shape[1] if kind is StepKind.TOKEN else (0 if kind is StepKind.SKIP else self.n_img)
         for j, (key, row) in enumerate(zip(self.keys, self.rows)):
             run.stats.record(key, self.step, kind)
             run.stats.tokens_computed += n_computed
@@ -273,14 +302,14 @@ class CallContext:
                 run.block_thresholds[name] = float(torch.tensor(self.block_change[start : start + count]).median())
                 start += count
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, out: torch.Tensor) -> None:
         """NaN or inf in the model's output make every change measure NaN: a controller then plans on nothing
         and the summary would describe a run that produced no image. Checked at the first and last step only
         (one host sync each), which catches a bad input latent and a blow-up on the way."""
         stats = self.run.stats
         if stats.non_finite_step is not None or self.step not in (0, stats.num_steps - 1):
             return
-        if not bool(torch.isfinite(self.O).all()):
+        if not bool(torch.isfinite(out).all()):
             stats.non_finite_step = self.step
             self.engine.warn_once(
                 f"X-Slim: the model's output holds NaN or inf at step {self.step}; the result is invalid. Check the "
@@ -291,25 +320,26 @@ class CallContext:
         """Online controller: the relative L1 change of the step residual per unit sigma (the error of plain reuse
         grows with it) and, with forecasting, the relative L1 second divided difference over sigma (the error of
         a linear forecast grows with it). One host sync either way."""
-        new, last = delta.float(), TensorStore.get(row.delta_last, delta).float()
+        delta_last, sigma_last = row.delta_last, row.sigma_last
+        # the caller checks delta_last; finish sets sigma_last together with it
+        assert delta_last is not None and sigma_last is not None
+        new, last = delta.float(), TensorStore.get(delta_last, delta).float()
         last_norm = last.abs().sum().clamp_min(1e-12)
         parts = [(new - last).abs().sum() / last_norm]
-        curvature = self.engine.config.forecast >= 1 and row.delta_prev is not None and row.sigma_prev is not None
-        if curvature:
+        curvature = False
+        if self.engine.config.forecast >= 1 and row.delta_prev is not None and row.sigma_prev is not None:
+            curvature = True
             prev = TensorStore.get(row.delta_prev, delta).float()
-            h, h_prev = _nonzero(self.sigma - row.sigma_last), _nonzero(row.sigma_last - row.sigma_prev)
+            h, h_prev = _nonzero(self.sigma - sigma_last), _nonzero(sigma_last - row.sigma_prev)
             second = ((new - last) / h - (last - prev) / h_prev).abs().sum() / _nonzero(abs(self.sigma - row.sigma_prev))
             parts += [second, last_norm]
         values = torch.stack(parts).tolist() if curvature else [parts[0].item()]
-        row.rate = values[0] / max(abs(row.sigma_last - self.sigma), 1e-8)
+        row.rate = values[0] / max(abs(sigma_last - self.sigma), 1e-8)
         if curvature:
             row.curvature = values[1] / max(values[2], 1e-12)
 
     def _record_profile_step(self) -> None:
-        change = [
-            (r.delta_last.float() - r.delta_prev.float()).abs().mean().item() if r.delta_prev is not None else 0.0
-            for r in self.rows
-        ]
+        change = [_step_change(r) for r in self.rows]
         entry = self.run.profile_steps.setdefault(self.step, [0.0, [0.0] * len(self.block_change), 0])
         w = len(self.rows)
         entry[0] += sum(change)

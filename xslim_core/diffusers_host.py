@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .adapters import Adapter, ModelCall, adapter_for
+from .adapters import Adapter, BlockSpec, ModelCall, adapter_for
 from .config import XSlimConfig
 from .engine import XSlimEngine
 from .hooks import wrap_forward
@@ -28,6 +28,8 @@ class XSlim(XSlimEngine):
     then starts by itself at the first step and restarts when the step index goes back, the step count or
     the latent shape changes.
     """
+
+    blocks: list[BlockSpec]  # the diffusers adapters' blocks: the hooks go on their modules
 
     def __init__(
         self,

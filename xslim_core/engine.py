@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from .adapters import Adapter
 from .call_context import CallContext
@@ -34,8 +34,8 @@ class XSlimEngine:
     def __init__(
         self,
         adapter: Adapter,
-        blocks: list[EngineBlock],
-        stacks: list[tuple[str, int]],
+        blocks: Sequence[EngineBlock],
+        stacks: Sequence[tuple[str, int]],
         config: XSlimConfig | None = None,
         profile: Profile | None = None,
         *,
@@ -54,7 +54,7 @@ class XSlimEngine:
         self.config = config or XSlimConfig()
         self.recording = record_profile
         self.blocks = blocks
-        self.stacks = [tuple(s) for s in stacks]
+        self.stacks = [(name, count) for name, count in stacks]  # tuples, also when given lists (JSON)
         self.model_name = model_name or adapter.display_name
         self.layers = [(spec.index, j) for spec in self.blocks for j in range(len(spec.attention))]
         if self.config.segment is not None and self.config.segment[1] >= len(self.blocks):
@@ -266,7 +266,7 @@ class XSlimEngine:
             warnings.warn(message, stacklevel=3)
 
 
-def check_profile(profile: Profile | None, adapter: Adapter, stacks: list[tuple[str, int]]) -> None:
+def check_profile(profile: Profile | None, adapter: Adapter, stacks: Sequence[tuple[str, int]]) -> None:
     """Refuse a profile recorded on another family or block layout, naming both."""
     if profile is None:
         return

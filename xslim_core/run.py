@@ -32,7 +32,7 @@ class ThreadState(threading.local):
     """An engine's runs and calls belong to the thread that samples: two threads sampling through one engine
     each get their own run, rows and statistics."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.run: Run | None = None
         self.call: CallContext | None = None
         self.sigmas = UNSET  # a run() context's sigmas, else the engine's own source
@@ -72,6 +72,7 @@ class Run:
         if engine.recording or cfg.mode == "off":
             self.controller: Controller = FullController(record=engine.recording)
         elif cfg.mode == "segment":
+            assert cfg.segment is not None, "XSlimConfig refuses segment mode without a block range"
             self.controller = SegmentController(cfg.segment, len(sigmas) - 1)
         elif cfg.mode == "schedule":
             self.schedule = build_schedule(engine.profile, sigmas, cfg, engine.stacks)

@@ -17,7 +17,10 @@ def range_delta(inputs: Streams, outputs: Streams) -> Streams:
     return tuple(None if o is None or i is None else o - i for i, o in zip(inputs, outputs))
 
 
-def replay_range(inputs: Streams, delta: Streams, add: Callable = operator.add) -> Streams:
+def replay_range(
+    inputs: tuple[torch.Tensor, torch.Tensor | None], delta: Streams, add: Callable = operator.add
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The range's output without running it: each stream's input plus its (compensated) delta; a stream
     without a delta passes as it came. ``add``: how a residual is added (the engine clamps fp16 sums)."""
-    return tuple(i if d is None else add(i, d) for i, d in zip(inputs, delta))
+    (image, text), (d_image, d_text) = inputs, delta
+    return (image if d_image is None else add(image, d_image)), (text if d_text is None else add(text, d_text))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..adapters.base import Adapter
+from ..adapters.base import Adapter, BoundBlock
 from ..tokens import IMG_ONLY
 from . import FamilySpec
 
 
-class DiTAdapter(Adapter):
+class DiTAdapter(Adapter[BoundBlock]):
     """DiT (class-conditional, adaLN-zero): one stack of image-only blocks; positions are added at embedding."""
 
     family = "dit"

@@ -8,8 +8,10 @@ from ..adapters.base import Adapter, BoundBlock, ModelCall
 from ..tokens import TXT_FIRST
 from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults
 
+EMBEDDED_GUIDANCE = 3.5  # FLUX.1-dev's guidance input when the caller gives none (as its pipeline)
 
-class FluxAdapter(Adapter):
+
+class FluxAdapter(Adapter[BoundBlock]):
     """FLUX: double-stream blocks, then single-stream blocks; RoPE over [text; image]."""
 
     family = "flux"
@@ -28,7 +30,9 @@ class FluxAdapter(Adapter):
         if rope is None:
             return
         if id(rope) not in memo:
-            txt_len = block.txt.shape[1]
+            txt = block.txt
+            assert txt is not None, "X-Slim: FLUX blocks always take the text stream"  # block_txt_arg is set
+            txt_len = txt.shape[1]
             rows = torch.cat([torch.arange(txt_len, device=idx.device), txt_len + idx[0]])
             memo[id(rope)] = (rope, tuple(t.index_select(0, rows.to(t.device)) for t in rope))  # rope kept alive: id stays unique
         block.arguments["image_rotary_emb"] = memo[id(rope)][1]
@@ -48,7 +52,7 @@ def velocity(module, x, sigma, cond, extra: dict):
     rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.dtype)
     txt_ids = torch.zeros(cond.context.shape[1], 3, device=x.device, dtype=x.dtype)
-    guidance = torch.full_like(t, extra.get("guidance", SPEC.embedded_guidance)) if module.config.guidance_embeds else None
+    guidance = torch.full_like(t, extra.get("guidance", EMBEDDED_GUIDANCE)) if module.config.guidance_embeds else None
     return module(hidden_states=x, encoder_hidden_states=cond.context, pooled_projections=cond.pooled, timestep=t,
                   img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
@@ -58,7 +62,7 @@ def _times(sigma, x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 SPEC = FamilySpec(
-    FluxAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2), text_tokens=512, embedded_guidance=3.5,
+    FluxAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2), text_tokens=512, embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.5), single=(21.3, 17.3), outside=(3.6, 1.0)),
     reference_model="flux.1-dev",
     # guidance-distilled: guidance is an input of the model, so CFG on top would guide twice

@@ -8,8 +8,10 @@ from ..adapters.base import Adapter, BoundBlock
 from ..tokens import IMG_FIRST
 from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults
 
+EMBEDDED_GUIDANCE = 6.0  # HunyuanVideo's guidance input when the caller gives none (as its pipeline)
 
-class HunyuanVideoAdapter(Adapter):
+
+class HunyuanVideoAdapter(Adapter[BoundBlock]):
     """HunyuanVideo: double- then single-stream blocks; RoPE over image tokens; a text padding mask."""
 
     family = "hunyuan_video"
@@ -39,7 +41,7 @@ class HunyuanVideoAdapter(Adapter):
 def velocity(module, x, sigma, cond, extra: dict):
     mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], device=x.device)
     t = _times(sigma, x, HunyuanVideoAdapter.time_scale)
-    guidance = (torch.full_like(t, extra.get("guidance", SPEC.embedded_guidance) * 1000.0)
+    guidance = (torch.full_like(t, extra.get("guidance", EMBEDDED_GUIDANCE) * 1000.0)
                 if module.config.guidance_embeds else None)
     return module(hidden_states=x, timestep=t, encoder_hidden_states=cond.context, encoder_attention_mask=mask,
                   pooled_projections=cond.pooled, guidance=guidance, return_dict=False)[0]
@@ -51,7 +53,7 @@ def _times(sigma, x: torch.Tensor, scale: float) -> torch.Tensor:
 
 SPEC = FamilySpec(
     HunyuanVideoAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2, temporal_downscale=4),
-    text_tokens=256, embedded_guidance=6.0,
+    text_tokens=256, embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.7), single=(22.3, 18.3), outside=(5.5, 1.0)),
     reference_model="hunyuan-video",
     trainer=TrainerDefaults(batch_size=1, guidance_scale=1.0),  # guidance-distilled, as FLUX

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import Adapter, ModelCall
+from ..adapters.base import Adapter, BoundBlock, ModelCall
 from ..tokens import IMG_FIRST, IMG_ONLY
 from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults
 
 
-class SD3Adapter(Adapter):
+class SD3Adapter(Adapter[BoundBlock]):
     """SD3 / SD3.5 MMDiT: one stack of joint blocks; SD3.5's dual-attention layers add an image-only attn2."""
 
     family = "sd3"
