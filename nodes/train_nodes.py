@@ -366,6 +366,7 @@ class DistillTrain(io.ComfyNode):
         else:
             write_extra, bootstrap = _text_job(model, model_name, prompts, clip, config, base,
                                                dict(lora_rank=lora_rank, width=width, height=height, frames=frames))
+        config = validated_run_config(config, manager().run_dir(run_name))
         gpu = {"mode": {"separate device": "device"}.get(gpu_sharing, gpu_sharing), "device": device, "memory_fraction": memory_fraction}
         # exclusive: ComfyUI's models leave the GPU just before the worker starts, after the CLIP encoded the prompts
         before_start = _free_comfy_memory if gpu["mode"] == "exclusive" else None
@@ -375,6 +376,19 @@ class DistillTrain(io.ComfyNode):
               f"batch {batch_size}, cached blocks {cached_blocks}, CFG {guidance_scale}); follow it in the "
               "'1.x-Distill jobs' sidebar panel")
         return io.NodeOutput(run_name)
+
+
+def validated_run_config(config: dict, run_dir: str) -> dict:
+    """The run configuration as the worker will read it, checked here by the trainer's own rules
+    (``distill_core.config.RunConfig``), so a value the trainer would refuse stops the prompt with the trainer's
+    sentence before any run folder or process exists. Returned as the job file stores it."""
+    from distill_core.config import RunConfig
+
+    try:
+        RunConfig.from_dict({**config, "run_dir": run_dir})
+    except (TypeError, ValueError) as err:
+        raise JobError(f"1.x-Distill Train: {err} Nothing was started.") from None
+    return config
 
 
 def _chosen_model(model_name: str, clip):
