@@ -209,7 +209,7 @@ def test_worker_speed_equals_the_command_line(srv, tmp_path):
     worker_lines = open(os.path.join(srv.base, "user", "xslim", "distill", "speed", "metrics.jsonl")).read().splitlines()
     worker = json.loads(worker_lines[-1])
     cli_config = {"run_dir": str(tmp_path / "cli"), "iterations": 40, "batch_size": 4, "threads": 1, "checkpoint_every": 1000,
-                  "preview_every": 0, "teacher": os.path.join(ce.REPO, "xslim_lab", "demo_model", "weights", DEMO),
+                  "preview_every": 0, "teacher": os.path.join(ce.REPO, "xslim_demo", "weights", DEMO),
                   "stage1": {"lr_student": 4e-5, "lr_fake": 3.2e-4, "cache_first": 4, "cache_last": 6}}
     (tmp_path / "cli.json").write_text(json.dumps(cli_config))
     out = subprocess.run([sys.executable, "-m", "distill_core.train", "--config", str(tmp_path / "cli.json")], cwd=ce.REPO,
