@@ -17,7 +17,7 @@ import torch
 from distill_core.conditioning import Conditioning
 from distill_core.models import FlowModel
 from xslim_core.adapters.base import BlockSpec
-from xslim_core.families import family_spec, trainable_families
+from xslim_core.families import family_spec, model_times, trainable_families
 from xslim_core.hooks import wrap_forward
 from xslim_core.tokens import join_sequence, split_sequence
 from .families import family_for, supported_families
@@ -161,7 +161,7 @@ def comfy_velocity(module, x: torch.Tensor, sigma, cond: Conditioning, extra: di
     family = extra["family"]
     spec = family_spec(family)
     # ComfyUI's model_sampling multiplier for these families is the diffusers pipelines' timestep scale
-    t = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * spec.time_scale
+    t = model_times(sigma, x, spec.time_scale)
     kwargs = {"y": cond.pooled}
     if spec.embedded_guidance is not None and getattr(module.params, "guidance_embed", False):
         kwargs["guidance"] = torch.full_like(t, extra.get("guidance", spec.embedded_guidance))

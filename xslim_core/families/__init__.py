@@ -14,6 +14,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from ..adapters.base import Adapter
 
 # the family modules, in the order lookups try them
@@ -23,6 +25,11 @@ FAMILY_MODULES = ("sd3", "flux", "hunyuan_video", "dit")
 DIFFUSERS_LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
                           r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
                           r"proj_mlp|proj_out)")
+
+
+def model_times(sigma, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A model call's time input for a batch ``x``: sigma (a number or one per row) times the family's scale."""
+    return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * scale
 
 
 @dataclass(frozen=True)
@@ -115,4 +122,4 @@ def family_of_class(class_name: str) -> FamilySpec | None:
 
 
 __all__ = ["ActivationModel", "DIFFUSERS_LORA_TARGETS", "FamilySpec", "LatentGeometry", "REGISTRY", "TrainerDefaults",
-           "family_of_class", "family_spec", "trainable_families"]
+           "family_of_class", "family_spec", "model_times", "trainable_families"]

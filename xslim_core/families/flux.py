@@ -6,7 +6,7 @@ import torch
 
 from ..adapters.base import Adapter, BoundBlock, ModelCall
 from ..tokens import TXT_FIRST
-from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults
+from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults, model_times
 
 EMBEDDED_GUIDANCE = 3.5  # FLUX.1-dev's guidance input when the caller gives none (as its pipeline)
 
@@ -47,7 +47,7 @@ class FluxAdapter(Adapter[BoundBlock]):
 
 def velocity(module, x, sigma, cond, extra: dict):
     """x: packed image tokens [B, N, C]; positions from ``extra["grid"]`` (h, w) of the token grid."""
-    t = _times(sigma, x, FluxAdapter.time_scale)  # diffusers' FLUX scales by 1000 inside
+    t = model_times(sigma, x, FluxAdapter.time_scale)  # diffusers' FLUX scales by 1000 inside
     h, w = extra["grid"]
     rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.dtype)
@@ -55,10 +55,6 @@ def velocity(module, x, sigma, cond, extra: dict):
     guidance = torch.full_like(t, extra.get("guidance", EMBEDDED_GUIDANCE)) if module.config.guidance_embeds else None
     return module(hidden_states=x, encoder_hidden_states=cond.context, pooled_projections=cond.pooled, timestep=t,
                   img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
-
-
-def _times(sigma, x: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * scale
 
 
 SPEC = FamilySpec(

@@ -6,7 +6,7 @@ import torch
 
 from ..adapters.base import Adapter, BoundBlock
 from ..tokens import IMG_FIRST
-from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults
+from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults, model_times
 
 EMBEDDED_GUIDANCE = 6.0  # HunyuanVideo's guidance input when the caller gives none (as its pipeline)
 
@@ -40,15 +40,11 @@ class HunyuanVideoAdapter(Adapter[BoundBlock]):
 
 def velocity(module, x, sigma, cond, extra: dict):
     mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], device=x.device)
-    t = _times(sigma, x, HunyuanVideoAdapter.time_scale)
+    t = model_times(sigma, x, HunyuanVideoAdapter.time_scale)
     guidance = (torch.full_like(t, extra.get("guidance", EMBEDDED_GUIDANCE) * 1000.0)
                 if module.config.guidance_embeds else None)
     return module(hidden_states=x, timestep=t, encoder_hidden_states=cond.context, encoder_attention_mask=mask,
                   pooled_projections=cond.pooled, guidance=guidance, return_dict=False)[0]
-
-
-def _times(sigma, x: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * scale
 
 
 SPEC = FamilySpec(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 
 from ..adapters.base import Adapter, BoundBlock, ModelCall
 from ..tokens import IMG_FIRST, IMG_ONLY
-from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults
+from . import ActivationModel, FamilySpec, LatentGeometry, TrainerDefaults, model_times
 
 
 class SD3Adapter(Adapter[BoundBlock]):
@@ -27,11 +26,7 @@ class SD3Adapter(Adapter[BoundBlock]):
 
 def velocity(module, x, sigma, cond, extra: dict):
     return module(hidden_states=x, encoder_hidden_states=cond.context, pooled_projections=cond.pooled,
-                  timestep=_times(sigma, x, SD3Adapter.time_scale), return_dict=False)[0]
-
-
-def _times(sigma, x: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * scale
+                  timestep=model_times(sigma, x, SD3Adapter.time_scale), return_dict=False)[0]
 
 
 SPEC = FamilySpec(
