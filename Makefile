@@ -22,19 +22,23 @@ FRONTEND_DIR := .frontend-$(FRONTEND_NEW)
 FRONTEND_STAMP := $(FRONTEND_DIR)/.installed
 export COMFYUI_PATH
 
-.PHONY: demo test test-quick core-test host-test bench distill-demo distill-eval clean
+.PHONY: demo test test-quick check lint package-check core-test host-test bench distill-demo distill-eval clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# the pack's packages are installed editable (no dependencies: they come from the requirements files), so tests and
+# scripts import them as a user's `pip install .` would; ComfyUI itself loads the folder without installing it
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-$(HOST_STAMP): requirements.txt requirements-host.txt
+$(HOST_STAMP): requirements.txt requirements-host.txt pyproject.toml
 	$(PYTHON) -m venv $(HOST_VENV)
 	$(HOST_PY) -m pip install --quiet --upgrade pip
 	$(HOST_PY) -m pip install --quiet -r requirements-host.txt
+	$(HOST_PY) -m pip install --quiet --no-deps -e .
 	touch $(HOST_STAMP)
 
 $(HOST_STAMP_028): requirements.txt requirements-host-0.28.txt
@@ -42,6 +46,7 @@ $(HOST_STAMP_028): requirements.txt requirements-host-0.28.txt
 	$(HOST_PY_028) -m pip install --quiet --upgrade pip
 	$(HOST_PY_028) -m pip install --quiet -r requirements-host-0.28.txt
 	$(HOST_PY_028) -m pip install --quiet --no-deps torchaudio==2.11.1
+	$(HOST_PY_028) -m pip install --quiet --no-deps -e .
 	touch $(HOST_STAMP_028)
 
 # the newest frontend, served by ComfyUI's --front-end-root (its files only, outside any environment)
@@ -52,7 +57,23 @@ $(FRONTEND_STAMP):
 demo: $(STAMP)
 	$(PY) -m xslim_lab.demo
 
-test: core-test host-test
+test: check core-test host-test
+
+# The habits CI keeps: ruff (bug-finding rules, pyproject [tool.ruff]) over the repository, mypy over the engine and
+# trainer packages, and `pip install .` into a fresh environment (torch first: the host provides it).
+check: lint package-check
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy -p xslim_core -p distill_core
+
+PACKAGE_VENV := out/package-check-venv
+package-check:
+	@rm -rf $(PACKAGE_VENV); mkdir -p out; $(PYTHON) -m venv $(PACKAGE_VENV)
+	$(PACKAGE_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PACKAGE_VENV)/bin/python -m pip install --quiet .
+	cd out && ../$(PACKAGE_VENV)/bin/python -m xslim_lab.package_check
+	@rm -rf $(PACKAGE_VENV)
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests --ignore=tests/host

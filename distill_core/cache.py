@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-try:
-    from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.hooks import wrap_forward
+from xslim_core.hooks import wrap_forward
+from xslim_core.protocols import PatchableBlock
+from xslim_core.segment import range_delta, replay_range
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,11 @@ class Compensation(nn.Module):
         self.txt = DeltaMLP(width)
 
 
+def _for_block(handler, spec):
+    """A forward wrapper that calls ``handler(spec, inner, args, kwargs)`` for this one block."""
+    return lambda inner, *a, **k: handler(spec, inner, a, k)
+
+
 @contextmanager
 def _patched(blocks_and_forwards):
     """Each block's forward routed through ``forward(inner, ...)`` (``inner``: what the block's forward was,
@@ -88,17 +92,13 @@ def _patched(blocks_and_forwards):
             u()
 
 
-def _specs(blocks: list, cache: CacheRange) -> list:
+def _specs(blocks: list[PatchableBlock], cache: CacheRange) -> list[PatchableBlock]:
     cache.check(len(blocks))
     return blocks[cache.first : cache.last + 1]
 
 
-def _minus(a, b):
-    return None if a is None or b is None else a - b
-
-
 @contextmanager
-def recording(blocks: list, cache: CacheRange):
+def recording(blocks: list[PatchableBlock], cache: CacheRange):
     """Run the full model and capture {"img": delta, "txt": delta} of the cached segment (yielded dict).
     ``blocks``: the model's block specs (``FlowModel.blocks()``)."""
     specs = _specs(blocks, cache)
@@ -111,16 +111,16 @@ def recording(blocks: list, cache: CacheRange):
             store["img_in"], store["txt_in"] = call.img.clone(), None if call.txt is None else call.txt.clone()
         img, txt = call.call(inner)
         if spec is last:
-            store["img"], store["txt"] = img - store.pop("img_in"), _minus(txt, store.pop("txt_in"))
+            store["img"], store["txt"] = range_delta((store.pop("img_in"), store.pop("txt_in")), (img, txt))
         return call.pack(img, txt)
 
-    patches = [(spec.module, (lambda spec: lambda inner, *a, **k: run(spec, inner, a, k))(spec)) for spec in {id(s): s for s in (first, last)}.values()]
+    patches = [(spec.module, _for_block(run, spec)) for spec in {id(s): s for s in (first, last)}.values()]
     with _patched(patches):
         yield store
 
 
 @contextmanager
-def replaying(blocks: list, cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None):
+def replaying(blocks: list[PatchableBlock], cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None):
     """Skip the cached segment: its output is input + f(delta) (plain reuse when ``compensation`` is None)."""
     specs = _specs(blocks, cache)
     comp_img = compensation.img if compensation is not None else (lambda d: d)
@@ -128,14 +128,15 @@ def replaying(blocks: list, cache: CacheRange, delta: dict[str, torch.Tensor], c
 
     def first_forward(spec, inner, args, kwargs):
         call = spec.bind(args, kwargs)
-        txt = None if delta.get("txt") is None else call.txt + comp_txt(delta["txt"])
-        return call.pack(call.img + comp_img(delta["img"]), txt)
+        d_txt = None if delta.get("txt") is None else comp_txt(delta["txt"])
+        # a range that returned no text stream when recorded returns none when replayed
+        return call.pack(*replay_range((call.img, None if d_txt is None else call.txt), (comp_img(delta["img"]), d_txt)))
 
     def skipped(spec, inner, args, kwargs):
         call = spec.bind(args, kwargs)
         return call.pack(call.img, call.txt)
 
     patches = [(specs[0].module, lambda inner, *a, **k: first_forward(specs[0], inner, a, k))]
-    patches += [(spec.module, (lambda spec: lambda inner, *a, **k: skipped(spec, inner, a, k))(spec)) for spec in specs[1:]]
+    patches += [(spec.module, _for_block(skipped, spec)) for spec in specs[1:]]
     with _patched(patches):
         yield

@@ -40,17 +40,17 @@ class Conditioning:
 
     def to(self, device=None, dtype=None) -> "Conditioning":
         move = (lambda t, d: None if t is None else t.to(device=device, dtype=d))
-        return Conditioning(move(self.context, dtype), move(self.pooled, dtype), move(self.mask, None))
+        return Conditioning(self.context.to(device=device, dtype=dtype), move(self.pooled, dtype), move(self.mask, None))
 
     def expand(self, n: int) -> "Conditioning":
         """A one-row conditioning (e.g. the unconditional prompt) repeated ``n`` times."""
         grow = (lambda t: None if t is None else t.expand(n, *t.shape[1:]))
-        return Conditioning(grow(self.context), grow(self.pooled), grow(self.mask))
+        return Conditioning(self.context.expand(n, *self.context.shape[1:]), grow(self.pooled), grow(self.mask))
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         join = (lambda ts: None if ts[0] is None else torch.cat(ts))
-        return Conditioning(join([p.context for p in parts]), join([p.pooled for p in parts]), join([p.mask for p in parts]))
+        return Conditioning(torch.cat([p.context for p in parts]), join([p.pooled for p in parts]), join([p.mask for p in parts]))
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.context": self.context}

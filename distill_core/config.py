@@ -137,7 +137,7 @@ class RunConfig:
     run_dir: str
     stage: str = "stage1"  # "stage1" or "stage2"
     teacher: str | None = None  # the base model: a file or folder its loader reads (demo: None = the shipped teacher)
-    teacher_loader: str = "xslim_lab.demo_model.distill:load_demo_teacher"  # "module:function" returning a models.Teacher
+    teacher_loader: str = "xslim_demo.distill:load_demo_teacher"  # "module:function" returning a models.Teacher
     teacher_options: dict = field(default_factory=dict)  # loader keyword arguments (e.g. latent_shape for diffusers)
     prompts: str | None = None  # a prompt-set file (conditioning.PromptSet); None: the loader's own (demo: its classes)
     lora_rank: int = 0  # 0: student and fake score are full copies; > 0: LoRA adapters on one shared frozen base

@@ -14,6 +14,8 @@ embedding); only ``features`` and ``widths`` are needed.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,4 +83,4 @@ class Discriminator(nn.Module):
 
 
 def multilevel_bce(logits: list[torch.Tensor], target: float) -> torch.Tensor:
-    return sum(F.binary_cross_entropy_with_logits(l, torch.full_like(l, target)) for l in logits)
+    return cast(torch.Tensor, sum(F.binary_cross_entropy_with_logits(level, torch.full_like(level, target)) for level in logits))

@@ -6,10 +6,7 @@ import os
 
 from safetensors.torch import save_file
 
-try:
-    from ..xslim_core.files import atomic_path  # inside the ComfyUI pack (the package comfyui_xslim)
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.files import atomic_path
+from xslim_core.files import atomic_path
 
 
 def save_atomic(tensors: dict, path: str, metadata: dict | None = None, overwrite: bool = True) -> None:

@@ -1,7 +1,7 @@
 """Flow-matching utilities for distillation: the teacher's shifted sigma grid, the student's N-step schedule
 snapped to it, its windows, and re-noising between noise levels.
 
-Convention (as in xslim_lab.sampling): x_sigma = (1 - sigma) x0 + sigma noise, velocity v = noise - x0.
+Convention (as in xslim_demo.sampling): x_sigma = (1 - sigma) x0 + sigma noise, velocity v = noise - x0.
 Sigmas may be floats or per-sample tensors; tensors are broadcast over the latent dims.
 """
 

@@ -32,7 +32,9 @@ import os
 import struct
 import time
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import IO, ClassVar
+
+from xslim_core.files import atomic_path
 
 JOB, FINGERPRINT, LOCK, HEARTBEAT = "job.json", "fingerprint.json", "lock", "heartbeat.json"
 METRICS, STOP, STATUS, LOG = "metrics.jsonl", "stop", "status.json", "worker.log"
@@ -67,23 +69,13 @@ RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "previe
              "memory_budget_gib", "offload_optimizer")  # placement and budget: a run may resume elsewhere
 
 
-def atomic_path(path: str, overwrite: bool):
-    """``xslim_core.files.atomic_path``, the pack's one way to write a file atomically; imported when first
-    written with, so that reading run folders never imports the engine (and torch)."""
-    try:
-        from ..xslim_core.files import atomic_path as atomic  # inside the ComfyUI pack (the package comfyui_xslim)
-    except ImportError:  # run from the repository root, where distill_core is a top-level package
-        from xslim_core.files import atomic_path as atomic
-    return atomic(path, overwrite)
-
-
 def write_json(path: str, data: dict) -> None:
-    """Atomic (``atomic_path``): a reader never sees half a file, two writers (the server's threads, a worker)
-    never share a temporary file and a planted link is never written through."""
-    with atomic_path(path, overwrite=True) as tmp:
+    """Atomic: a reader never sees half a file, two writers (the server's threads, a worker) never share a temporary
+    file and a planted link is never written through (``xslim_core.files.atomic_path``). Readable by all: job files
+    are read by the ComfyUI process and by people."""
+    with atomic_path(path, overwrite=True, mode=0o644) as tmp:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; job files are read by the ComfyUI process and by people
 
 
 JSON_LIMIT = 1 << 20  # bytes: run-folder JSON files are small; a larger one is damaged, not read
@@ -315,7 +307,7 @@ class RunLock:
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK)
-        self.handle = None
+        self.handle: IO | None = None
 
     def acquire(self) -> "RunLock":
         handle = open(self.path, "a+")
@@ -421,7 +413,7 @@ PROMPT_IDENTITIES = (("prompt_list", "the prompt list changed"),
 def fingerprint(config: dict, base: dict) -> dict:
     """The parts of a run that shape its result: the base model (name, content hash or size), the prompts'
     identities (``BASE_KEYS``) and every setting but the resumable ones."""
-    inactive = {"stage1": "stage2", "stage2": "stage1"}.get(config.get("stage"))  # the other stage's settings do nothing
+    inactive = {"stage1": "stage2", "stage2": "stage1"}.get(str(config.get("stage")))  # the other stage's settings do nothing
     return {"base": {k: base.get(k) for k in BASE_KEYS},
             "config": {k: v for k, v in config.items() if k not in RESUMABLE and k != inactive}}
 

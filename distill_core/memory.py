@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from xslim_core.families import trainable_families
+
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Under bf16/fp16 autocast norms/softmax statistics stay fp32 and linear inputs are saved in the low dtype:
@@ -55,15 +57,15 @@ class Family:
     outside: tuple = (3.6, 1.0)
 
 
-FAMILIES = {
-    # SD3 joint blocks: both streams in one attention, GELU(tanh) FF on both streams
-    "sd3": Family("sd3", 8, 2, text_tokens=77 + 256, double=(21.3, 16.4), outside=(3.5, 1.0)),
-    "flux": Family("flux", 8, 2, text_tokens=512, double=(25.8, 18.5), single=(21.3, 17.3), outside=(3.6, 1.0)),
-    "hunyuan_video": Family("hunyuan_video", 8, 2, temporal_downscale=4, text_tokens=256, double=(25.8, 18.7),
-                            single=(22.3, 18.3), outside=(5.5, 1.0)),
-}
-FAMILIES["sd3.5"] = replace(FAMILIES["sd3"], name="sd3.5")
-# the demo teacher is a HunyuanVideo-architecture model on 8x8 Fashion-MNIST latents, patch 1, 4 class tokens
+def _planner_family(spec) -> Family:
+    """The planner's view of a registered family (``xslim_core.families``: geometry and coefficients live there)."""
+    return Family(spec.id, spec.latent.downscale, spec.latent.patch, temporal_downscale=spec.latent.temporal_downscale,
+                  text_tokens=spec.text_tokens, double=spec.activations.double, single=spec.activations.single,
+                  outside=spec.activations.outside)
+
+
+FAMILIES = {spec.id: _planner_family(spec) for spec in trainable_families()}
+FAMILIES.update({alias: replace(FAMILIES[spec.id], name=alias) for spec in trainable_families() for alias in spec.aliases})
 FAMILIES["demo"] = replace(FAMILIES["hunyuan_video"], name="demo", latent_downscale=4, patch=1, text_tokens=4)
 
 
@@ -265,10 +267,10 @@ def predict(s: Setup) -> Prediction:
         "student backward": ab * (act["saved"] + act["backward"]) + grads,
         "optimizer step": grads + adam_tmp,
     }
-    phase = max(phases, key=phases.get)
+    phase = max(phases, key=lambda name: phases[name])
     parts["activations + gradients" if phase != "optimizer step" else "gradients + AdamW temporaries"] = phases[phase]
     parts = {k: int(v) for k, v in parts.items()}
-    peak = sum(parts.values())
+    peak = int(sum(parts.values()))
     # CUDA: allocator fragmentation (~10%), the context and cuBLAS/NCCL workspaces (~0.75 GiB)
     reserved = peak if s.device == "cpu" else int(peak * 1.10 + 0.75 * GIB)
     cpu = int(12 * trainable_all / shard) if s.offload_optimizer else 0  # states + fp32 grad copies on the host
@@ -359,8 +361,8 @@ def _refusal(best: Prediction, budget_gib: float) -> str:
         f" (or: {'; '.join(changes[1:])})" if len(changes) > 1 else "") + "."
 
 
-REFERENCE = {"sd3": "sd3.5-large", "sd3.5": "sd3.5-large", "flux": "flux.1-dev", "hunyuan_video": "hunyuan-video",
-             "demo": "demo"}
+REFERENCE = {name: spec.reference_model for spec in trainable_families() for name in (spec.id, *spec.aliases)}
+REFERENCE["demo"] = "demo"
 
 
 def setup_from_params(family: str, params: int, **kw) -> Setup:
@@ -370,7 +372,10 @@ def setup_from_params(family: str, params: int, **kw) -> Setup:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(sorted(REFERENCE))}")
     if not isinstance(params, int) or params <= 0:
         raise ValueError(f"params must be a positive integer, got {params!r}")
-    ref = MODELS[REFERENCE[family]]
+    reference = REFERENCE[family]
+    if reference is None:
+        raise ValueError(f"family {family!r} names no published architecture to scale from")
+    ref = MODELS[reference]
     scale = params / ref.total_params
     arch = replace(ref, family=family, double_blocks=max(1, round(ref.double_blocks * scale)),
                    single_blocks=round(ref.single_blocks * scale), dual_attention_blocks=0, params=params,
@@ -393,8 +398,7 @@ def as_dict(p: Prediction) -> dict:
 
 # -- a run's setup, read before anything is loaded -------------------------------------------------------------
 # diffusers transformer classes -> planner family
-CLASS_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
-                  "HunyuanVideoTransformer3DModel": "hunyuan_video"}
+CLASS_FAMILIES = {name: spec.id for spec in trainable_families() for name in spec.model_classes}
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                      "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -415,13 +419,13 @@ def weights_params(path: str) -> tuple[int, str]:
     files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{path} holds no .safetensors weights to plan from.")
-    count, by_dtype = 0, {}
+    count, by_dtype = 0, {}  # type: tuple[int, dict[str, int]]
     for f in files:
         for dtype, shape in safetensors_shapes(f).values():
             n = math.prod(shape)
             count += n
             by_dtype[dtype] = by_dtype.get(dtype, 0) + n
-    return count, max(by_dtype, key=by_dtype.get)
+    return count, max(by_dtype, key=lambda dtype: by_dtype[dtype])
 
 
 def diffusers_run_setup(path: str, latent_shape, extra: dict | None = None, text_tokens: int | None = None,

@@ -9,49 +9,15 @@ forward runs unchanged. The demo teacher is a HunyuanVideo-family model whose te
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .conditioning import Conditioning
 
-try:
-    from ..xslim_core.adapters import adapter_for  # inside the ComfyUI pack (the package comfyui_xslim)
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.adapters import adapter_for
-
-
-def _times(sigma: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * scale
-
-
-def _sd3(module, x, sigma, cond: Conditioning, extra: dict):
-    return module(hidden_states=x, encoder_hidden_states=cond.context, pooled_projections=cond.pooled,
-                  timestep=_times(sigma, x, 1000.0), return_dict=False)[0]
-
-
-def _flux(module, x, sigma, cond: Conditioning, extra: dict):
-    """x: packed image tokens [B, N, C]; positions from ``extra["grid"]`` (h, w) of the token grid."""
-    t = _times(sigma, x, 1.0)  # diffusers' FLUX scales by 1000 inside
-    h, w = extra["grid"]
-    rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.dtype)
-    txt_ids = torch.zeros(cond.context.shape[1], 3, device=x.device, dtype=x.dtype)
-    guidance = torch.full_like(t, extra.get("guidance", 3.5)) if module.config.guidance_embeds else None
-    return module(hidden_states=x, encoder_hidden_states=cond.context, pooled_projections=cond.pooled, timestep=t,
-                  img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
-
-
-def _hunyuan_video(module, x, sigma, cond: Conditioning, extra: dict):
-    mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], device=x.device)
-    t = _times(sigma, x, 1000.0)
-    guidance = torch.full_like(t, extra.get("guidance", 6.0) * 1000.0) if module.config.guidance_embeds else None
-    return module(hidden_states=x, timestep=t, encoder_hidden_states=cond.context, encoder_attention_mask=mask,
-                  pooled_projections=cond.pooled, guidance=guidance, return_dict=False)[0]
-
-
-CALLS: dict[str, Callable] = {"sd3": _sd3, "flux": _flux, "hunyuan_video": _hunyuan_video}
+from xslim_core.adapters import adapter_for
+from xslim_core.families import REGISTRY, trainable_families
 
 
 class FlowModel(nn.Module):
@@ -68,14 +34,23 @@ class FlowModel(nn.Module):
             adapter = adapter_for(module)
             family = family or adapter.family
             blocks = blocks or adapter.blocks
-        if call is None and family not in CALLS:
-            raise TypeError(f"1.x-Distill has no velocity call for the {family!r} family (it has: {', '.join(CALLS)}).")
+        if call is None:
+            spec = REGISTRY.get(family)
+            if spec is None or spec.velocity is None:
+                known = ", ".join(s.id for s in trainable_families())
+                raise TypeError(f"1.x-Distill has no velocity call for the {family!r} family (it has: {known}).")
+            call = spec.velocity
         self.family = family
-        self._call = call or CALLS[family]
+        self._call = call
         self._blocks = blocks
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self._call(self.module, x, sigma, cond, self.extra)
+
+    @property
+    def lora_targets(self) -> str:
+        """The linears LoRA adapts, under this model's own parameter names (its family's record)."""
+        return REGISTRY[self.family].lora_targets
 
     def blocks(self) -> list:
         """The engine's block specs (``xslim_core.adapters.base.BlockSpec`` or a host's equivalent), in order."""
@@ -83,13 +58,13 @@ class FlowModel(nn.Module):
 
     @property
     def width(self) -> int:
-        c = self.module.config
+        c: Any = self.module.config  # a diffusers model's configuration
         return c.num_attention_heads * c.attention_head_dim
 
     @property
     def text_dims(self) -> tuple[int | None, int | None]:
         """(text sequence width, pooled width) the model takes, for checking a prompt set before training."""
-        c = self.module.config
+        c: Any = self.module.config
         context = c.get("joint_attention_dim", c.get("text_embed_dim"))
         return context, c.get("pooled_projection_dim")
 

@@ -22,16 +22,12 @@ from torch import nn
 
 from .models import FlowModel
 
-try:
-    from ..xslim_core.hooks import wrap_forward  # inside the ComfyUI pack (the package comfyui_xslim)
-except ImportError:  # run from the repository root, where distill_core is a top-level package
-    from xslim_core.hooks import wrap_forward
+from xslim_core.families import DIFFUSERS_LORA_TARGETS
+from xslim_core.hooks import wrap_forward
 
 ROLES = ("student", "fake")
-# LoRA on the blocks' attention and MLP projections (diffusers names); other layers stay frozen.
-LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
-                r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
-                r"proj_mlp|proj_out)")
+# LoRA on the blocks' attention and MLP projections (diffusers names, the families' default); others stay frozen.
+LORA_TARGETS = DIFFUSERS_LORA_TARGETS
 
 
 class SharedLora:
@@ -49,7 +45,8 @@ class SharedLora:
                               "or use lora_rank 0 (full copies) for a small model.") from None
 
         module.requires_grad_(False)
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+        # peft takes a float alpha too (its annotation says int)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)  # type: ignore[arg-type]
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for role in ROLES:  # B starts at zero: both roles start as the teacher, as full copies do
@@ -137,16 +134,23 @@ class Role(nn.Module):
             return [p for p in self.flow.module.parameters() if p.requires_grad]
         return list(self.lora.params[self.adapter]) if self.adapter else []
 
+    @property
+    def adapter_name(self) -> str:
+        """This role's adapter (a LoRA role always has one; full-copy roles have none)."""
+        if self.adapter is None:
+            raise ValueError("a full-copy role has no adapter")
+        return self.adapter
+
     def state(self) -> RoleState | nn.Module:
         if self.lora is None:
             return self.flow.module
-        return RoleState(dict(zip(self.lora.names[self.adapter], self.lora.params[self.adapter])))
+        return RoleState(dict(zip(self.lora.names[self.adapter_name], self.lora.params[self.adapter_name])))
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The transformer's weights as this role computes them (LoRA merged in), under the base's own names."""
         if self.lora is None:
             return {k: v.detach() for k, v in self.flow.module.state_dict().items()}
-        return merged_weights(self.lora, self.adapter)
+        return merged_weights(self.lora, self.adapter_name)
 
 
 def merged_weights(lora: SharedLora, role: str, state: dict | None = None) -> dict[str, torch.Tensor]:
@@ -203,7 +207,7 @@ def build_roles(teacher: FlowModel, lora_rank: int = 0, lora_alpha: float | None
     trainable transformers' blocks recompute their activations in backward (``checkpoint_blocks``)."""
     teacher.module.eval().requires_grad_(False)
     if lora_rank:
-        lora = SharedLora(teacher.module, lora_rank, lora_alpha, getattr(teacher, "lora_targets", LORA_TARGETS))
+        lora = SharedLora(teacher.module, lora_rank, lora_alpha, teacher.lora_targets)
         roles = Role(teacher, lora, None), Role(teacher, lora, "student"), Role(teacher, lora, "fake")
         if checkpointing:  # one module: the student and the fake score share its blocks
             checkpoint_blocks(teacher, lora)

@@ -9,26 +9,8 @@ Pure PyTorch; no hand-written gradient all-reduce. Two ways to spread a run over
   of the base (and of the adapters); the roles' steps call the model directly and FSDP reduce-scatters the
   gradients of whatever parameters got one.
 
-Why DDP over a role-only view (tests/parallel_scripts/reducer_probe.py, run by tests/test_parallel.py; torch
-2.13, gloo, 2 processes). The student and the fake score are two LoRA adapters on ONE frozen base, so a DDP over
-the base (or over any module that registers it) puts both roles' parameters in its reducer:
-
-* one DDP over the base, ``find_unused_parameters=True``: correct gradients (the idle role is "unused" and
-  keeps ``grad=None``), but every backward all-reduces both roles' buckets - twice the traffic;
-* the same without find_unused: the first step's gradients are silently NOT averaged (the reducer waits for
-  the idle role forever), and the next forward raises "Expected to have finished reduction";
-* one DDP per role, each over the whole base: the second role's first backward raises "Encountered gradient
-  which is undefined, but still allreduced". The reducer does not fully ignore hooks it does not expect: it
-  skips the reduction but still marks the parameter used (``local_used_map_``, set before the
-  ``expect_autograd_hooks_`` check, for no_sync accumulation), so the other role's step poisons its next one;
-* one DDP per role over a module whose registered parameters are only that role's (``RoleStep``, the very
-  Parameter objects the base holds): correct, and each backward reduces exactly that role's gradients.
-
-``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` could give the per-role set too, but it
-is private and flags the Parameter objects themselves (``_ddp_ignored``), which the other role's wrapper
-shares. Rule that follows from the reducer's bookkeeping: the other role's forwards inside a step (the fake
-score in the student's step) run under ``torch.no_grad()``; otherwise its gradients accumulate un-averaged
-(zero them before that role's own step, as ``optimizer.zero_grad`` does) and it counts as "used".
+Why DDP over a role-only view, and the rules that follow: docs/decisions/0001-ddp-per-role.md (measured by
+tests/parallel_scripts/reducer_probe.py). FSDP2's rules: docs/decisions/0002-fsdp2-rules.md.
 """
 
 from __future__ import annotations
@@ -38,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,6 +56,22 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------- process group
+
+
+class Placement(Protocol):
+    """What the helpers below read of a process's place in the run: ``Dist`` here, the trainer's ``Ranks``."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def is_main(self) -> bool: ...
+
+    @property
+    def distributed(self) -> bool: ...
+
+    @property
+    def world(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def shutdown(synchronize: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------- small collectives
 
 
-def all_true(flag: bool, d: Dist) -> bool:
+def all_true(flag: bool, d: Placement) -> bool:
     """True only when ``flag`` holds on every rank: every rank then takes the same branch (skip a non-finite
     step everywhere, or nowhere), so none waits forever on a collective the others skipped."""
     if not d.distributed:
@@ -146,7 +144,7 @@ def all_true(flag: bool, d: Dist) -> bool:
     return bool(t.item() > 0)
 
 
-def mean(value: float, d: Dist) -> float:
+def mean(value: float, d: Placement) -> float:
     """The mean of a scalar (a loss, for logging) over ranks."""
     if not d.distributed:
         return value
@@ -182,7 +180,7 @@ class RoleStep(nn.Module):
         return self.loss_fn(*args, **kwargs)
 
 
-def wrap_role(loss_fn: Callable[..., torch.Tensor], params: Iterable[nn.Parameter], d: Dist,
+def wrap_role(loss_fn: Callable[..., torch.Tensor], params: Iterable[nn.Parameter], d: Placement,
               find_unused_parameters: bool = True) -> nn.Module:
     """``loss = step(batch...)`` for one role; gradients of ``params`` come out averaged over ranks.
 
@@ -220,22 +218,15 @@ def keep_trainable(params: Iterable[nn.Parameter]):
 # ----------------------------------------------------------------------------------------------- FSDP2
 
 
-def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Dist, extra: Iterable[nn.Module] = (),
+def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Placement, extra: Iterable[nn.Module] = (),
           reshard_after_forward: bool = True, reshard_root_after_forward: bool | None = None) -> nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, each module in ``extra`` (e.g. the compensation MLP, which
     lives outside the base but must still be averaged), then the root ``model`` (the rest: embeddings, norms,
     output projection). Each rank keeps 1/N of every parameter; a block is all-gathered just for its forward
     and again for its backward. Afterwards the model's parameters are DTensors: build optimisers *after* this.
 
-    Rules the trainer must follow under FSDP2 (collectives are issued per module call, unlike DDP's one
-    all-reduce per backward): every rank calls the same modules in the same order in a step (a cached step
-    with no rows on some rank still calls the model, e.g. on an empty slice), and every rank updates the same
-    role. ``reshard_after_forward=False`` keeps the blocks gathered between forward and backward (faster,
-    more memory). ``reshard_root_after_forward`` (default: the same) for the root's own parameters only
-    (embeddings, norms, output layer): ``False`` when a forward's root output is not part of the loss but
-    gradients still flow through the root's layers - e.g. block features taken with forward hooks on a sample
-    that requires grad (Stage II's discriminator backbone): FSDP2 re-gathers a module for backward from a hook on
-    its *output*, so such a root would run its backward on freed storage ("setStorage ... storage of size 0").
+    The rules the trainer keeps under FSDP2 (same modules in the same order on every rank, one role per step, when
+    ``reshard_root_after_forward`` must be False): docs/decisions/0002-fsdp2-rules.md.
     Single process: the model unchanged.
     """
     if not d.distributed:
@@ -265,7 +256,7 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
 # ----------------------------------------------------------------------------------------------- state
 
 
-def full_state_dict(model: nn.Module, d: Dist, trainable_only: bool = False,
+def full_state_dict(model: nn.Module, d: Placement, trainable_only: bool = False,
                     keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) state on CPU, on rank 0 (an empty dict elsewhere), with the model's own key
     names (no DDP ``module.`` prefix, no FSDP wrapping names). Under FSDP2 this is a collective: call it on
@@ -275,7 +266,7 @@ def full_state_dict(model: nn.Module, d: Dist, trainable_only: bool = False,
 
     if d.distributed:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-        state = get_model_state_dict(model, options=opts)
+        state: dict = get_model_state_dict(model, options=opts)
     elif trainable_only:
         state = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
     else:
@@ -285,7 +276,7 @@ def full_state_dict(model: nn.Module, d: Dist, trainable_only: bool = False,
     return {k: v for k, v in state.items() if keep is None or keep(k)}
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], d: Dist, strict: bool = False) -> None:
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], d: Placement, strict: bool = False) -> None:
     """Load a full state dict that only rank 0 needs to have read (the others pass ``{}``): it is broadcast and
     each rank keeps its shard (FSDP2) or its copy (DDP / plain). ``strict=False`` allows an adapters-only dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -294,7 +285,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], d: Di
         model.load_state_dict(state, strict=strict)
         return
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
-    set_model_state_dict(model, state if d.is_main else {}, options=opts)
+    set_model_state_dict(model, dict(state) if d.is_main else {}, options=opts)
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -308,12 +299,12 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def is_finite(loss: torch.Tensor, d: Dist) -> bool:
+def is_finite(loss: torch.Tensor, d: Placement) -> bool:
     """The loss is finite on every rank (then all ranks step; otherwise none does)."""
     return all_true(bool(math.isfinite(float(loss.detach()))), d)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Placement) -> dict:
     """The optimiser's state keyed by the model's parameter names, unsharded, on CPU: the same format from 1 or N
     processes, DDP or FSDP2, so a run can resume with another world size. A collective under torchrun."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -321,7 +312,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist) -> None:
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Placement) -> None:
     """Inverse of ``full_optimizer_state`` (every rank passes the full dict; under FSDP2 each keeps its shard)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

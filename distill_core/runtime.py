@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .logs import log
+
 from . import memory as M
 from . import parallel as P
 from .cache import Compensation
@@ -36,7 +38,7 @@ from .state import load_module, load_state, optimizer_state_dict, read_state, sa
 from .student import load_student, run_student, save_student
 from .updates import Ranks
 
-DEMO_LOADER = "xslim_lab.demo_model.distill:load_demo_teacher"
+DEMO_LOADER = "xslim_demo.distill:load_demo_teacher"
 STATE_FILE, STUDENT_FILE, METRICS_FILE = "state.safetensors", "student.safetensors", "metrics.jsonl"
 DIFFUSERS_LOADER = "distill_core.models:load_diffusers_teacher"
 
@@ -127,8 +129,10 @@ def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher):
             student.state().load_state_dict(_role_weights(cfg.init_student, student, finished))
         if cfg.init_fake:
             fake.state().load_state_dict(load_module(cfg.init_fake, "fake"))
-        task = Stage1(cfg.stage1, student, fake, frozen, teacher.prompts, ranks, cfg.seed)
+        task: Stage1 | Stage2 = Stage1(cfg.stage1, student, fake, frozen, teacher.prompts, ranks, cfg.seed)
     else:
+        if cfg.init_student is None or cfg.reference is None:  # RunConfig refuses this; said again for the reader
+            raise ValueError("stage2 needs init_student and reference")
         init = student_loader(teacher)(cfg.init_student, base_hash=base["hash"])
         student.state().load_state_dict(_role_weights(cfg.init_student, student, init))
         reference = student_loader(teacher)(cfg.reference, base_hash=base["hash"])
@@ -191,7 +195,7 @@ class Run:
                     ranks.broadcast_(t)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ranks.rank)
         self.iteration, self.path = 0, os.path.join(cfg.run_dir, STATE_FILE)
-        self.sharded = None
+        self.sharded: torch.nn.ModuleDict | None = None
         if ranks.fsdp:  # one namespace for the sharded modules' full state dicts: base.* and comp.*
             t = self.task
             self.sharded = torch.nn.ModuleDict({"base": t.student.module, **({"comp": t.compensation} if t.compensation else {})})
@@ -204,6 +208,13 @@ class Run:
         dense = sum(p.numel() * p.element_size() for p in base)
         return f"FSDP over {self.ranks.world} processes: base weight bytes per rank {held} of {dense}"
 
+    @property
+    def _fsdp_modules(self) -> torch.nn.ModuleDict:
+        """The sharded modules under one namespace; only an FSDP run has them (the callers run only then)."""
+        if self.sharded is None:
+            raise RuntimeError("not an FSDP run: nothing is sharded")
+        return self.sharded
+
     def _is_sharded(self, opt: torch.optim.Optimizer) -> bool:
         return self.sharded is not None and any(hasattr(p, "to_local") for g in opt.param_groups for p in g["params"])
 
@@ -211,7 +222,7 @@ class Run:
         """Module and optimiser states as full tensors in the single-process layout, on rank 0 (None elsewhere):
         a collective under FSDP, so a checkpoint written by N processes resumes with any number."""
         t, main = self.task, self.ranks.is_main
-        full = P.full_state_dict(self.sharded, self.ranks, trainable_only=True)
+        full = P.full_state_dict(self._fsdp_modules, self.ranks, trainable_only=True)
         modules = {}
         for name, module in t.modules.items():
             if isinstance(module, RoleState):
@@ -225,7 +236,7 @@ class Run:
             if not self._is_sharded(opt) or not opt.state:  # replicated, or never stepped (only its settings)
                 optimizers[name] = opt.state_dict()
                 continue
-            state = P.full_optimizer_state(self.sharded, opt, self.ranks)
+            state = P.full_optimizer_state(self._fsdp_modules, opt, self.ranks)
             if main:  # parameter names -> positions, as a single process numbers them
                 order = [n for g in state["param_groups"] for n in g["params"]]
                 index = {n: i for i, n in enumerate(order)}
@@ -258,8 +269,8 @@ class Run:
                 full.update({prefix + k: v for k, v in saved.items()})
             else:
                 module.load_state_dict(saved)
-        P.load_full_state_dict(self.sharded, full if self.ranks.is_main else {}, self.ranks)
-        names = {id(p): n for n, p in self.sharded.named_parameters()}
+        P.load_full_state_dict(self._fsdp_modules, full if self.ranks.is_main else {}, self.ranks)
+        names = {id(p): n for n, p in self._fsdp_modules.named_parameters()}
         for name, opt in t.optimizers.items():
             saved = optimizer_state_dict(name, tensors, meta)
             if not self._is_sharded(opt) or not saved["state"]:
@@ -268,7 +279,7 @@ class Run:
             order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
             groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
             state = {"state": {order[int(i)]: v for i, v in saved["state"].items()}, "param_groups": groups}
-            P.load_full_optimizer_state(self.sharded, opt, state, self.ranks)
+            P.load_full_optimizer_state(self._fsdp_modules, opt, state, self.ranks)
         return {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}, meta
 
     def resume(self) -> bool:
@@ -301,7 +312,8 @@ class Run:
                     "base_hash": self.base["hash"], "prompts_hash": self.base.get("prompts"),
                     "cursor": json.dumps(self.task.cursor.state())}
             if gathered is not None:
-                save_state_dicts(self.path, *gathered, rng, meta)
+                modules, optimizers = gathered  # full states on the main rank (None only elsewhere)
+                save_state_dicts(self.path, modules or {}, optimizers or {}, rng, meta)
             else:
                 save_state(self.path, self.task.modules, self.task.optimizers, rng, meta)
         return True
@@ -392,7 +404,7 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
     ranks = Ranks(pick_device(cfg.device), cfg.parallel, cfg.offload_optimizer)
     planned = check_memory(cfg, ranks) if teacher is None else None  # before anything is loaded (MemoryPlanRefused)
     if planned and ranks.is_main:
-        print(f"[1.x-Distill] {planned}", flush=True)
+        log.info("[1.x-Distill] %s", planned)
     os.makedirs(cfg.run_dir, exist_ok=True)
     # one writer per run folder: a worker has opened (locked and checked) its own folder already
     opened = OpenRun.current(cfg.run_dir)
@@ -410,12 +422,12 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
     if run.sharded is not None:
         placement = run.placement()
         if main:
-            print(f"[1.x-Distill] {placement}", flush=True)
+            log.info("[1.x-Distill] %s", placement)
     bar = tqdm(total=cfg.iterations, initial=run.iteration, desc=f"1.x-Distill {cfg.stage}", unit="it", disable=not main)
     start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
     if main and resumed:
         message = f"resumed from iteration {run.iteration}"
-        print(f"[1.x-Distill] {message}", flush=True)  # in the log at once, not only in the final status
+        log.info("[1.x-Distill] %s", message)  # in the log at once, not only in the final status
     while run.iteration < cfg.iterations:
         if _stop_requested(stop) or (cfg.max_minutes and time.time() - start > cfg.max_minutes * 60):
             status = "stopped"
@@ -452,5 +464,5 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
     elif status != "failed":
         status, message = "failed", "the weights are not finite; nothing was written"
     if main and message:
-        print(f"[1.x-Distill] {message}")
+        log.info("[1.x-Distill] %s", message)
     return {"status": status, "iteration": run.iteration, "message": message, "student": student}

@@ -51,7 +51,9 @@ class Stage1Config:
 
     @property
     def cache(self) -> CacheRange | None:
-        return None if self.cache_first is None else CacheRange(self.cache_first, self.cache_last)
+        if self.cache_first is None or self.cache_last is None:  # a pair: both or neither (config rules)
+            return None
+        return CacheRange(self.cache_first, self.cache_last)
 
 
 def pseudo_huber_dmd_loss(x_hat: torch.Tensor, target: torch.Tensor, normaliser: torch.Tensor, c: float) -> torch.Tensor:
@@ -166,7 +168,7 @@ class Stage1:
     def student_step(self, xs, cond, gen, delta=None) -> dict:
         cfg = self.cfg
         k, sigma, s_start, s_end = self._windows(len(cond), gen, self.weights)
-        self._idle = []
+        self._idle: list = []
         loss = self.student_objective(xs, cond, gen, delta, k, sigma, s_start, s_end)
         steps = [(self.student_params, self.optimizers["student"], True)]
         if self.compensation:

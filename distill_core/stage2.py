@@ -46,7 +46,9 @@ class Stage2Config:
 
     @property
     def cache(self) -> CacheRange | None:
-        return None if self.cache_first is None else CacheRange(self.cache_first, self.cache_last)
+        if self.cache_first is None or self.cache_last is None:  # a pair: both or neither (config rules)
+            return None
+        return CacheRange(self.cache_first, self.cache_last)
 
 
 class Stage2:

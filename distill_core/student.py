@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .cache import CacheRange, Compensation, effective_nfe, recording, replaying
 from .conditioning import Conditioning
@@ -21,12 +21,8 @@ from .flow import euler
 from .models import FlowModel
 from .student_file import FORMAT, MAX_BLOCKS, StudentHeader, file_hash, file_signature, MAX_SIDE, json_field, latent_shape, open_student, read_header, save_student_file  # noqa: F401 (re-exported)
 
-try:
-    from ..xslim_core.adapters import adapter_for
-    from ..xslim_core.adapters.base import merge_rows  # noqa: F401 (re-exported for the stages)
-except ImportError:  # run from the repository root
-    from xslim_core.adapters import adapter_for
-    from xslim_core.adapters.base import merge_rows  # noqa: F401
+from xslim_core.adapters import adapter_for
+from xslim_core.adapters.base import merge_rows  # noqa: F401 (re-exported for the stages)
 
 
 def blocks_of(net) -> list:
@@ -72,7 +68,7 @@ def trajectory(net, noise: torch.Tensor, cond: Conditioning, sigmas: list[float]
     """The deployed sampler's states [x_0..x_N], velocities [v_0..v_N-1] and the recorded block delta (or None).
     ``net``: a role (``nets.Role``) or a ``FlowModel``."""
     xs, vs, delta, last = [noise], [], None, len(sigmas) - 2
-    blocks = blocks_of(net) if cache is not None else None
+    blocks = blocks_of(net) if cache is not None else []
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x = xs[-1]
         sigma = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
@@ -134,7 +130,8 @@ def _architecture_class(path: str, architecture: dict):
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise ValueError(f"{path} declares the architecture class {name!r}, which diffusers does not have.")
     kwargs = {k: (tuple(v) if isinstance(v, list) and k == "rope_axes_dim" else v) for k, v in architecture.items() if not k.startswith("_")}
-    return name, (lambda: cls(**kwargs)) if from_demo else (lambda: cls.from_config(kwargs))
+    made: Any = cls  # a diffusers model class: from_config is its ConfigMixin's
+    return name, (lambda: made(**kwargs)) if from_demo else (lambda: made.from_config(kwargs))
 
 
 def build_architecture(path: str, architecture: dict, shapes: dict):

@@ -13,6 +13,7 @@ import sys
 
 from .config import RunConfig
 from .jobfiles import ResumeRefused, RunFolderBusy
+from .logs import show_on_stdout
 from .parallel import init_distributed, shutdown
 from .runtime import MemoryPlanRefused, run_training
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, help="override the iteration budget")
     parser.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long")
     args = parser.parse_args(argv)
+    show_on_stdout()
     try:
         cfg = RunConfig.load(args.config, run_dir=args.run_dir, iterations=args.iterations, max_minutes=args.max_minutes)
     except (OSError, ValueError) as err:  # a bad file or value: argparse's "error:" line and exit status 2

@@ -23,6 +23,7 @@ import traceback
 from dataclasses import asdict
 
 from . import jobfiles as jf
+from .logs import log, show_on_stdout
 
 JOB_FORMAT = jf.JOB_FORMAT
 EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_BUSY = 0, 1, 2, 3
@@ -32,7 +33,7 @@ ResumeRefused = jf.ResumeRefused
 
 
 def _say(message: str) -> None:
-    print(f"[1.x-Distill worker] {message}", flush=True)
+    log.info("[1.x-Distill worker] %s", message)
 
 
 class Heartbeat:
@@ -103,7 +104,7 @@ def bootstrap(job: dict) -> None:
         if name in sys.modules:
             continue
         module_spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"), submodule_search_locations=[root])
-        if module_spec is None:
+        if module_spec is None or module_spec.loader is None:
             raise ValueError(f"job.json bootstrap: no package at {root}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
@@ -159,14 +160,15 @@ def apply_gpu_sharing(job: dict) -> None:
             fraction = float(gpu.get("memory_fraction", 0.5))
             torch.cuda.set_per_process_memory_fraction(fraction, device)
             _say(f"shared GPU: capped at {fraction:.0%} of {device}'s memory")
-    device = job["config"].get("device") or "cpu"
-    _say(f"training on {device} with {job['config'].get('threads', 2)} CPU thread(s)")
+    where = job["config"].get("device") or "cpu"
+    _say(f"training on {where} with {job['config'].get('threads', 2)} CPU thread(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one 1.x-Distill job from its run folder (see distill_core/jobfiles.py).")
     parser.add_argument("--run-dir", required=True, help="the run folder holding job.json")
     args = parser.parse_args(argv)
+    show_on_stdout()
     run_dir = os.path.abspath(args.run_dir)
     if not os.path.isdir(run_dir):
         print(f"[1.x-Distill worker] no run folder {run_dir}", file=sys.stderr)

@@ -14,20 +14,14 @@ from contextlib import contextmanager
 
 import torch
 
-from ..distill_core.conditioning import Conditioning
-from ..distill_core.models import FlowModel
-from ..xslim_core.adapters.base import BlockSpec
-from ..xslim_core.hooks import wrap_forward
-from ..xslim_core.tokens import join_sequence, split_sequence
+from distill_core.conditioning import Conditioning
+from distill_core.models import FlowModel
+from xslim_core.adapters.base import BlockSpec
+from xslim_core.families import family_spec, model_times, trainable_families
+from xslim_core.hooks import wrap_forward
+from xslim_core.tokens import join_sequence, split_sequence
 from .families import family_for, supported_families
 
-# LoRA on the attention and MLP projections of every block, under ComfyUI's names (FLUX/HunyuanVideo layers,
-# MMDiT's context/x blocks)
-COMFY_LORA_TARGETS = (r".*(double_blocks\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.(0|2)|txt_mlp\.(0|2))|"
-                      r"single_blocks\.\d+\.(linear1|linear2)|"
-                      r"joint_blocks\.\d+\.(context_block|x_block)\.(attn2?\.(qkv|proj)|mlp\.(fc1|fc2)))")
-# one model call's time input: sigma x this (ComfyUI's model_sampling multipliers for these families)
-TIME_SCALE = {"flux": 1.0, "sd3": 1000.0, "hunyuan_video": 1000.0}
 
 
 class PositionalCall:
@@ -116,9 +110,10 @@ def comfy_blocks(diffusion_model) -> list:
 
 def _family(diffusion_model):
     family = family_for(diffusion_model)
-    if family is None or family.family not in TIME_SCALE:
+    trainable = {spec.id for spec in trainable_families()}
+    if family is None or family.family not in trainable:
         raise TypeError(f"1.x-Distill cannot train ComfyUI's {type(diffusion_model).__name__} yet; it trains "
-                        f"{', '.join(sorted(TIME_SCALE))} (X-Slim caches {supported_families()}).")
+                        f"{', '.join(sorted(trainable))} (X-Slim caches {supported_families()}).")
     return family
 
 
@@ -164,10 +159,12 @@ def _comfy_training_kernels():
 
 def comfy_velocity(module, x: torch.Tensor, sigma, cond: Conditioning, extra: dict) -> torch.Tensor:
     family = extra["family"]
-    t = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) * TIME_SCALE[family]
+    spec = family_spec(family)
+    # ComfyUI's model_sampling multiplier for these families is the diffusers pipelines' timestep scale
+    t = model_times(sigma, x, spec.time_scale)
     kwargs = {"y": cond.pooled}
-    if family in ("flux", "hunyuan_video") and getattr(module.params, "guidance_embed", False):
-        kwargs["guidance"] = torch.full_like(t, extra.get("guidance", 3.5 if family == "flux" else 6.0))
+    if spec.embedded_guidance is not None and getattr(module.params, "guidance_embed", False):
+        kwargs["guidance"] = torch.full_like(t, extra.get("guidance", spec.embedded_guidance))
     if family == "hunyuan_video" and cond.mask is not None and not bool(cond.mask.all()):
         kwargs["attention_mask"] = cond.mask.long()
     module.__dict__["_distill_text_tokens"] = cond.context.shape[1]  # where single-stream blocks split their sequence
@@ -181,12 +178,15 @@ class ComfyFlowModel(FlowModel):
     """A ComfyUI diffusion model (``model.model.diffusion_model`` of a MODEL) as a 1.x-Distill flow model."""
 
     model_keys = "comfy"
-    lora_targets = COMFY_LORA_TARGETS
 
     def __init__(self, module: torch.nn.Module, latent_shape: tuple, extra: dict | None = None):
         family = _family(module).family
         super().__init__(module, latent_shape, {**(extra or {}), "family": family}, blocks=comfy_blocks, call=comfy_velocity,
                          family=family)
+
+    @property
+    def lora_targets(self) -> str:
+        return _family(self.module).lora_targets
 
     @property
     def width(self) -> int:
@@ -214,8 +214,8 @@ def load_comfy_student(path: str, template: torch.nn.Module, latent_shape: tuple
     ``distill_core.student.Student``: what a host-trained Stage II starts from and compares against."""
     import copy
 
-    from ..distill_core.cache import Compensation
-    from ..distill_core.student import Student, _check_keys, _read, read_header
+    from distill_core.cache import Compensation
+    from distill_core.student import Student, _check_keys, _read, read_header
 
     header = read_header(path)
     if header.model_keys != "comfy":
@@ -241,7 +241,7 @@ def comfy_teacher(diffusion_model: torch.nn.Module, latent_shape: tuple, prompts
     targets and key names, and a student loader for its Stage II."""
     from functools import partial
 
-    from ..distill_core.models import Teacher
+    from distill_core.models import Teacher
 
     flow = ComfyFlowModel(diffusion_model, latent_shape, extra)
     loader = partial(_load_for, template=diffusion_model, latent_shape=latent_shape, extra=extra)
@@ -265,12 +265,12 @@ def _without_adapters(module: torch.nn.Module) -> torch.nn.Module:
 
 
 # -- the background worker's side: a ComfyUI model file, loaded by ComfyUI's own loader ------------------------
-LATENT = {"flux": (16, 8, 1), "sd3": (16, 8, 1), "hunyuan_video": (16, 8, 4)}  # channels, spatial, temporal downscale
 
 
 def latent_shape_for(family: str, width: int, height: int, frames: int = 1) -> tuple:
     """The diffusion model's input shape for one sample at ``width`` x ``height`` pixels (and ``frames``)."""
-    channels, down, time_down = LATENT[family]
+    latent = family_spec(family).latent
+    channels, down, time_down = latent.channels, latent.downscale, latent.temporal_downscale
     if width % (down * 2) or height % (down * 2):
         raise ValueError(f"width and height must be multiples of {down * 2} for {family}, got {width}x{height}.")
     if family == "hunyuan_video":
@@ -293,8 +293,8 @@ def load_comfy_file_teacher(path: str, latent_shape: list, extra: dict | None = 
         comfy.cli_args.args.cpu = True
     import comfy.sd
 
-    from ..distill_core.jobfiles import content_hash
-    from ..distill_core.identity import weights_signature
+    from distill_core.jobfiles import content_hash
+    from distill_core.identity import weights_signature
 
     patcher = comfy.sd.load_diffusion_model(path)
     if dtype not in ("fp32", "bf16"):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..xslim_core.adapters import Adapter
-from ..xslim_core.tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST, join_sequence, split_sequence
+from xslim_core.adapters import Adapter
+from xslim_core.tokens import IMG_FIRST, IMG_ONLY, TXT_FIRST, join_sequence, split_sequence
 
 
 @dataclass
@@ -29,6 +29,9 @@ class DictBlockSpec:
 
     def bind(self, args, kwargs) -> "DictBlock":
         return DictBlock(self, args[0])
+
+    def passthrough(self, args, kwargs) -> None:
+        return None  # the streams are in the argument dict: the engine binds it (cheaply) to pass them through
 
 
 class DictBlock:
@@ -83,6 +86,11 @@ class ComfyFamily(Adapter):
     """A ComfyUI model family: (stack, attribute of the diffusion model, patch kind) per block stack."""
 
     comfy_stacks: tuple[tuple[str, str, str], ...] = ()
+    short_name = ""  # how the Train node names the family to a user
+    # a model file's tensor names (ComfyUI's, without ``diffusion_model.``) contain all of these, and none of those
+    file_keys: tuple[str, ...] = ()
+    file_keys_absent: tuple[str, ...] = ()
+    lora_targets = ""  # the linears 1.x-Distill adapts with LoRA, under ComfyUI's parameter names
     token_level = True
     single_layout = IMG_ONLY  # image tokens in the single stream
     attention_layout = IMG_ONLY  # image tokens in the joint attention sequence
@@ -90,6 +98,14 @@ class ComfyFamily(Adapter):
     def layouts(self, diffusion_model) -> tuple[str, str]:
         """(where the image tokens sit in the single stream, and in the joint attention sequence) of this model."""
         return self.single_layout, self.attention_layout
+
+    @classmethod
+    def recognises(cls, names: set[str]) -> bool:
+        """Whether a model file with these tensor names is of this family."""
+        def has(part):
+            return any(part in name for name in names)
+
+        return bool(cls.file_keys) and all(map(has, cls.file_keys)) and not any(map(has, cls.file_keys_absent))
 
     def specs(self, diffusion_model) -> list[DictBlockSpec]:
         specs = []
@@ -123,16 +139,25 @@ class ComfyFamily(Adapter):
         block.arguments["pe"] = memo[id(pe)][1]
 
 
+# LoRA on the attention and MLP projections of every block, under ComfyUI's names
+DOUBLE_SINGLE_LORA_TARGETS = (r".*(double_blocks\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.(0|2)|txt_mlp\.(0|2))|"
+                              r"single_blocks\.\d+\.(linear1|linear2))")
+
+
 class ComfyFlux(ComfyFamily):
-    family, display_name = "flux", "FLUX (dev, schnell, Kontext)"
+    family, display_name, short_name = "flux", "FLUX (dev, schnell, Kontext)", "FLUX"
     model_classes = ("Flux",)
+    file_keys, file_keys_absent = ("double_blocks.", "single_blocks."), ("txt_in.individual_token_refiner",)
+    lora_targets = DOUBLE_SINGLE_LORA_TARGETS
     comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
     single_layout = attention_layout = TXT_FIRST  # sequences are cat(txt, img)
 
 
 class ComfyHunyuanVideo(ComfyFamily):
-    family, display_name = "hunyuan_video", "HunyuanVideo"
+    family, display_name, short_name = "hunyuan_video", "HunyuanVideo", "HunyuanVideo"
     model_classes = ("HunyuanVideo",)
+    file_keys = ("double_blocks.", "txt_in.individual_token_refiner")
+    lora_targets = DOUBLE_SINGLE_LORA_TARGETS
     comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
 
     def layouts(self, diffusion_model) -> tuple[str, str]:
@@ -145,8 +170,10 @@ class ComfyHunyuanVideo(ComfyFamily):
 
 
 class ComfySD3(ComfyFamily):
-    family, display_name = "sd3", "SD3 / SD3.5 (MMDiT)"
+    family, display_name, short_name = "sd3", "SD3 / SD3.5 (MMDiT)", "SD3/SD3.5"
     model_classes = ("MMDiT",)
+    file_keys = ("joint_blocks.",)
+    lora_targets = r".*(joint_blocks\.\d+\.(context_block|x_block)\.(attn2?\.(qkv|proj)|mlp\.(fc1|fc2)))"
     comfy_stacks = (("joint", "joint_blocks", "double_block"),)
     attention_layout = TXT_FIRST  # joint attention over cat(context, x)
 
@@ -159,8 +186,9 @@ class ComfyWan(ComfyFamily):
     """Wan 2.1/2.2: one stack of image-only blocks (text enters by cross-attention); ComfyUI patches them as
     ``double_block``. No token level: Wan 2.2's per-token timestep modulation cannot follow a token subset."""
 
-    family, display_name = "wan", "Wan 2.1 / 2.2"
+    family, display_name, short_name = "wan", "Wan 2.1 / 2.2", "Wan"
     model_classes = ("WanModel",)
+    file_keys = ("blocks.0.self_attn", "blocks.0.cross_attn")
     comfy_stacks = (("main", "blocks", "double_block"),)
     token_level = False
 
@@ -169,8 +197,9 @@ class ComfyQwenImage(ComfyFamily):
     """Qwen-Image (and its Edit variants): one stack of double-stream blocks, patched as ``double_block``.
     Step and block levels; its token level is not checked against ComfyUI's Qwen RoPE layout yet."""
 
-    family, display_name = "qwen_image", "Qwen-Image"
+    family, display_name, short_name = "qwen_image", "Qwen-Image", "Qwen-Image"
     model_classes = ("QwenImageTransformer2DModel",)
+    file_keys = ("transformer_blocks.", "img_mod.")
     comfy_stacks = (("main", "transformer_blocks", "double_block"),)
     token_level = False
 
@@ -180,6 +209,12 @@ FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD
 
 def supported_families() -> str:
     return ", ".join(f.display_name for f in FAMILIES)
+
+
+def family_of_file(names) -> type[ComfyFamily] | None:
+    """The family of a model file from its tensor names (with or without ComfyUI's ``diffusion_model.``), or None."""
+    names = {k.split("diffusion_model.", 1)[-1] for k in names}
+    return next((family for family in FAMILIES if family.recognises(names)), None)
 
 
 def family_for(diffusion_model) -> ComfyFamily | None:

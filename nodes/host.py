@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..xslim_core import Profile, StepKind, XSlimConfig, XSlimEngine, check_profile
-from ..xslim_core.adapters.base import merge_rows, take_rows
-from ..xslim_core.state import RunStats
-from ..xslim_core.tokens import IMG_FIRST, TXT_FIRST
+from xslim_core import Profile, XSlimConfig, XSlimEngine, check_profile
+from xslim_core.adapters.base import merge_rows, take_rows
+from xslim_core.state import RunStats
+from xslim_core.tokens import IMG_FIRST, TXT_FIRST
 from .families import ComfyFamily, family_for, supported_families
 
 KEY = "xslim"  # wrapper key and transformer_options entry of the settings
@@ -168,8 +168,8 @@ def block_patch(spec, previous):
             return run_block(args)
         check_image_slice(spec, options.get("img_slice"))
         ctx = engine.current_call
-        if ctx is not None and (ctx.plan.kind is StepKind.TOKEN or ctx.plan.capture_kv):
-            ctx.pending = [((spec.index, j), layout) for j, layout in enumerate(spec.attention)]
+        if ctx is not None:
+            ctx.expect_attention(spec)
         return engine.block_call(spec, run_block, (args,), {})
 
     patch.xslim_block = spec.patch
@@ -201,18 +201,14 @@ def attention_override(previous):
 
         engine = (kwargs.get("transformer_options") or {}).get(RUN)
         ctx = engine.current_call if engine is not None else None
-        if ctx is None or not ctx.pending:
+        if ctx is None or not ctx.expects_attention:
             return attention(*args, **kwargs)
         q, k, v = args[:3]
         named = {**dict(zip(ATTENTION_ARGS, args[3:])), **kwargs}
         heads, mask = named.pop("heads"), named.pop("mask", None)
         if not named.pop("skip_reshape", False):  # [B, N, heads * head_dim] -> [B, heads, N, head_dim]
             q, k, v = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-        ctx.layer = ctx.pending.pop(0)
-        try:
-            return ctx.attend(lambda q_, k_, v_, m_=None: attention(q_, k_, v_, heads, mask=m_, skip_reshape=True, **named), q, k, v, mask)
-        finally:
-            ctx.layer = None
+        return ctx.attend_next(lambda q_, k_, v_, m_=None: attention(q_, k_, v_, heads, mask=m_, skip_reshape=True, **named), q, k, v, mask)
 
     override.xslim_attention = True  # lets a run see whether a node after X-Slim replaced it
     return override

@@ -10,7 +10,8 @@ import shutil
 import time
 from typing import Callable
 
-from ..distill_core import jobfiles as jf
+from distill_core import jobfiles as jf
+from xslim_core.files import atomic_path
 from .job_store import Job, JobError
 
 log = logging.getLogger("xslim")
@@ -66,7 +67,7 @@ class StudentExporter:
             try:
                 # a fresh, exclusively created temporary name: a planted file or link in the models folder is never
                 # written through; without ``replace`` the file takes a name only while it is free
-                with jf.atomic_path(target, overwrite=replace) as tmp:
+                with atomic_path(target, overwrite=replace) as tmp:
                     shutil.copyfile(source, tmp)
                     os.chmod(tmp, 0o644)
                     copied = True
@@ -79,7 +80,7 @@ class StudentExporter:
                 if os.path.lexists(target):
                     n += 1
                     continue
-                with jf.atomic_path(target, overwrite=True) as tmp:  # no hard links on this file system: the name is free
+                with atomic_path(target, overwrite=True) as tmp:  # no hard links on this file system: the name is free
                     shutil.copyfile(source, tmp)
                     os.chmod(tmp, 0o644)
                 break

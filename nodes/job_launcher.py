@@ -11,13 +11,13 @@ import subprocess
 import sys
 import time
 
-from ..distill_core import jobfiles as jf
+from distill_core import jobfiles as jf
 from .job_store import Job, crash_status
 
 log = logging.getLogger("xslim")
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Launch through -c so the worker finds its package even where PYTHONPATH is ignored (embedded Pythons).
-LAUNCH = "import sys; sys.path.insert(0, sys.argv[1]); from distill_core.worker import main; sys.exit(main(sys.argv[2:]))"
+# The worker's entry script (it finds its packages even where PYTHONPATH is ignored: embedded Pythons)
+WORKER_SCRIPT = os.path.join(PACK_ROOT, "xslim_worker.py")
 
 
 class JobLauncher:
@@ -37,9 +37,9 @@ class JobLauncher:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices) if devices else ""  # 'cpu' keeps the worker off every GPU
         if devices and len(devices) > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(devices)),
-                   "-m", "distill_core.worker", "--run-dir", job.run_dir]
+                   WORKER_SCRIPT, "--run-dir", job.run_dir]
         else:
-            cmd = [sys.executable, "-c", LAUNCH, PACK_ROOT, "--run-dir", job.run_dir]
+            cmd = [sys.executable, WORKER_SCRIPT, "--run-dir", job.run_dir]
         group = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         with open(job.path(jf.LOG), "ab") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd[:3])} ...\n".encode())

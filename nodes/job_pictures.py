@@ -48,7 +48,7 @@ def loss_plot(history: list[dict], title: str) -> Image.Image:
         if hi - lo < 1e-12:
             lo, hi = lo - 0.5 * abs(lo or 1), hi + 0.5 * abs(hi or 1)
 
-        def at(x, y):
+        def at(x, y, box=box, x0=x0, x1=x1, lo=lo, hi=hi):  # this panel's scale
             return (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - (y - lo) / (hi - lo) * (box[3] - box[1]))
 
         light = tuple(int(c + (255 - c) * 0.65) for c in colour)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io as _io
 import logging
 
-from ..distill_core import jobfiles as jf
+from distill_core import jobfiles as jf
 from .job_store import JobError
 
 log = logging.getLogger("xslim")

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 
-from ..distill_core import jobfiles as jf
+from distill_core import jobfiles as jf
 
 log = logging.getLogger("xslim")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")

@@ -18,9 +18,9 @@ import signal
 import threading
 import time
 
-from ..distill_core import jobfiles as jf
+from distill_core import jobfiles as jf
 from .job_export import StudentExporter
-from .job_launcher import LAUNCH, PACK_ROOT, JobLauncher
+from .job_launcher import PACK_ROOT, WORKER_SCRIPT, JobLauncher
 from .job_routes import register_routes
 from .job_store import (ACTIVE, HISTORY_CAP, NAME_PATTERN, NAME_RULE, RESUMABLE_STATES, Job, JobError, JobStore,
                         check_run_name, jobs_root)
@@ -118,7 +118,7 @@ class JobManager(JobStore):
         Nothing here reads the base model file: a change of its size is refused at once, a change of its contents
         by the worker, which hashes the file and fails the job naming the change (a 16 GB file would otherwise
         hold the prompt for tens of seconds)."""
-        from ..distill_core.config import RunRequest
+        from distill_core.config import RunRequest
 
         if not isinstance(config, RunRequest):
             try:
@@ -283,6 +283,6 @@ def _push_event(summary: dict) -> None:
         log.debug("could not push a jobs event", exc_info=True)
 
 
-__all__ = ["ACTIVE", "HISTORY_CAP", "LAUNCH", "NAME_PATTERN", "NAME_RULE", "PACK_ROOT", "RESUMABLE_STATES", "Job",
+__all__ = ["ACTIVE", "HISTORY_CAP", "WORKER_SCRIPT", "NAME_PATTERN", "NAME_RULE", "PACK_ROOT", "RESUMABLE_STATES", "Job",
            "JobError", "JobManager", "check_run_name", "comfy_jobs_api", "jobs_root", "manager", "parse_devices",
            "register_routes", "students_dir"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..xslim_lab.demo_model.latents import COMFY_LATENT_SCALE, LATENT_SHAPE, latent_to_image
+from xslim_demo.latents import COMFY_LATENT_SCALE, LATENT_SHAPE, latent_to_image
 
 COLOURS = {"F": (31, 78, 140), "B": (240, 150, 40), "T": (60, 160, 80), ".": (225, 225, 225), "?": (255, 255, 255)}
 MEANING = {"F": "full step", "B": "block refresh", "T": "token refresh", ".": "skipped (cached)", "?": "not run"}

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..xslim_core import ONLINE_PRESETS, PRESETS, Profile, XSlimConfig
+from xslim_core import ONLINE_PRESETS, PRESETS, Profile, XSlimConfig
 from .host import XSlimSetupError, XSlimSettings
 
 PRESET_NAMES = ["auto", "slow", "fast", "custom"]

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from ..distill_core.cache import Compensation
-from ..distill_core.identity import signature_id, signature_mismatch, weights_signature
-from ..distill_core.student_file import StudentHeader, read_header
-from ..xslim_core import XSlimConfig
-from ..xslim_lab.demo_model.teacher import key_rules, swap_halves
-from ..xslim_core.state import RunStats
+from distill_core.cache import Compensation
+from distill_core.identity import signature_id, signature_mismatch, weights_signature
+from distill_core.student_file import StudentHeader, read_header
+from xslim_core import XSlimConfig
+from xslim_demo.teacher import key_rules, swap_halves
+from xslim_core.state import RunStats
 from .families import family_for, supported_families
 from .host import KEY, XSlimSettings, XSlimSetupError, install, malloc_graph_pause
 

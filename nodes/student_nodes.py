@@ -172,7 +172,7 @@ class StudentCompare(io.ComfyNode):
                 sampler_name, scheduler, xslim, student_2=None, vae=None) -> io.NodeOutput:
         import comfy.utils
 
-        from ..xslim_core import XSlimConfig
+        from xslim_core import XSlimConfig
 
         students = [student] + ([student_2] if student_2 is not None else [])
         for s in students:

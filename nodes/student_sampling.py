@@ -91,8 +91,8 @@ def demo_class_accuracy(images: list[torch.Tensor], latent: torch.Tensor, positi
     classes; None otherwise (another model has no classifier here, and a made-up score would mislead)."""
     if not is_demo_latent(latent):
         return None
-    from ..xslim_lab.demo_model.classifier import load_classifier
-    from ..xslim_lab.demo_model.teacher import classes_path, default_weights_path
+    from xslim_demo.classifier import load_classifier
+    from xslim_demo.teacher import classes_path, default_weights_path
     from safetensors import safe_open
 
     with safe_open(classes_path(default_weights_path()), framework="pt") as f:

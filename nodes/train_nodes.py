@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 
 from comfy_api.latest import io
 
-from ..distill_core import jobfiles as jf
+from distill_core import jobfiles as jf
+from xslim_core.families import trainable_families
 from .distill_host import latent_shape_for
+from .families import FAMILIES as COMFY_FAMILIES
+from .families import family_of_file
 from .jobs import ACTIVE, JobError, check_run_name, manager, parse_devices
 
 CATEGORY = "X-Slim/1.x-Distill"
@@ -24,23 +28,18 @@ GPU_SHARING = ["exclusive", "shared", "separate device"]
 DEMO_FORMAT = "xslim-demo-teacher/1"
 DEMO = "demo"
 ALL_CLASSES = "all classes"
-FAMILY_NAMES = {"sd3": "SD3/SD3.5", "flux": "FLUX", "hunyuan_video": "HunyuanVideo"}
+log = logging.getLogger("xslim")
+# the families the worker trains, as the Train node names them (ComfyUI's families that have a trainer record)
+FAMILY_NAMES = {f.family: f.short_name for f in COMFY_FAMILIES if f.family in {s.id for s in trainable_families()}}
 NAME_RULE_TIP = "letters, digits, '.', '_' and '-'"
 AUTO = "auto"
-# Safe starting points per family, used where a widget is left at auto (cached_blocks 'auto', batch_size 0,
-# guidance_scale 0); a value set by hand is used as it is, so saved workflows train exactly as before.
-#  * batch: the demo's 8 (a CPU run of a tiny model); 1 for the big families, where one 1024x1024 sample with
-#    three roles (teacher, student, fake score) already fills a GPU (docs/MEMORY.md).
-#  * guidance: the teacher's CFG in the real score. The demo teacher was distilled at 2 (docs/DISTILL.md); SD3.5
-#    samples at about 4.5; FLUX.1-dev and HunyuanVideo are guidance-distilled: their guidance is an input of the
-#    model (3.5 and 6.0, set by the loader, nodes/distill_host.py), so CFG on top would guide twice and double the
-#    teacher's cost. 1 is no CFG (no unconditional pass).
-#  * cached blocks: see auto_cached_range.
+# Safe starting points where a widget is left at auto (cached_blocks 'auto', batch_size 0, guidance_scale 0): each
+# family's record (xslim_core.families), the demo's own here; a value set by hand is used as it is, so saved
+# workflows train exactly as before. Why these values: docs/decisions/0004-trainer-defaults.md.
 FAMILY_DEFAULTS = {
     DEMO: {"batch_size": 8, "guidance_scale": 2.0},
-    "sd3": {"batch_size": 1, "guidance_scale": 4.5},
-    "flux": {"batch_size": 1, "guidance_scale": 1.0},
-    "hunyuan_video": {"batch_size": 1, "guidance_scale": 1.0},
+    **{spec.id: {"batch_size": spec.trainer.batch_size, "guidance_scale": spec.trainer.guidance_scale}
+       for spec in trainable_families() if spec.trainer is not None},
 }
 PACK = __name__.rsplit(".", 2)[0]  # the package name ComfyUI loaded this pack under (the worker registers it again)
 PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,22 +54,8 @@ def _comfy_root() -> str:
 
 # -- what the chosen model file is ---------------------------------------------------------------------------
 def _guess_family(keys: list[str]) -> str:
-    names = {k.split("diffusion_model.", 1)[-1] for k in keys}
-
-    def has(part):
-        return any(part in k for k in names)
-
-    if has("joint_blocks."):
-        return "SD3/SD3.5"
-    if has("double_blocks.") and has("txt_in.individual_token_refiner"):
-        return "HunyuanVideo"
-    if has("double_blocks.") and has("single_blocks."):
-        return "FLUX"
-    if has("transformer_blocks.") and has("img_mod."):
-        return "Qwen-Image"
-    if has("blocks.0.self_attn") and has("blocks.0.cross_attn"):
-        return "Wan"
-    return "unrecognised"
+    family = family_of_file(keys)
+    return family.short_name if family is not None else "unrecognised"
 
 
 def probe_model(name: str, path: str) -> dict:
@@ -83,7 +68,7 @@ def probe_model(name: str, path: str) -> dict:
     except ValueError as err:
         raise JobError(f"1.x-Distill Train: {err}.") from None
     if meta.get("format") == DEMO_FORMAT:
-        from ..xslim_lab.demo_model.teacher import classes_path
+        from xslim_demo.teacher import classes_path
 
         classes = classes_path(path)  # next to the file, or the shipped table for a link to the shipped teacher
         if not os.path.isfile(classes):
@@ -118,7 +103,7 @@ def encode_prompts(clip, prompts: list[str], negative: str = ""):
     length with a mask, as a ``distill_core`` PromptSet; ``negative`` is the unconditional prompt."""
     import torch
 
-    from ..distill_core.conditioning import Conditioning, encode_prompt_set
+    from distill_core.conditioning import Conditioning, encode_prompt_set
 
     def encode(texts):
         rows = []
@@ -387,7 +372,7 @@ class DistillTrain(io.ComfyNode):
         before_start = _free_comfy_memory if gpu["mode"] == "exclusive" else None
         summary, what = manager().submit(run_name, base, run, gpu, overwrite_student, write_extra=write_extra,
                                          bootstrap=bootstrap, before_start=before_start)
-        print(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}; "
+        log.info(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}; "
               f"batch {batch_size}, cached blocks {cached_blocks}, CFG {guidance_scale}); follow it in the "
               "'1.x-Distill jobs' sidebar panel")
         return io.NodeOutput(run_name)
@@ -396,7 +381,7 @@ class DistillTrain(io.ComfyNode):
 def _run_request(config: dict):
     """The run's settings checked as a run configuration before anything is written or started (a value the
     trainer would refuse is refused here, at queue time, naming the setting)."""
-    from ..distill_core.config import RunRequest
+    from distill_core.config import RunRequest
 
     try:
         return RunRequest(config)

@@ -4,17 +4,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from functools import partial
 
 from comfy_api.latest import io
 
-from ..xslim_lab.demo_model.teacher import CLASSES, classes_path, default_weights_path
+from xslim_demo.teacher import CLASSES, classes_path, default_weights_path
 from .host import XSlimSetupError, install
 from .pictures import decision_map, labelled_grid, row_labels, table_image
 from .runner import cached_run, decode, last_report, sample_latent
 from .settings import CACHE_DEVICES, CACHE_DTYPES, PRESET_NAMES, make_settings, parse_setting_line, profile_names, save_profile
+
+log = logging.getLogger("xslim")
 
 CATEGORY = "X-Slim"
 
@@ -143,7 +146,7 @@ class XSlimProfile(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, profile_name) -> io.NodeOutput:
-        from ..xslim_core import XSlimConfig
+        from xslim_core import XSlimConfig
         from .host import XSlimSettings, XSlimSetupError
 
         settings = XSlimSettings(XSlimConfig(mode="off"), record_profile=True)
@@ -292,7 +295,7 @@ def aligned_text(header: list[str], rows: list[list[str]]) -> str:
 
 def compare_outputs(results, times: list, columns, steps: int):
     """(grid IMAGE with the table under it, the table as aligned text with how it was timed and any warning)."""
-    from ..xslim_lab.metrics import paired_fidelity
+    from xslim_lab.metrics import paired_fidelity
 
     reference = columns[0]
     base, _ = median_and_spread(times[0])
@@ -371,7 +374,7 @@ NODES = [XSlimCache, XSlimStats, XSlimProfile, XSlimCompare, XSlimDemoClass, XSl
 
 # The folder the pack adds to diffusion_models. It holds only a link to the demo teacher: ComfyUI lists every
 # .safetensors file under a model folder, and the teacher's class table and the demo classifier (next to it in
-# xslim_lab/demo_model/weights, where the training code and the command line expect them) are not models.
+# xslim_demo/weights, where the training code and the command line expect them) are not models.
 LISTED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".comfyui_models", "diffusion_models")
 
 
@@ -400,15 +403,13 @@ def _link_teacher(folder: str) -> bool:
 def register_demo_model_folder() -> None:
     """Make the shipped demo model visible to UNETLoader, and nothing else of the pack (models/diffusion_models
     stays untouched)."""
-    import logging
-
     import folder_paths
 
     if _link_teacher(LISTED_FOLDER):
         folder_paths.add_model_folder_path("diffusion_models", LISTED_FOLDER)
         return
     # a read-only install: list the weights folder itself, auxiliary files included, rather than no demo model
-    logging.warning("X-Slim: could not write %s (read-only install?); UNETLoader also lists the demo model's class table "
+    log.warning("X-Slim: could not write %s (read-only install?); UNETLoader also lists the demo model's class table "
                     "and classifier, which are not models: pick demo_teacher.safetensors.", LISTED_FOLDER)
     folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(default_weights_path()))
 

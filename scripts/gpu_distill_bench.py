@@ -14,17 +14,14 @@ loss, AdamW). Random weights: the numbers are about speed and memory, not qualit
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 import warnings
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_core import memory as M  # noqa: E402
-from xslim_lab.memory_bench import LORA_TARGETS, Comp, dmd_step, tiny  # noqa: E402
+from distill_core import memory as M
+from xslim_lab.memory_bench import LORA_TARGETS, Comp, dmd_step, tiny
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,

@@ -19,12 +19,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distill_core import memory as M  # noqa: E402
-from distill_core.conditioning import Conditioning, PromptSet  # noqa: E402
-from distill_core.config import RunConfig  # noqa: E402
-from distill_core.models import FlowModel, Teacher  # noqa: E402
-from distill_core.runtime import run_training  # noqa: E402
+from distill_core import memory as M
+from distill_core.conditioning import Conditioning, PromptSet
+from distill_core.config import RunConfig
+from distill_core.models import FlowModel, Teacher
+from distill_core.runtime import run_training
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,

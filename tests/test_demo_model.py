@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from xslim_lab.demo_model import latents, teacher
-from xslim_lab.demo_model.teacher import ARCHITECTURE, ClassConditioner, build_model, load_teacher, save_teacher
+from xslim_demo import latents, teacher
+from xslim_demo.teacher import ARCHITECTURE, ClassConditioner, build_model, load_teacher, save_teacher
 
 SMALL = {**ARCHITECTURE, "num_layers": 1, "num_single_layers": 2}
 
@@ -81,7 +81,7 @@ def test_a_file_of_another_kind_is_refused(tmp_path):
 
 def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
-    from xslim_lab.demo_model import data
+    from xslim_demo import data
 
     data = importlib.reload(data)
     try:
@@ -98,9 +98,9 @@ SHIPPED = teacher.default_weights_path()
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="the demo teacher weights are not built yet")
 def test_shipped_teacher_draws_recognisable_classes():
-    from xslim_lab.demo_model.classifier import load_classifier
-    from xslim_lab.demo_model.grid import class_noise
-    from xslim_lab.sampling import flow_sigmas, sample_euler
+    from xslim_demo.classifier import load_classifier
+    from xslim_demo.grid import class_noise
+    from xslim_demo.sampling import flow_sigmas, sample_euler
 
     t = load_teacher()
     assert os.path.getsize(SHIPPED) < 50e6
@@ -114,7 +114,7 @@ def test_shipped_teacher_draws_recognisable_classes():
 
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="the demo teacher weights are not built yet")
 def test_teacher_evaluation_prints_one_row_per_cfg_scale(capsys):
-    from xslim_lab.demo_model import evaluate
+    from xslim_lab import demo_evaluate as evaluate
 
     evaluate.main(["--images", "10", "--steps", "3", "--cfg", "1.5", "3"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| teacher")]

@@ -1,8 +1,6 @@
 """1.x-Distill units on a tiny random model: schedules, re-noising, importance sampling, guidance control,
 the block cache and compensation, the student file (and its refusals), one step of each stage."""
 
-import copy
-import os
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from distill_core.stage1 import Stage1, Stage1Config, pseudo_huber_dmd_loss
 from distill_core.stage2 import Stage2, Stage2Config
 from distill_core.student import blocks_of, load_student, run_student, save_student
 from distill_core.updates import Ranks
-from xslim_lab.demo_model.distill import load_demo_teacher
+from xslim_demo.distill import load_demo_teacher
 from xslim_lab.tiny import write_tiny_teacher
 
 
@@ -140,7 +138,8 @@ def test_effective_nfe():
         CacheRange(3, 1)
 
 
-def _save_tiny_student(tiny, path, cache=CacheRange(1, 1)):
+def _save_tiny_student(tiny, path, cache=None):
+    cache = cache or CacheRange(1, 1)
     _, teacher = tiny
     _, net, _ = build_roles(teacher.flow)
     comp = Compensation(32)

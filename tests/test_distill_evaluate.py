@@ -37,16 +37,16 @@ def test_targets_are_judged_from_the_measured_numbers():
         _row("stage2_c167", "1.x 1.67", 1.67, 42.0, 0.81, 0.35),  # accuracy and diversity fail
     ]
     lines = check_targets(rows)
-    fast = [l for l in lines if "1.x 1.67" in l]
-    assert all(l.endswith("**PASS**") for l in lines if "1.x 1.75" in l)
-    assert sum(l.endswith("**FAIL**") for l in fast) == 2 and any("accuracy" in l and "FAIL" in l for l in fast)
-    assert any("guidance control" in l and l.endswith("**PASS**") for l in lines)
+    fast = [line for line in lines if "1.x 1.67" in line]
+    assert all(line.endswith("**PASS**") for line in lines if "1.x 1.75" in line)
+    assert sum(line.endswith("**FAIL**") for line in fast) == 2 and any("accuracy" in ln and "FAIL" in ln for ln in fast)
+    assert any("guidance control" in line and line.endswith("**PASS**") for line in lines)
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| 1.x 1.75 | 1.75 | 44.00 | 0.830 | 0.3700 |" in table
 
 
 def test_three_seed_sets_are_disjoint_balanced_and_set_zero_is_the_single_set_of_before():
-    from xslim_lab.demo_model.grid import class_noise
+    from xslim_demo.grid import class_noise
 
     sets = seed_sets(50, 2026, 3)
     assert [s for s, _, _ in sets] == [2026, 2027, 2028]
@@ -116,7 +116,7 @@ def test_evaluation_on_the_shipped_students_reports_each_set_and_the_standard_er
     assert list(by) == ["teacher2cfg", "stage2_c175", "stage2_c167"]
     assert by["stage2_c175"]["nfe"] == pytest.approx(1.75) and by["stage2_c167"]["nfe"] == pytest.approx(1 + 8 / 12)
     for row in result["rows"]:
-        for key, m in row["metrics"].items():
+        for m in row["metrics"].values():
             assert len(m["sets"]) == 2
             assert m["mean"] == pytest.approx(sum(m["sets"]) / 2)
             assert m["se"] == pytest.approx(abs(m["sets"][0] - m["sets"][1]) / 2)  # n = 2: |a - b| / 2
@@ -127,9 +127,9 @@ def test_evaluation_on_the_shipped_students_reports_each_set_and_the_standard_er
     assert all(by[k]["metrics"]["accuracy"]["mean"] >= 0.6 for k in ("stage2_c175", "stage2_c167"))  # random ~0.1
     # the second set's numbers are that set's own: recompute the 1.75 student's accuracy on seed 2027 directly
     from distill_core.student import file_hash, load_student
-    from xslim_lab.demo_model.classifier import load_classifier
-    from xslim_lab.demo_model.latents import latent_to_image
-    from xslim_lab.demo_model.teacher import default_weights_path
+    from xslim_demo.classifier import load_classifier
+    from xslim_demo.latents import latent_to_image
+    from xslim_demo.teacher import default_weights_path
 
     _, noise, labels = seed_sets(20, 2026, 2)[1]
     student = load_student(os.path.join(WEIGHTS, "student_1x_175.safetensors"), base_hash=file_hash(default_weights_path()))
@@ -163,10 +163,10 @@ def test_bad_options_are_refused_with_a_clear_message(argv, message, capsys):
 
 def test_shipped_students_load_against_the_shipped_teacher_and_draw_their_classes():
     from distill_core.student import file_hash, load_student
-    from xslim_lab.demo_model.classifier import load_classifier
-    from xslim_lab.demo_model.grid import class_noise
-    from xslim_lab.demo_model.latents import latent_to_image
-    from xslim_lab.demo_model.teacher import default_weights_path
+    from xslim_demo.classifier import load_classifier
+    from xslim_demo.grid import class_noise
+    from xslim_demo.latents import latent_to_image
+    from xslim_demo.teacher import default_weights_path
 
     classifier, _ = load_classifier()
     noise, labels = class_noise(3, seed=5)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from distill_core.conditioning import Conditioning, PromptSet, encode_prompt_set
+from distill_core.conditioning import Conditioning, encode_prompt_set
 from distill_core.config import RunConfig
 from distill_core.models import load_diffusers_teacher
 from distill_core.nets import build_roles
@@ -187,7 +187,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_bit_identically(tmp
         counted = []
         teacher = load_diffusers_teacher(str(tmp_path / "sd3"), shape)
         for block in teacher.flow.module.transformer_blocks:  # a layer every block calls, in forward and recompute
-            block.norm1.register_forward_pre_hook(lambda *a: counted.append(1))
+            block.norm1.register_forward_pre_hook(lambda *a, counted=counted: counted.append(1))
         teacher.prompts = None
         assert run_training(cfg, teacher=teacher)["status"] == "done"
         students[checkpointing] = load_file(str(tmp_path / f"run{checkpointing}" / "student.safetensors"))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import logging
+
 import pytest
 import torch
 
@@ -70,11 +72,12 @@ def test_the_refusal_names_the_settings_that_fit(flux):
     assert not (root / "full" / "state.safetensors").exists()
 
 
-def test_a_run_that_fits_logs_its_prediction_and_trains(flux, capsys):
+def test_a_run_that_fits_logs_its_prediction_and_trains(flux, caplog):
     root, _, common = flux
-    result = run_training(RunConfig(run_dir=str(root / "fits"), lora_rank=4, iterations=1, memory_budget_gib=2, **common))
+    with caplog.at_level(logging.INFO, logger="xslim"):
+        result = run_training(RunConfig(run_dir=str(root / "fits"), lora_rank=4, iterations=1, memory_budget_gib=2, **common))
     assert result["status"] == "done"
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "memory plan: LoRA r4, fp32, batch 2" in out and "fits 2 GiB per process" in out
 
 

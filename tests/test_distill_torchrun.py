@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from distill_core.conditioning import encode_prompt_set
 from test_distill_families import LOADER, fake_text_encoder, tiny_flux
 
-pytestmark = pytest.mark.slow  # processes, torchrun or whole training runs: left out of `make test-quick`
+# processes, torchrun or whole training runs of real models: left out of `make test-quick`
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
@@ -177,6 +178,6 @@ def test_a_killed_rank_ends_the_run_and_the_same_command_resumes_it(flux_run, pa
     again = torchrun(path)
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
-    assert f"resumed from iteration" in out
+    assert "resumed from iteration" in out
     with safe_open(str(root / f"killed_{parallel}" / "student.safetensors"), framework="pt") as f:
         assert f.metadata()["iterations"] == "40"

@@ -8,7 +8,7 @@ import torch
 
 from families import BUILDERS
 from xslim_core import StepKind, XSlim, XSlimConfig, record_profile
-from xslim_lab.sampling import flow_sigmas, sample_euler
+from xslim_demo.sampling import flow_sigmas, sample_euler
 from xslim_lab.timing import BlockExecutions
 
 STEPS = 20

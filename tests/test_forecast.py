@@ -9,7 +9,7 @@ import torch
 from families import BUILDERS
 from test_engine import cached_sample, noise, profile_of
 from xslim_core import XSlimConfig
-from xslim_core.engine import forecast_residual
+from xslim_core.forecast import forecast_residual
 from xslim_core.state import RowState
 
 
@@ -64,7 +64,7 @@ def test_online_error_with_forecasting_is_the_remainder_of_the_linear_forecast()
     from types import SimpleNamespace
 
     from xslim_core.controller import OnlineController
-    from xslim_core.engine import _CallContext
+    from xslim_core.call_context import CallContext
 
     sigmas = [1.0 - k / 20 for k in range(21)]
     base, slope, curve = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)
@@ -73,7 +73,7 @@ def test_online_error_with_forecasting_is_the_remainder_of_the_linear_forecast()
     for order in (0, 1):
         ctx = SimpleNamespace(sigma=0.6, engine=SimpleNamespace(config=XSlimConfig(mode="online", forecast=order)))
         row = RowState(delta_last=d(0.7), sigma_last=0.7, delta_prev=d(0.8), sigma_prev=0.8)
-        _CallContext._track_change(ctx, row, d(0.6))  # what the engine measures after a computed step at 0.6
+        CallContext._track_change(ctx, row, d(0.6))  # what the engine measures after a computed step at 0.6
         rel = ((d(0.6) - d(0.7)).abs().sum() / d(0.7).abs().sum()).item()
         assert row.rate == pytest.approx(rel / 0.1, rel=1e-5)
         if order == 0:

@@ -5,7 +5,6 @@ that appeared during training is kept and the export takes the next free name.""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,22 +13,13 @@ import time
 import pytest
 
 from distill_core import jobfiles as jf
+from pack import node_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK = "comfyui_xslim_jobs_test"
 
 
-def load_jobs_module():
-    """nodes/ uses relative imports: load the pack as a package (its __init__ imports nothing of ComfyUI)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.nodes.jobs")
-
-
-jobs = load_jobs_module()
+jobs = node_module("jobs", PACK)
 
 
 @pytest.fixture()

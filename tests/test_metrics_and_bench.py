@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from xslim_lab.demo_model import data
-from xslim_lab.demo_model.classifier import default_classifier_path, load_classifier
-from xslim_lab.demo_model.teacher import default_weights_path
+from xslim_demo import data
+from xslim_demo.classifier import default_classifier_path, load_classifier
+from xslim_demo.teacher import default_weights_path
 from xslim_lab.metrics import DistributionMetrics, paired_fidelity, within_class_diversity
 
 HAVE_DATA = os.path.exists(os.path.join(data.DATA_DIR, "t10k-images-idx3-ubyte.gz"))
@@ -100,7 +100,7 @@ def test_verdicts_compare_median_and_p5_with_every_cheaper_baseline():
 
 
 def test_ab2_is_second_order_and_euler_first_order_on_a_linear_ode():
-    from xslim_lab.sampling import flow_sigmas, sample_ab2, sample_euler
+    from xslim_demo.sampling import flow_sigmas, sample_ab2, sample_euler
 
     # dx/dsigma = -x has x(0) = x(1) * e; the error of each sampler shrinks with its order as steps double
     exact = torch.tensor([math.e])

@@ -18,10 +18,10 @@ from distill_core import parallel as P
 
 HERE = Path(__file__).parent
 SCRIPTS = HERE / "parallel_scripts"
-sys.path.insert(0, str(SCRIPTS))
-import two_roles  # noqa: E402
+import two_roles  # noqa: E402 (tests/parallel_scripts, on pytest's pythonpath)
 
-pytestmark = pytest.mark.slow  # processes, torchrun or whole training runs: left out of `make test-quick`
+# processes, torchrun or whole training runs of real models: left out of `make test-quick`
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -12,7 +12,7 @@ import torch
 
 from families import BUILDERS
 from xslim_core import PRESETS, Profile, StepKind, XSlim, XSlimConfig, build_schedule, preset_config, record_profile
-from xslim_lab.sampling import flow_sigmas, sample_euler
+from xslim_demo.sampling import flow_sigmas, sample_euler
 from xslim_core.schedule import coarse_pass, fine_pass, resample_change
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_core_packages_never_import_comfyui(package):
 
 
 def test_steps_are_found_from_timesteps_rounded_to_bfloat16():
-    from xslim_core.engine import locate_step
+    from xslim_core.run import locate_step
 
     sigmas = flow_sigmas(50, shift=3.0)
     eps = torch.finfo(torch.bfloat16).eps

@@ -19,7 +19,8 @@ from distill_core import jobfiles as jf
 from xslim_lab.tiny import write_tiny_teacher
 from distill_core.worker import EXIT_BUSY, EXIT_DONE, EXIT_REFUSED, JOB_FORMAT
 
-pytestmark = pytest.mark.slow  # processes, torchrun or whole training runs: left out of `make test-quick`
+# processes, torchrun or whole training runs of real models: left out of `make test-quick`
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,7 +181,6 @@ def test_shared_gpu_mode_caps_the_ranks_own_device(monkeypatch):
 # torchrun runs this file per rank; it notes every status.json write with the writer's rank, then runs the worker
 RANKED_WORKER = """
 import os, sys
-sys.path.insert(0, {repo!r})
 from distill_core import jobfiles as jf, worker
 
 real = jf.write_json
@@ -198,7 +198,7 @@ def test_the_worker_under_torchrun_on_the_cpu_ends_done_with_one_status_writer(t
     run = make_job(tmp_path / "ddp", teachers[0], iterations=3, preview_every=0, device="cpu")
     log = tmp_path / "status_writers.txt"
     script = tmp_path / "ranked_worker.py"
-    script.write_text(RANKED_WORKER.format(repo=ROOT, log=str(log)))
+    script.write_text(RANKED_WORKER.format(log=str(log)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                           "--run-dir", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

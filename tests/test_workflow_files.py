@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -17,12 +16,9 @@ SHIPPED = sorted(n for n in os.listdir(WORKFLOWS) if n.endswith(".json"))
 
 
 def generators() -> dict:
-    sys.path.insert(0, WORKFLOWS)
-    try:
-        import build_train_workflows
-        import build_workflows
-    finally:
-        sys.path.remove(WORKFLOWS)
+    import build_train_workflows
+    import build_workflows
+
     return {**build_workflows.WORKFLOWS, **build_train_workflows.WORKFLOWS}
 
 
@@ -42,11 +38,7 @@ def test_the_file_is_what_its_generator_writes(name):
 
 
 def test_an_unmeasured_node_type_is_refused_not_guessed():
-    sys.path.insert(0, WORKFLOWS)
-    try:
-        from workflow_graph import MEASURED_SIZES, UnmeasuredNodeType, node_size
-    finally:
-        sys.path.remove(WORKFLOWS)
+    from workflow_graph import MEASURED_SIZES, UnmeasuredNodeType, node_size
     assert node_size("KSampler") == list(MEASURED_SIZES["KSampler"])
     with pytest.raises(UnmeasuredNodeType, match="NoSuchNode has no measured size .* XSLIM_WRITE_NODE_SIZES=1"):
         node_size("NoSuchNode")

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workflow_graph import HERE, Workflow as _Workflow, write_thumbnail  # noqa: E402
+from workflow_graph import HERE, Workflow as _Workflow, write_thumbnail
 
 # type -> (input sockets, outputs); only the types these workflows use
 SOCKETS = {

@@ -5,7 +5,8 @@ Pure PyTorch: this package never imports ComfyUI. The ComfyUI nodes in ``nodes/`
 
 from .adapters import adapter_for, supported_models
 from .config import ONLINE_PRESETS, PRESETS, StepKind, XSlimConfig, online_preset_config, preset_config
-from .engine import XSlim, XSlimEngine, check_profile, record_profile, run_cached
+from .diffusers_host import XSlim, record_profile, run_cached
+from .engine import XSlimEngine, check_profile
 from .profile import Profile
 from .schedule import Schedule, build_schedule
 from .state import RunStats

@@ -171,25 +171,16 @@ def _check_segment(mode: str, seg) -> tuple[int, int]:
     return int(seg[0]), int(seg[1])
 
 
-# Speed presets. Absolute thresholds mean nothing across models (activation scales differ), so a preset
-# names the compute ratio it reaches on the model's own profile, like the released X-Slim schedules (FLUX:
-# slow 3.0-3.4x, fast 4.6-5x); the early-warning line found there then holds over sigma for any step count, so
-# a run with fewer steps than the profile computes about as many steps (a lower ratio, a shorter gap each).
-# Both forecast skipped steps to first order (``forecast=1``). Chosen on the benchmark's selection set (seed 7,
-# classes 0/2/4/6/8 of the demo teacher, Euler and AB2 at 20/28/50 steps, profile recorded at 50 steps): fast
-# at 4.0 rather than 4.6 is the cheapest line that still beats fewer steps with either sampler at 50 steps and
-# keeps >= 2.5x at 28 (docs/bench/teacher.md, "How the presets were chosen").
+# Speed presets name the compute ratio they reach on the model's own profile (a threshold means nothing across
+# models). How the lines were chosen, on the selection set: docs/decisions/0003-speed-presets.md.
 PRESETS: dict[str, dict] = {
     "slow": dict(target_speedup=3.2, token_ratio=0.5, forecast=1),
     "fast": dict(target_speedup=4.0, token_ratio=0.7, forecast=1),
 }
 
 
-# Online presets (no profile): the line on the predicted relative error of a skipped step's forecast residual
-# (controller.OnlineController.error). Chosen on the same selection set at 50 and 28 steps: the two lines are
-# equal, so online mode skips or computes fully - a refresh band between them (block/token refreshes) gave less
-# fidelity per block evaluation there (warn 0.05 / crit 0.15: 22 NFE for 43.2 dB; 0.15 / 0.45: 11.8 NFE for
-# 30.5 dB, against 0.2 / 0.2: 12.0 NFE for 32.9 dB). On held-out images slow reaches 3.3x at 50 steps, fast 4.0x.
+# Online presets (no profile): a line on the predicted relative error of a skipped step's forecast residual;
+# chosen as in docs/decisions/0003-speed-presets.md.
 ONLINE_PRESETS: dict[str, dict] = {
     "slow": dict(mode="online", warn=0.1, crit=0.1, forecast=1),
     "fast": dict(mode="online", warn=0.2, crit=0.2, forecast=1),

@@ -18,6 +18,14 @@ def _downgrade(kind: StepKind, row: RowState, has_all_kv: bool) -> StepKind:
     return kind
 
 
+def _reused_blocks(kind: StepKind, row: RowState) -> frozenset:
+    """The blocks a block refresh reuses: those the last full step chose (``_downgrade`` makes sure it chose)."""
+    if kind is not StepKind.BLOCK:
+        return frozenset()
+    assert row.skip_blocks is not None, "X-Slim: a block refresh was planned before any blocks were chosen"
+    return row.skip_blocks
+
+
 class ScheduleController:
     """Follows a schedule built from a profile (the released X-Slim method)."""
 
@@ -30,7 +38,7 @@ class ScheduleController:
         kind = _downgrade(self.schedule.kinds[step], row, len(row.kv) == self.num_layers)
         return StepPlan(
             kind,
-            skip_blocks=row.skip_blocks if kind is StepKind.BLOCK else frozenset(),
+            skip_blocks=_reused_blocks(kind, row),
             record_blocks=kind is StepKind.FULL and self.schedule.record_blocks_at(step),
             capture_kv=kind in (StepKind.FULL, StepKind.BLOCK) and self.schedule.capture_kv_at(step),
         )
@@ -79,7 +87,7 @@ class OnlineController:
         kind = _downgrade(kind, row, len(row.kv) == self.num_layers)
         return StepPlan(
             kind,
-            skip_blocks=row.skip_blocks if kind is StepKind.BLOCK else frozenset(),
+            skip_blocks=_reused_blocks(kind, row),
             record_blocks=band and kind is StepKind.FULL and "block" in levels,
             capture_kv=band and kind in (StepKind.FULL, StepKind.BLOCK) and "token" in levels,
         )

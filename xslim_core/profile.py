@@ -112,7 +112,7 @@ def check_fields(prof: Profile, source: str) -> None:
     ):
         raise ValueError(f"X-Slim: {source}: stacks must be [name, block count] pairs (1..{MAX_BLOCKS} blocks), "
                          f"got {prof.stacks!r:.80}.")
-    prof.stacks = [tuple(s) for s in prof.stacks]
+    prof.stacks = [(str(name), int(count)) for name, count in prof.stacks]
     prof.sigmas = _finite_list(prof.sigmas, "sigmas", source)
     prof.step_change = _finite_list(prof.step_change, "step_change", source, minimum=0.0)
     if len(prof.sigmas) != prof.num_steps + 1 or not isinstance(prof.block_change, (list, tuple)) or len(prof.block_change) != prof.num_steps:

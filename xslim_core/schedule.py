@@ -236,9 +236,16 @@ class _Planner:
         self.partial = [k for lvl, k in (("block", StepKind.BLOCK), ("token", StepKind.TOKEN)) if lvl in config.levels]
         self._skipped: dict[int, int] = {}  # step -> blocks reused after it (the bisection asks again and again)
 
+    @property
+    def recorded(self) -> Profile:
+        """The profile, for the parts of planning that read it (a pattern alone plans without one)."""
+        if self.profile is None:
+            raise ValueError("X-Slim: schedule mode needs a profile or a pattern.")
+        return self.profile
+
     @functools.cached_property
     def change(self) -> list[float]:
-        return resample_change(self.profile, self.sigmas)
+        return resample_change(self.recorded, self.sigmas)
 
     @functools.cached_property
     def eligible(self) -> list[bool]:
@@ -254,13 +261,13 @@ class _Planner:
 
     @functools.cached_property
     def _nearest(self):
-        return _nearest_finder(self.profile.sigmas[:-1])
+        return _nearest_finder(self.recorded.sigmas[:-1])
 
     def skipped_blocks(self, step: int) -> int:
         """How many blocks a block refresh after full step ``step`` reuses, by the profile's nearest step."""
         if step not in self._skipped:
-            row = self.profile.block_change[self._nearest(self.sigmas[step])]
-            self._skipped[step] = len(select_blocks(row, self.profile.stacks, self.block_thresholds, self.config.protected_blocks))
+            row = self.recorded.block_change[self._nearest(self.sigmas[step])]
+            self._skipped[step] = len(select_blocks(row, self.recorded.stacks, self.block_thresholds, self.config.protected_blocks))
         return self._skipped[step]
 
     def kinds(self, threshold: float) -> list[StepKind]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -22,6 +23,10 @@ class TensorStore:
         self.device = torch.device(config.cache_device) if config.cache_device else None
         self.guard = allocation_guard
 
+    @overload
+    def put(self, t: torch.Tensor, copy: bool = True) -> torch.Tensor: ...
+    @overload
+    def put(self, t: None, copy: bool = True) -> None: ...
     def put(self, t: torch.Tensor | None, copy: bool = True) -> torch.Tensor | None:
         """``copy=False`` only for tensors nothing writes to later (fresh attention K/V)."""
         if t is None:
@@ -31,6 +36,10 @@ class TensorStore:
         with self.guarded():
             return t.detach().to(device=self.device or t.device, dtype=self.dtype or t.dtype, copy=True)
 
+    @overload
+    def keep(self, t: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def keep(self, t: None) -> None: ...
     def keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """A same-precision copy of a block's input that the engine holds beyond the block."""
         if t is None:
@@ -41,6 +50,12 @@ class TensorStore:
     def guarded(self):
         return self.guard() if self.guard is not None else contextlib.nullcontext()
 
+    @overload
+    @staticmethod
+    def get(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    @staticmethod
+    def get(t: None, like: torch.Tensor) -> None: ...
     @staticmethod
     def get(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         if t is None or (t.dtype == like.dtype and t.device == like.device):

@@ -36,10 +36,10 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from xslim_core import XSlimConfig, online_preset_config, preset_config, record_profile
 from xslim_core.engine import run_cached
 
-from .demo_model import latent_to_image, load_teacher
-from .demo_model.grid import class_noise, images_to_grid
-from .demo_model.teacher import CLASSES
-from .sampling import SAMPLERS, flow_sigmas
+from xslim_demo import latent_to_image, load_teacher
+from xslim_demo.grid import class_noise, images_to_grid
+from xslim_demo.teacher import CLASSES
+from xslim_demo.sampling import SAMPLERS, flow_sigmas
 from .timing import BlockExecutions, alternating_times, median
 
 CFG = 2.0
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     teacher = load_teacher()
-    from .demo_model.classifier import load_classifier
+    from xslim_demo.classifier import load_classifier
 
     classifier, _ = load_classifier()
     noise, labels = HELD_OUT.tensors(args.per_class)

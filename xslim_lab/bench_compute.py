@@ -20,7 +20,7 @@ import torch
 from xslim_core import XSlimConfig, adapter_for, online_preset_config, preset_config, record_profile
 from .random_models import random_flux, random_sd3
 from xslim_core.engine import run_cached
-from .sampling import flow_sigmas, sample_euler
+from xslim_demo.sampling import flow_sigmas, sample_euler
 from .timing import alternating_times, median
 
 

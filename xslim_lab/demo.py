@@ -1,7 +1,7 @@
 """`make demo`: sample with and without X-Slim on the shipped demo teacher and show what it saved.
 
 The demo teacher is a class-conditional rectified-flow DiT (HunyuanVideo architecture, 12 blocks) trained on
-Fashion-MNIST and shipped with the pack (xslim_lab/demo_model). The demo samples one image per class and
+Fashion-MNIST and shipped with the pack (xslim_demo). The demo samples one image per class and
 seed with full 50-step sampling and with X-Slim's slow and fast presets, prints effective NFE, block
 evaluations, wall-clock speedup, PSNR against full sampling and the classifier's accuracy, and writes the
 images side by side to demo.png.
@@ -16,12 +16,12 @@ from functools import partial
 import torch
 
 from xslim_core import preset_config, record_profile
-from .demo_model import latent_to_image, load_teacher
-from .demo_model.classifier import load_classifier
-from .demo_model.grid import class_noise, images_to_grid
+from xslim_demo import latent_to_image, load_teacher
+from xslim_demo.classifier import load_classifier
+from xslim_demo.grid import class_noise, images_to_grid
 from xslim_core.engine import run_cached
 from .metrics import paired_fidelity
-from .sampling import flow_sigmas, sample_euler
+from xslim_demo.sampling import flow_sigmas, sample_euler
 from .timing import alternating_times, median
 
 

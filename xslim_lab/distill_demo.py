@@ -22,6 +22,7 @@ from distill_core import SHIPPED_STUDENTS
 from distill_core.config import RunConfig
 from distill_core.files import save_atomic
 from distill_core.jobfiles import RunFolderBusy, RunLock, write_json
+from distill_core.logs import show_on_stdout
 from distill_core.runtime import STATE_FILE, STUDENT_FILE, run_training
 
 # Scaled to two CPU cores: batch 16, a few hundred iterations, learning rates raised over the SD3 recipe.
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ship", action="store_true", help="copy the finished 1.x students to distill_core/weights (fp16)")
     parser.add_argument("--overwrite", action="store_true", help="with --ship: replace the shipped students")
     args = parser.parse_args(argv)
+    show_on_stdout()
     if args.ship:
         try:
             ship(args.out, SHIPPED_STUDENTS, overwrite=args.overwrite)

@@ -24,12 +24,12 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from xslim_lab.demo_model.classifier import load_classifier
-from xslim_lab.demo_model.grid import class_noise, images_to_grid
-from xslim_lab.demo_model.latents import latent_to_image
-from xslim_lab.demo_model.teacher import default_weights_path, load_teacher
+from xslim_demo.classifier import load_classifier
+from xslim_demo.grid import class_noise, images_to_grid
+from xslim_demo.latents import latent_to_image
+from xslim_demo.teacher import default_weights_path, load_teacher
 from xslim_lab.metrics import DistributionMetrics, classifier_features, mean_and_standard_error, precision_recall
-from xslim_lab.sampling import flow_sigmas, sample_euler
+from xslim_demo.sampling import flow_sigmas, sample_euler
 
 from distill_core import SHIPPED_STUDENTS
 from distill_core.cache import CacheRange

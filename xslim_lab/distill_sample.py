@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from xslim_lab.demo_model.grid import class_noise, images_to_grid
-from xslim_lab.demo_model.latents import latent_to_image
-from xslim_lab.demo_model.teacher import CLASSES, default_weights_path
+from xslim_demo.grid import class_noise, images_to_grid
+from xslim_demo.latents import latent_to_image
+from xslim_demo.teacher import CLASSES, default_weights_path
 
 from distill_core.student import file_hash, load_student
 

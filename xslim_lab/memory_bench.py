@@ -90,7 +90,7 @@ def tiny(name: str) -> Harness:
         from diffusers import HunyuanVideoTransformer3DModel
 
         if name == "demo":
-            from xslim_lab.demo_model.teacher import load_teacher, velocity
+            from xslim_demo.teacher import load_teacher, velocity
 
             t = load_teacher()
             t.conditioner.requires_grad_(False)

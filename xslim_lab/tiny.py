@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from xslim_lab.demo_model.teacher import ARCHITECTURE, ClassConditioner, build_model, save_teacher
+from xslim_demo.teacher import ARCHITECTURE, ClassConditioner, build_model, save_teacher
 
 TINY_ARCHITECTURE = {**ARCHITECTURE, "attention_head_dim": 32, "num_layers": 1, "num_single_layers": 2,
                      "num_refiner_layers": 1, "text_embed_dim": 16, "pooled_projection_dim": 32, "rope_axes_dim": (8, 12, 12)}

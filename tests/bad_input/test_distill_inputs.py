@@ -108,7 +108,7 @@ def test_a_resume_with_a_changed_base_model_is_refused_and_the_checkpoint_kept(s
 def test_the_block_cache_composes_with_a_foreign_instance_forward_and_restores_it_exactly(tmp_path):
     from distill_core.cache import CacheRange, recording, replaying
     from distill_core.student import blocks_of
-    from xslim_lab.demo_model.distill import load_demo_teacher
+    from xslim_demo.distill import load_demo_teacher
     from xslim_lab.tiny import write_tiny_teacher
 
     net = (teacher := load_demo_teacher(write_tiny_teacher(str(tmp_path / "teacher.safetensors")))).flow

@@ -13,7 +13,7 @@ import torch
 
 from families import BUILDERS
 from xslim_core import Profile, XSlim, XSlimConfig, preset_config, record_profile
-from xslim_lab.sampling import flow_sigmas, sample_euler
+from xslim_demo.sampling import flow_sigmas, sample_euler
 
 CLEAR, SURVIVED = pytest.mark.bad_input("clear error"), pytest.mark.bad_input("survived")
 SIGMAS = flow_sigmas(12, shift=3.0)

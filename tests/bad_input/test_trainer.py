@@ -371,9 +371,8 @@ def test_a_second_writer_in_the_same_run_folder_is_refused(tiny_teachers, tmp_pa
     from distill_core.jobfiles import RunFolderBusy
     from distill_core.runtime import run_training
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     holder = subprocess.Popen(  # another process writing in this folder, as a live worker would
-        [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {repo!r}); from distill_core.jobfiles import RunLock; "
+        [sys.executable, "-c", f"import time; from distill_core.jobfiles import RunLock; "
          f"held = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:

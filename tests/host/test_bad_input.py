@@ -41,7 +41,7 @@ def test_critical_below_early_warning_is_refused_with_the_fix(pack):
 def test_profile_of_another_family_is_refused_and_the_model_still_samples(pack, user_dir):
     from comfyui_xslim.nodes.host import XSlimSetupError
     from comfyui_xslim.nodes.settings import save_profile
-    from comfyui_xslim.xslim_core import Profile
+    from xslim_core import Profile
 
     flux_profile = Profile(family="flux", sigmas=[1.0, 0.5, 0.0], step_change=[0.1, 0.1], block_change=[[0.1] * 5] * 2,
                            stacks=[("double", 2), ("single", 3)])

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-import comfy_env as ce
 from browser_env import CHROMIUM, SKIP_MARKS, open_sidebar_tab, sync_playwright
 from server_env import Server, make_base
 
@@ -20,9 +19,6 @@ pytestmark = SKIP_MARKS
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    import sys
-
-    sys.path.insert(0, ce.REPO)
     from xslim_lab.tiny import write_tiny_teacher
 
     base = make_base(tmp_path_factory.mktemp("comfy_browser"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 
 import pytest
@@ -109,12 +108,9 @@ def read(name: str) -> dict:
 def types_to_measure() -> list[str]:
     """Every node type a shipped workflow uses, every type the generators know, and any named in
     XSLIM_MEASURE_TYPES (a new type is measured before a generator can place it)."""
-    sys.path.insert(0, WORKFLOWS)
-    try:
-        import build_train_workflows  # noqa: F401  (adds the training types to the shared socket table)
-        from build_workflows import SOCKETS
-    finally:
-        sys.path.remove(WORKFLOWS)
+    import build_train_workflows  # noqa: F401  (adds the training types to the shared socket table)
+    from build_workflows import SOCKETS
+
     used = {n["type"] for name in NAMES for n in read(name)["nodes"]}
     extra = {t.strip() for t in os.environ.get("XSLIM_MEASURE_TYPES", "").split(",") if t.strip()}
     return sorted(used | set(SOCKETS) | extra)

@@ -177,7 +177,7 @@ def _with_patch(model, patch):
 
 def test_token_refresh_runs_through_the_attention_override(family_model):
     from comfyui_xslim.nodes.host import XSlimSettings, install
-    from comfyui_xslim.xslim_core import XSlimConfig
+    from xslim_core import XSlimConfig
 
     fam, model = family_model
     from comfyui_xslim.nodes.families import family_for

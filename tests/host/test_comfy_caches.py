@@ -38,7 +38,7 @@ def teacher(pack):
     import folder_paths
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
-    from xslim_lab.demo_model.teacher import WEIGHTS_DIR, default_weights_path
+    from xslim_demo.teacher import WEIGHTS_DIR, default_weights_path
 
     if not os.path.exists(default_weights_path()):
         pytest.skip("the demo teacher weights are not built yet")
@@ -62,7 +62,7 @@ def sample_all(model, steps: int, per_call: int = 1):
     images of one class per sampling call. One image per call by default: EasyCache 0.3.64 fails with more (see
     test_easycache_with_two_images_per_call)."""
     from comfyui_xslim.nodes.xslim_nodes import XSlimDemoClass
-    from xslim_lab.demo_model.teacher import CLASSES
+    from xslim_demo.teacher import CLASSES
 
     noise, labels = held_out()
     negative = XSlimDemoClass.execute("unconditional").args[0]
@@ -114,7 +114,7 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
         for thr in THRESHOLDS:
             caplog.clear()
             with caplog.at_level(logging.INFO):
-                lat, nfe = measure(teacher, STEPS, blocks, images, lambda m: node.execute(m, thr, 0.15, 0.95, False).args[0])
+                lat, nfe = measure(teacher, STEPS, blocks, images, lambda m, node=node, thr=thr: node.execute(m, thr, 0.15, 0.95, False).args[0])
             name = "EasyCache" if node is EasyCacheNode else "LazyCache"
             skipped = [int(s) for s in re.findall(rf"{name} - skipped (\d+)/{STEPS} steps", caplog.text)]
             assert len(skipped) == images  # one log line per sampling run (one image each)
@@ -125,13 +125,13 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
     from xslim_lab.bench import PROFILE_SET
 
     pn, pl = PROFILE_SET.tensors()
-    from xslim_lab.demo_model.teacher import CLASSES
+    from xslim_demo.teacher import CLASSES
 
     XSlimProfile.execute(teacher, XSlimDemoClass.execute(CLASSES[int(pl[0])]).args[0],
                          XSlimDemoClass.execute("unconditional").args[0], {"samples": torch.zeros_like(pn[:1])}, 99, 50, 2.0,
                          SAMPLER, "simple", "demo-teacher")
     for preset, profile in (("slow", "demo-teacher"), ("fast", "demo-teacher"), ("slow", "none (online)"), ("fast", "none (online)")):
-        node = lambda m: XSlimCache.execute(m, preset, profile, 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model").args[0]  # noqa: E731
+        node = lambda m, preset=preset, profile=profile: XSlimCache.execute(m, preset, profile, 0.1, 0.3, 0.0, 0.5, 0.0, 1.0, "same as model", "same as model").args[0]  # noqa: E731
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             lat, nfe = measure(teacher, STEPS, blocks, images, node)
@@ -150,7 +150,7 @@ def test_comfyui_easycache_and_lazycache_against_xslim_and_fewer_steps(teacher, 
     if os.environ.get("XSLIM_COMFY_CACHES_OUT"):
         with open(os.environ["XSLIM_COMFY_CACHES_OUT"], "w") as f:
             f.write(table)
-    for name, group, nfe, f in rows[1:]:
+    for name, _group, nfe, f in rows[1:]:
         assert 0 < nfe <= STEPS + 1e-6, name
         if not name.startswith("EasyCache"):  # EasyCache: see test_easycache_adds_every_branchs_difference_to_every_row
             assert f["psnr"] > 15, name  # close to the reference

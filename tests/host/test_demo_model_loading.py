@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from xslim_lab.demo_model import latents
-from xslim_lab.demo_model.teacher import WEIGHTS_DIR, default_weights_path, load_teacher, velocity
+from xslim_demo import latents
+from xslim_demo.teacher import WEIGHTS_DIR, default_weights_path, load_teacher, velocity
 
 
 @pytest.mark.skipif(not os.path.exists(default_weights_path()), reason="the demo teacher weights are not built yet")

@@ -20,9 +20,9 @@ def host():
     if reason:
         pytest.skip(reason)
     ce.load_pack()
-    from comfyui_xslim.distill_core.conditioning import Conditioning, encode_prompt_set
-    from comfyui_xslim.distill_core.config import RunConfig
-    from comfyui_xslim.distill_core.runtime import run_training
+    from distill_core.conditioning import Conditioning, encode_prompt_set
+    from distill_core.config import RunConfig
+    from distill_core.runtime import run_training
     from comfyui_xslim.nodes import distill_host
 
     return distill_host, run_training, RunConfig, Conditioning, encode_prompt_set
@@ -52,7 +52,7 @@ def trained(request, host, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"comfy_{family}")
     # the signature Load 1.x Student's strict check compares against, taken as the ComfyUI worker's loader takes it
     # (distill_host.load_comfy_file_teacher: the diffusion model's own state dict, before training)
-    from comfyui_xslim.distill_core.identity import weights_signature
+    from distill_core.identity import weights_signature
 
     base = {"hash": f"tiny-{family}", "name": f"tiny {family}", "signature": weights_signature(dm.state_dict())}
     blocks = len(distill_host.comfy_blocks(dm))
@@ -159,8 +159,8 @@ def test_comfyuis_demo_teacher_class_gives_the_diffusers_velocity(host):
     """The demo teacher loaded by ComfyUI (its HunyuanVideo class) and by diffusers: one velocity."""
     distill_host = host[0]
     import comfy.sd
-    from comfyui_xslim.xslim_lab.demo_model.distill import load_demo_teacher
-    from comfyui_xslim.xslim_lab.demo_model.teacher import default_weights_path
+    from xslim_demo.distill import load_demo_teacher
+    from xslim_demo.teacher import default_weights_path
 
     diffusers_teacher = load_demo_teacher()
     patcher = comfy.sd.load_diffusion_model(default_weights_path())

@@ -29,7 +29,7 @@ def env():
     if reason:
         pytest.skip(reason)
     ce.load_pack()
-    from comfyui_xslim.xslim_lab.demo_model.teacher import CLASSES, classes_path, default_weights_path
+    from xslim_demo.teacher import CLASSES, classes_path, default_weights_path
 
     return CLASSES, classes_path, default_weights_path
 
@@ -50,7 +50,7 @@ class TableClip:
 @pytest.fixture(scope="module")
 def trained(env, tmp_path_factory):
     CLASSES, classes_path, default_weights_path = env
-    from comfyui_xslim.nodes.jobs import LAUNCH
+    from comfyui_xslim.nodes.jobs import WORKER_SCRIPT
     from comfyui_xslim.nodes.train_nodes import encode_prompts
 
     prompts = encode_prompts(TableClip(load_file(classes_path(default_weights_path())), CLASSES), ["Trouser", "Bag", "Sneaker"])
@@ -66,7 +66,7 @@ def trained(env, tmp_path_factory):
            "gpu": {"mode": "exclusive", "device": "cpu"}, "export": {"overwrite": False},
            "bootstrap": {"sys_path": [ce.COMFY], "packages": {"comfyui_xslim": ce.REPO}}}
     (run / "job.json").write_text(json.dumps(job))
-    out = subprocess.run([sys.executable, "-c", LAUNCH, ce.REPO, "--run-dir", str(run)], cwd=ce.REPO, capture_output=True,
+    out = subprocess.run([sys.executable, WORKER_SCRIPT, "--run-dir", str(run)], cwd=ce.REPO, capture_output=True,
                          text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     return run, out, prompts
 
@@ -89,7 +89,7 @@ def test_load_1x_student_samples_it_exactly_as_the_trainers_sampler(trained, env
     import comfy.sd
 
     from comfyui_xslim.nodes import distill_host, student_nodes, xslim_nodes
-    from comfyui_xslim.xslim_lab.demo_model.latents import COMFY_LATENT_SCALE
+    from xslim_demo.latents import COMFY_LATENT_SCALE
 
     CLASSES, _, default_weights_path = env
     run, _, prompts = trained

@@ -67,7 +67,7 @@ def kept_tensors(engine) -> list[torch.Tensor]:
 @pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
 def test_every_cache_allocation_happens_while_the_malloc_graph_is_paused(pack, stub_prefetch, monkeypatch, family):
     from comfyui_xslim.nodes.xslim_nodes import XSlimCache
-    from comfyui_xslim.xslim_core.engine import XSlimEngine
+    from xslim_core.engine import XSlimEngine
 
     seen = []
     real_end = XSlimEngine.end_run
@@ -98,7 +98,7 @@ def test_every_pause_is_left_as_often_as_it_is_entered(pack, stub_prefetch):
 def test_a_students_compensation_moves_to_the_blocks_device_while_paused(pack, stub_prefetch):
     """1.x student: the compensation module is kept beyond the block that first needs it on another device, so it
     is moved there under the pause (the meta device stands in for a GPU on this CPU-only machine)."""
-    from comfyui_xslim.distill_core.cache import Compensation
+    from distill_core.cache import Compensation
     from comfyui_xslim.nodes.student import CompensationCall
 
     call = CompensationCall(Compensation(16))
@@ -122,7 +122,7 @@ def test_without_the_module_nothing_is_paused_and_sampling_still_caches(pack, mo
     from comfyui_xslim.nodes.host import malloc_graph_pause
     from comfyui_xslim.nodes.runner import last_report
     from comfyui_xslim.nodes.xslim_nodes import XSlimCache
-    from comfyui_xslim.xslim_core.engine import XSlimEngine
+    from xslim_core.engine import XSlimEngine
 
     monkeypatch.setitem(sys.modules, "comfy.model_prefetch", None)  # `import comfy.model_prefetch` now raises ImportError
     monkeypatch.delattr(comfy, "model_prefetch", raising=False)

@@ -17,8 +17,8 @@ def test_the_same_percent_selects_the_same_steps_as_easycache(pack, shift, start
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     from comfyui_xslim.nodes.host import comfy_percent_window
-    from comfyui_xslim.xslim_core import XSlimConfig
-    from comfyui_xslim.xslim_core.schedule import eligible_steps
+    from xslim_core import XSlimConfig
+    from xslim_core.schedule import eligible_steps
 
     model = ModelSamplingSD3().patch(ce.tiny_model("sd3"), shift)[0]
     sampling = model.get_model_object("model_sampling")
@@ -34,7 +34,7 @@ def test_a_window_that_holds_no_step_runs_uncached(pack):
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     from comfyui_xslim.nodes.host import comfy_percent_window
-    from comfyui_xslim.xslim_core import XSlimConfig
+    from xslim_core import XSlimConfig
 
     sampling = ModelSamplingSD3().patch(ce.tiny_model("sd3"), 3.0)[0].get_model_object("model_sampling")
     config = comfy_percent_window(XSlimConfig(mode="online", start_percent=0.5, end_percent=0.6), sampling, [0.2, 0.1, 0.0])

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import time
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ from distill_core.cache import CacheRange, Compensation
 from distill_core.identity import weights_signature
 from distill_core.conditioning import Conditioning
 from distill_core.student import load_student, save_student_file
-from xslim_lab.demo_model.latents import COMFY_LATENT_SCALE
-from xslim_lab.demo_model.teacher import CLASSES, WEIGHTS_DIR, classes_path, default_weights_path
+from xslim_demo.latents import COMFY_LATENT_SCALE
+from xslim_demo.teacher import CLASSES, WEIGHTS_DIR, classes_path, default_weights_path
 
 SHIPPED = {"student_1x_175.safetensors": 1.75, "student_1x_167.safetensors": 1 + 8 / 12}
 DEMO_SHAPE = (16, 1, 8, 8)
@@ -214,7 +213,7 @@ def test_student_compare_puts_teacher_xslim_and_student_in_one_grid(demo_teacher
     assert rows[2][:2] == ["1.x student student_1x_175", "1.75"]
     ms = [float(r[2]) for r in rows]  # per image, in ms with 2 decimals
     assert all(len(r[2].split(".")[1]) == 2 for r in rows) and all(m > 0 for m in ms)
-    assert ms[2] < ms[0]  # 1.75 network evaluations against 40, each column timed alike
+    # which column is faster is the benchmark's to show (a timed assertion flakes on a busy machine); the work is NFE
     assert all(r[3].endswith("%") for r in rows)  # three timed runs each: a spread
     assert all(r[4].endswith("/4") for r in rows)  # the demo classifier's accuracy per column
     assert "|" not in table  # no pipe table to wrap in a preview box
@@ -386,9 +385,9 @@ def test_bad_student_files_are_refused_before_anything_large_is_built(demo_teach
     save_file({"model.x": torch.zeros(1)}, str(students_dir / "huge.safetensors"), metadata={
         "format": "xslim-1x-student/1", "base_family": "hunyuan_video", "sigmas": "[1.0, 0.75, 0.0]",
         "stacks": json.dumps([["double", 40000], ["single", 40000]]), "cached_blocks": "[4, 6]"})
-    start = time.perf_counter()
+    monkeypatch.setattr(student_module, "weight_patches", large_read)  # nothing past the header may run
     refused(demo_teacher, "huge.safetensors", "at most 1000 blocks")
-    assert time.perf_counter() - start < 1.0
+    monkeypatch.undo()
 
 
 # -- weights that move between runs ----------------------------------------------------------------------------

@@ -32,7 +32,6 @@ DEMO = "demo_teacher.safetensors"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    sys.path.insert(0, ce.REPO)
     from xslim_lab.tiny import write_tiny_teacher
 
     if os.path.exists(NUMBERS):  # the figures of one run only
@@ -210,7 +209,7 @@ def test_worker_speed_equals_the_command_line(srv, tmp_path):
     worker_lines = open(os.path.join(srv.base, "user", "xslim", "distill", "speed", "metrics.jsonl")).read().splitlines()
     worker = json.loads(worker_lines[-1])
     cli_config = {"run_dir": str(tmp_path / "cli"), "iterations": 40, "batch_size": 4, "threads": 1, "checkpoint_every": 1000,
-                  "preview_every": 0, "teacher": os.path.join(ce.REPO, "xslim_lab", "demo_model", "weights", DEMO),
+                  "preview_every": 0, "teacher": os.path.join(ce.REPO, "xslim_demo", "weights", DEMO),
                   "stage1": {"lr_student": 4e-5, "lr_fake": 3.2e-4, "cache_first": 4, "cache_last": 6}}
     (tmp_path / "cli.json").write_text(json.dumps(cli_config))
     out = subprocess.run([sys.executable, "-m", "distill_core.train", "--config", str(tmp_path / "cli.json")], cwd=ce.REPO,

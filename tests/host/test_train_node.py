@@ -54,7 +54,7 @@ def models(tmp_path_factory):
     ce.load_pack()
     import folder_paths
 
-    from comfyui_xslim.xslim_lab.demo_model.teacher import default_weights_path
+    from xslim_demo.teacher import default_weights_path
 
     folder = tmp_path_factory.mktemp("train_node_models")
     for name, keys in FILES.items():
@@ -71,7 +71,7 @@ def node(models, tmp_path, monkeypatch):
     and hashing a file are recorded (hashing must not happen: the prompt would hold for a big file)."""
     import comfy.model_management as mm
 
-    from comfyui_xslim.distill_core import jobfiles
+    from distill_core import jobfiles
     from comfyui_xslim.nodes import jobs, train_nodes
 
     events = []
@@ -212,6 +212,8 @@ class NoServer:
 sys.modules.pop("server", None)
 sys.meta_path.insert(0, NoServer())
 """
+# then the worker's entry script as `python SCRIPT ARGS...` would run it
+RUN_SCRIPT = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 class TableClip:
@@ -230,9 +232,9 @@ class TableClip:
 def test_the_worker_trains_a_text_job_with_comfyuis_server_unimportable(models, tmp_path):
     """The text-family path (ComfyUI importable through job.json's bootstrap, the pack registered, ComfyUI's
     loader) is where an import of ``server`` could sneak in."""
-    from comfyui_xslim.nodes.jobs import LAUNCH
+    from comfyui_xslim.nodes.jobs import WORKER_SCRIPT
     from comfyui_xslim.nodes.train_nodes import encode_prompts
-    from comfyui_xslim.xslim_lab.demo_model.teacher import CLASSES, classes_path, default_weights_path
+    from xslim_demo.teacher import CLASSES, classes_path, default_weights_path
 
     run = tmp_path / "run"
     run.mkdir()
@@ -246,7 +248,7 @@ def test_the_worker_trains_a_text_job_with_comfyuis_server_unimportable(models, 
            "gpu": {"mode": "exclusive", "device": "cpu"}, "bootstrap": {"sys_path": [ce.COMFY], "packages": {"comfyui_xslim": ce.REPO}}}
     (run / "job.json").write_text(json.dumps(job))
     attempt = tmp_path / "server_import"
-    out = subprocess.run([sys.executable, "-c", NO_SERVER + LAUNCH, ce.REPO, "--run-dir", str(run)], cwd=ce.REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", NO_SERVER + RUN_SCRIPT, WORKER_SCRIPT, "--run-dir", str(run)], cwd=ce.REPO, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "XSLIM_SERVER_IMPORT": str(attempt)})
     status = json.loads((run / "status.json").read_text())
     assert out.returncode == 0 and status["state"] == "done" and status["iteration"] == 2, (status, out.stderr[-3000:])

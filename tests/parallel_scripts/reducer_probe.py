@@ -18,7 +18,6 @@ Cases:
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
@@ -27,8 +26,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from distill_core import parallel as P  # noqa: E402
+from distill_core import parallel as P
 
 
 class Base(nn.Module):

@@ -24,11 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from distill_core import parallel as P  # noqa: E402
-from xslim_core.hooks import wrap_forward  # noqa: E402
+from distill_core import parallel as P
+from xslim_core.hooks import wrap_forward
 
 GLOBAL_BATCH = 4
 TOKENS, CHANNELS, TEXT, WIDTH = 16, 8, 4, 16

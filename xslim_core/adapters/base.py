@@ -11,9 +11,16 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..protocols import EngineBlockCall
+
+# The block call an adapter's blocks make (``BoundBlock`` for diffusers): what its gather_positions receives.
+BlockCallT = TypeVar("BlockCallT", bound="EngineBlockCall")
 
 
 @dataclass
@@ -62,6 +69,8 @@ def class_signature(module: nn.Module) -> inspect.Signature:
 
 class BoundBlock:
     """One call of a block, with its arguments addressable by name."""
+
+    mutates_inputs = False  # diffusers blocks return new tensors
 
     def __init__(self, spec: BlockSpec, args, kwargs):
         self.spec = spec
@@ -175,7 +184,7 @@ def merge_rows(outputs: list[torch.Tensor], groups: list[list[int]]) -> torch.Te
     return merged.index_select(0, inverse.to(merged.device))
 
 
-class Adapter:
+class Adapter(Generic[BlockCallT]):
     """Base for one model family. Subclasses set the class attributes and, for RoPE models, gather_positions."""
 
     family: str = ""
@@ -198,7 +207,7 @@ class Adapter:
     block_only_inputs: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> list[BlockSpec]:
-        specs = []
+        specs: list[BlockSpec] = []
         for stack, attr in self.stacks:
             for block in getattr(model, attr):
                 attention = [
@@ -217,7 +226,7 @@ class Adapter:
     def stack_sizes(self, model: nn.Module) -> list[tuple[str, int]]:
         return [(stack, len(getattr(model, attr))) for stack, attr in self.stacks]
 
-    def gather_positions(self, block: BoundBlock, idx: torch.Tensor, n_img: int, memo: dict) -> None:
+    def gather_positions(self, block: BlockCallT, idx: torch.Tensor, n_img: int, memo: dict) -> None:
         """Restrict positional inputs (RoPE tables, masks) of a block call to the token subset ``idx``.
         ``memo`` lives for one model call: blocks share their RoPE table, so it is gathered once."""
 

@@ -1,4 +1,5 @@
-import json, sys
+import json
+import sys
 sys.path.insert(0, "/work/main")
 from xslim_lab import distill_evaluate as E
 rows = [("Stage I 2-step, full copies (lr 4e-5 / 3.2e-4)", "full", None, None),

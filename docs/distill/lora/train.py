@@ -1,4 +1,6 @@
-import sys, time, json, os
+import sys
+import time
+import os
 sys.path.insert(0, "/work/main")
 from distill_core.config import RunConfig
 from distill_core.runtime import run_training

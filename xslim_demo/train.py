@@ -1,7 +1,7 @@
 """Train the demo teacher (rectified flow, class-conditional, label dropout for CFG). Seeded and resumable.
 
-    python -m xslim_lab.demo_model.train --run-dir runs/teacher [--minutes 30] [--config train_config.json]
-    python -m xslim_lab.demo_model.train --run-dir runs/teacher --export   # EMA weights -> weights/
+    python -m xslim_demo.train --run-dir runs/teacher [--minutes 30] [--config train_config.json]
+    python -m xslim_demo.train --run-dir runs/teacher --export   # EMA weights -> weights/
 
 A checkpoint (model, EMA, optimiser moments, step, data cursor, RNG state) is written atomically every
 ``checkpoint_every`` steps as safetensors; running the same command again continues from it.

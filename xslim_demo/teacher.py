@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from xslim_core.files import atomic_path
+
 from .latents import COMFY_LATENT_SCALE
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -219,9 +221,8 @@ def save_teacher(path: str, model: nn.Module, conditioner: ClassConditioner, met
 
 
 def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path, overwrite=True, mode=0o644) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def _read(path: str) -> tuple[dict, dict]:

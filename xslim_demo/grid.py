@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from ..sampling import flow_sigmas, sample_euler
+from .sampling import flow_sigmas, sample_euler
 from .latents import LATENT_SHAPE, latent_to_image
 from .teacher import CLASSES, ClassConditioner, velocity
 

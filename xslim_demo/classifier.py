@@ -1,6 +1,6 @@
 """A small Fashion-MNIST classifier: the feature space for FD, precision/recall, accuracy and diversity.
 
-    python -m xslim_lab.demo_model.classifier   # trains (12 epochs), writes weights/fmnist_classifier.safetensors
+    python -m xslim_demo.classifier   # trains (12 epochs), writes weights/fmnist_classifier.safetensors
 
 The file also carries what the metrics need from the real test set, so evaluation needs no dataset: the
 FD reference sums over all 10k test images and 2000 test features for precision/recall.
@@ -17,6 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
+
+from xslim_core.files import atomic_path
 
 from .teacher import WEIGHTS_DIR
 
@@ -62,7 +64,7 @@ def load_classifier(path: str | None = None) -> tuple[FashionClassifier, dict[st
     """The classifier and its reference tensors (FD sums over the test set, test features, test labels)."""
     path = path or default_classifier_path()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Classifier weights {path} not found; train them with python -m xslim_lab.demo_model.classifier")
+        raise FileNotFoundError(f"Classifier weights {path} not found; train them with python -m xslim_demo.classifier")
     with safe_open(path, framework="pt") as f:
         if (f.metadata() or {}).get("format") != FORMAT:
             raise ValueError(f"{path} is not an X-Slim Fashion-MNIST classifier (expected format {FORMAT!r}).")
@@ -125,8 +127,8 @@ def train(epochs: int = 12, seed: int = 0, out: str | None = None) -> float:
         })
     out = out or default_classifier_path()
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    save_file(tensors, out + ".tmp", metadata={"format": FORMAT, "test_accuracy": f"{accuracy:.4f}", "epochs": str(epochs)})
-    os.replace(out + ".tmp", out)
+    with atomic_path(out, overwrite=True, mode=0o644) as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "test_accuracy": f"{accuracy:.4f}", "epochs": str(epochs)})
     print(f"Classifier test accuracy {accuracy:.4f}; written to {out}")
     return accuracy
 

@@ -1,6 +1,6 @@
 """The demo teacher's own quality, in the shipped classifier's feature space.
 
-    python -m xslim_lab.demo_model.evaluate --images 200 --steps 50 --cfg 2 3 4
+    python -m xslim_lab.demo_evaluate --images 200 --steps 50 --cfg 2 3 4
 
 Prints per CFG scale: class accuracy, FD-FMNIST, precision, recall and within-class diversity of samples
 drawn with fixed seeds (the same images per class for every scale), next to the same figures for real
@@ -13,13 +13,13 @@ import argparse
 
 import torch
 
-from ..metrics import DistributionMetrics
-from ..sampling import flow_sigmas, sample_euler
-from .classifier import load_classifier
-from .data import load_split
-from .grid import class_noise
-from .latents import latent_to_image
-from .teacher import CLASSES, load_teacher
+from .metrics import DistributionMetrics
+from xslim_demo.sampling import flow_sigmas, sample_euler
+from xslim_demo.classifier import load_classifier
+from xslim_demo.data import load_split
+from xslim_demo.grid import class_noise
+from xslim_demo.latents import latent_to_image
+from xslim_demo.teacher import CLASSES, load_teacher
 
 
 @torch.no_grad()
