@@ -144,7 +144,7 @@ class RunFile:
         raise NotImplementedError
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
 
     def write(self, run_dir: str) -> None:
         write_json(os.path.join(run_dir, self.FILE), self.to_json())
@@ -167,7 +167,7 @@ class JobSpec(RunFile):
     def from_json(cls, data: dict) -> "JobSpec":
         return cls(config=mapping(data.get("config")), base=mapping(data.get("base")), gpu=mapping(data.get("gpu")),
                    export=mapping(data.get("export")), created=_number(data.get("created")),
-                   bootstrap=data.get("bootstrap") or None, format=data.get("format"))
+                   bootstrap=data.get("bootstrap") or None, format=data["format"] if isinstance(data.get("format"), str) else "")
 
     def to_json(self) -> dict:
         data = {"format": self.format, "config": self.config, "base": self.base, "gpu": self.gpu, "export": self.export,
