@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from xslim_core.families import trainable_families
+from xslim_core.families import family_spec, trainable_families
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -45,23 +45,24 @@ class Family:
     name: str
     latent_downscale: int  # VAE spatial downscale
     patch: int  # spatial patch size on the latent
+    # saved activations per token per width, (full, lora); "outside" = embeddings + final layer. The family's record
+    # holds them (xslim_core.families ActivationModel); no default here, so there is one place to read them.
+    double: tuple
+    single: tuple
+    outside: tuple
     temporal_downscale: int = 1  # video VAEs: latent frames = (frames - 1) // t + 1
     patch_t: int = 1
     text_tokens: int = 0  # the pipeline's default text length (all encoders concatenated)
     mlp_targets_double: int = 6  # LoRA-adapted linears per stream of a double block (q, k, v, out, ff1, ff2)
     mlp_targets_single: int = 5  # q, k, v, proj_mlp, proj_out
-    # saved activations per token per width, (full, lora); "outside" = embeddings + final layer
-    double: tuple = (25.8, 18.6)
-    single: tuple = (22.0, 18.2)
-    dual_extra: tuple = (15.2, 9.9)  # SD3.5-M's second attention, per image token
-    outside: tuple = (3.6, 1.0)
+    dual_extra: tuple = (0.0, 0.0)  # a second, image-only attention per block (SD3.5-M), per image token
 
 
 def _planner_family(spec) -> Family:
     """The planner's view of a registered family (``xslim_core.families``: geometry and coefficients live there)."""
     return Family(spec.id, spec.latent.downscale, spec.latent.patch, temporal_downscale=spec.latent.temporal_downscale,
                   text_tokens=spec.text_tokens, double=spec.activations.double, single=spec.activations.single,
-                  outside=spec.activations.outside)
+                  outside=spec.activations.outside, dual_extra=spec.activations.dual_extra)
 
 
 FAMILIES = {spec.id: _planner_family(spec) for spec in trainable_families()}
@@ -452,10 +453,12 @@ def diffusers_run_setup(path: str, latent_shape, extra: dict | None = None, text
     fam, shape, extra = FAMILIES[family], list(latent_shape), dict(extra or {})
     patch = int(config.get("patch_size", 1) or 1)
     frames = 1
-    if family == "flux":  # packed tokens [N, C] on a grid of (h, w) tokens
+    latent = family_spec(family).latent
+    assert latent is not None, f"{family} is a trainable family: it has a latent geometry"
+    if latent.packed:  # tokens [N, C] on a grid of (h, w) tokens
         grid = extra.get("grid") or [math.isqrt(shape[0]), math.ceil(shape[0] / max(1, math.isqrt(shape[0])))]
         th, tw = int(grid[0]), int(grid[1])
-    elif family == "hunyuan_video":  # [C, F, H, W]
+    elif latent.video:  # [C, F, H, W]
         th, tw = math.ceil(shape[2] / patch), math.ceil(shape[3] / patch)
         frames = (math.ceil(shape[1] / int(config.get("patch_size_t", 1) or 1)) - 1) * fam.temporal_downscale + 1
     else:  # [C, H, W]

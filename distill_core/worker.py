@@ -94,21 +94,17 @@ def bootstrap(job: dict) -> None:
     """What the submitter says this process needs importable before the model loads: extra ``sys_path`` entries
     (e.g. ComfyUI's folder) and ``packages`` registered by name from a folder (e.g. the node pack, so a teacher
     loader such as ``comfyui_xslim.nodes.distill_host:...`` resolves). Nothing ComfyUI-specific lives here."""
-    import importlib.util
+    from xslim_core.packages import register_package
 
     spec = job.get("bootstrap") or {}
     for folder in spec.get("sys_path", []):
         if folder not in sys.path:
             sys.path.insert(0, folder)
     for name, root in (spec.get("packages") or {}).items():
-        if name in sys.modules:
-            continue
-        module_spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"), submodule_search_locations=[root])
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"job.json bootstrap: no package at {root}")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            register_package(name, root)
+        except ValueError as err:
+            raise ValueError(f"job.json bootstrap: {err}") from None
 
 
 def load_job(run_dir: str):

@@ -99,7 +99,7 @@ def comfy_blocks(diffusion_model) -> list:
     specs = []
     for stack, attr, kind in family.comfy_stacks:
         for block in getattr(diffusion_model, attr):
-            if family.family == "sd3":
+            if family.positional_blocks:
                 specs.append(PositionalBlockSpec(len(specs), stack, block))
             elif kind == "single_block":  # [txt; img] (or [img; txt]) in one sequence named x
                 specs.append(SingleStreamSpec(len(specs), stack, block, diffusion_model, single_layout))
@@ -165,7 +165,7 @@ def comfy_velocity(module, x: torch.Tensor, sigma, cond: Conditioning, extra: di
     kwargs = {"y": cond.pooled}
     if spec.embedded_guidance is not None and getattr(module.params, "guidance_embed", False):
         kwargs["guidance"] = torch.full_like(t, extra.get("guidance", spec.embedded_guidance))
-    if family == "hunyuan_video" and cond.mask is not None and not bool(cond.mask.all()):
+    if _family(module).text_mask_input and cond.mask is not None and not bool(cond.mask.all()):
         kwargs["attention_mask"] = cond.mask.long()
     module.__dict__["_distill_text_tokens"] = cond.context.shape[1]  # where single-stream blocks split their sequence
     if not torch.is_grad_enabled():
@@ -194,12 +194,7 @@ class ComfyFlowModel(FlowModel):
 
     @property
     def text_dims(self) -> tuple[int | None, int | None]:
-        family = self.extra["family"]
-        if family == "sd3":
-            embedder = self.module.context_embedder
-            return getattr(embedder, "in_features", None), getattr(self.module.y_embedder.mlp[0], "in_features", None)
-        params = self.module.params
-        return params.context_in_dim, params.vec_in_dim
+        return _family(self.module).text_dims(self.module)
 
     def stack_sizes(self) -> list[tuple[str, int]]:
         return _family(self.module).stack_sizes(self.module)
@@ -273,9 +268,10 @@ def latent_shape_for(family: str, width: int, height: int, frames: int = 1) -> t
     channels, down, time_down = latent.channels, latent.downscale, latent.temporal_downscale
     if width % (down * 2) or height % (down * 2):
         raise ValueError(f"width and height must be multiples of {down * 2} for {family}, got {width}x{height}.")
-    if family == "hunyuan_video":
+    if latent.video:
         if (frames - 1) % time_down:
-            raise ValueError(f"HunyuanVideo takes 4k+1 frames (1, 5, 9, ...), got {frames}.")
+            raise ValueError(f"{family_spec(family).display_name} takes {time_down}k+1 frames "
+                             f"(1, {time_down + 1}, {2 * time_down + 1}, ...), got {frames}.")
         return (channels, (frames - 1) // time_down + 1, height // down, width // down)
     return (channels, height // down, width // down)
 

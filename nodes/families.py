@@ -94,6 +94,8 @@ class ComfyFamily(Adapter):
     token_level = True
     single_layout = IMG_ONLY  # image tokens in the single stream
     attention_layout = IMG_ONLY  # image tokens in the joint attention sequence
+    positional_blocks = False  # 1.x-Distill: the blocks take (context, x, c) by position, not named img/txt streams
+    text_mask_input = False  # 1.x-Distill: the model takes the text padding mask as ``attention_mask``
 
     def layouts(self, diffusion_model) -> tuple[str, str]:
         """(where the image tokens sit in the single stream, and in the joint attention sequence) of this model."""
@@ -119,6 +121,11 @@ class ComfyFamily(Adapter):
     def block_attention(self, block, layout: str) -> tuple[str, ...]:
         """Token layout of each attention call of ``block``; none where the token level is off."""
         return (layout,) if self.token_level else ()
+
+    def text_dims(self, diffusion_model) -> tuple[int | None, int | None]:
+        """(text token width, pooled vector width) the model takes (1.x-Distill checks a prompt set against them)."""
+        params = diffusion_model.params
+        return params.context_in_dim, params.vec_in_dim
 
     def stack_sizes(self, diffusion_model) -> list[tuple[str, int]]:
         return [(stack, len(getattr(diffusion_model, attr))) for stack, attr, _ in self.comfy_stacks]
@@ -159,6 +166,7 @@ class ComfyHunyuanVideo(ComfyFamily):
     file_keys = ("double_blocks.", "txt_in.individual_token_refiner")
     lora_targets = DOUBLE_SINGLE_LORA_TARGETS
     comfy_stacks = (("double", "double_blocks", "double_block"), ("single", "single_blocks", "single_block"))
+    text_mask_input = True
 
     def layouts(self, diffusion_model) -> tuple[str, str]:
         # ComfyUI 0.3.x builds HunyuanVideo's double blocks with ``flipped_img_txt=True`` and orders every sequence
@@ -176,6 +184,11 @@ class ComfySD3(ComfyFamily):
     lora_targets = r".*(joint_blocks\.\d+\.(context_block|x_block)\.(attn2?\.(qkv|proj)|mlp\.(fc1|fc2)))"
     comfy_stacks = (("joint", "joint_blocks", "double_block"),)
     attention_layout = TXT_FIRST  # joint attention over cat(context, x)
+    positional_blocks = True
+
+    def text_dims(self, diffusion_model) -> tuple[int | None, int | None]:
+        embedder = diffusion_model.context_embedder
+        return getattr(embedder, "in_features", None), getattr(diffusion_model.y_embedder.mlp[0], "in_features", None)
 
     def block_attention(self, block, layout: str) -> tuple[str, ...]:
         extra = getattr(block.x_block, "x_block_self_attn", False)  # SD3.5: a second, image-only attention

@@ -25,10 +25,7 @@ import torch
 from torch import nn
 
 from distill_core import memory as M
-
-LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
-                r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
-                r"proj_mlp|proj_out)")
+from xslim_core.families import DIFFUSERS_LORA_TARGETS as LORA_TARGETS  # the trainer's own pattern
 
 
 @dataclass

@@ -6,11 +6,12 @@ Our pack is loaded the way ComfyUI loads it: as a package (``comfyui_xslim``) wi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 import torch
+
+from xslim_core.packages import register_package
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXED_PLACE = "/work/ComfyUI"
@@ -36,13 +37,7 @@ def import_comfy() -> str | None:
 
 
 def load_pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+    return register_package(PACK, REPO)
 
 
 # Each family's model is built the way ComfyUI builds it from a file: its own detection reads a seed state dict

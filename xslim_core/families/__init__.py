@@ -40,6 +40,12 @@ class LatentGeometry:
     downscale: int  # VAE spatial downscale
     patch: int  # spatial patch size on the latent
     temporal_downscale: int = 1  # video VAEs: latent frames = (frames - 1) // t + 1
+    packed: bool = False  # the transformer takes patch tokens [N, C] (its pipeline packs the latent), not [C, H, W]
+
+    @property
+    def video(self) -> bool:
+        """A latent with a frame axis: [C, F, H, W]."""
+        return self.temporal_downscale > 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class ActivationModel:
     double: tuple = (25.8, 18.6)
     single: tuple = (22.0, 18.2)
     outside: tuple = (3.6, 1.0)  # embeddings + final layer
+    dual_extra: tuple = (0.0, 0.0)  # a second, image-only attention in a block (SD3.5-M's), per image token
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def velocity(module, x, sigma, cond, extra: dict):
 
 
 SPEC = FamilySpec(
-    FluxAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2), text_tokens=512, embedded_guidance=EMBEDDED_GUIDANCE,
+    FluxAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2, packed=True), text_tokens=512, embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.5), single=(21.3, 17.3), outside=(3.6, 1.0)),
     reference_model="flux.1-dev",
     # guidance-distilled: guidance is an input of the model, so CFG on top would guide twice

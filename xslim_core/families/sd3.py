@@ -32,7 +32,7 @@ def velocity(module, x, sigma, cond, extra: dict):
 SPEC = FamilySpec(
     SD3Adapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2), text_tokens=77 + 256,
     # joint blocks: both streams in one attention, GELU(tanh) feed-forward on both streams
-    activations=ActivationModel(double=(21.3, 16.4), outside=(3.5, 1.0)),
+    activations=ActivationModel(double=(21.3, 16.4), outside=(3.5, 1.0), dual_extra=(15.2, 9.9)),
     reference_model="sd3.5-large", aliases=("sd3.5",),
     trainer=TrainerDefaults(batch_size=1, guidance_scale=4.5),
 )
