@@ -24,7 +24,7 @@ WRITE_FAILURES = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ED
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train one stage of 1.x-Distill (resumes from --run-dir).")
-    parser.add_argument("--config", required=True, help="run config JSON (see distill_core/configs/)")
+    parser.add_argument("--config", required=True, help="run config JSON: the RunConfig fields (distill_core/config.py; docs/DISTILL.md, 'Training runtime', has an example)")
     parser.add_argument("--run-dir", help="override the config's run_dir")
     parser.add_argument("--iterations", type=int, help="override the iteration budget")
     parser.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long")
