@@ -13,7 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # every command line of the trainer and its measuring tools (python -m NAME)
-COMMANDS = ("distill_core.train", "distill_core.worker", "xslim_lab.distill_sample",
+COMMANDS = ("distill_core.train", "distill_core.worker", "distill_core.prompts", "xslim_lab.distill_sample",
             "xslim_lab.distill_demo", "xslim_lab.distill_evaluate", "xslim_lab.memory_bench")
 
 
@@ -42,3 +42,76 @@ def test_every_path_a_help_text_names_exists(module, capsys):
 def test_the_path_finder_sees_a_missing_folder():
     assert repository_paths("run config JSON (see distill_core/configs/)") == ["distill_core/configs/"]
     assert repository_paths("latent side (tokens = (side/2)^2), ~/.cache/xslim") == []
+
+
+# -- a prompt set from the command line ------------------------------------------------------------------------------
+def tiny_flux_pipeline(folder: str) -> str:
+    """A whole diffusers FLUX pipeline folder with random weights: the tiny transformer of the family tests, a CLIP
+    text model (pooled 16 wide) and a T5 encoder (24 wide) with tiny character tokenizers; no VAE."""
+    import string
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    from test_distill_families import tiny_flux
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p + c, -1.0) for p in ("\u2581", "") for c in string.ascii_lowercase]
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    transformer, _, _ = tiny_flux()
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=clip,
+                 tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), text_encoder_2=t5,
+                 tokenizer_2=T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512), transformer=transformer
+                 ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flux_pipeline(tmp_path_factory):
+    return tiny_flux_pipeline(str(tmp_path_factory.mktemp("pipeline") / "flux"))
+
+
+def test_a_prompt_list_is_encoded_into_the_set_the_trainer_reads(flux_pipeline, tmp_path, capsys):
+    from distill_core import prompts as cli
+    from distill_core.config import RunConfig
+    from distill_core.conditioning import PromptSet
+    from distill_core.runtime import load_run_teacher
+    from test_distill_families import LOADER
+
+    listing = tmp_path / "prompts.txt"
+    listing.write_text("# training prompts\na red cube\n\na blue sphere\na green cone\n", encoding="utf-8")
+    out = tmp_path / "sets" / "flux.safetensors"
+    code = cli.main(["encode", "--base", flux_pipeline, "--prompts", str(listing), "--out", str(out), "--max-tokens", "8"])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.is_file() and "3 prompts" in printed
+    loaded = PromptSet.load(str(out))
+    assert loaded.prompts == ["a red cube", "a blue sphere", "a green cone"]
+    assert loaded.encoder_shape == {"context": [8, 24], "pooled": [16]}  # T5 width 24 x 8 tokens, CLIP pooled 16
+    assert not loaded.cond.context[0].equal(loaded.cond.context[1]) and loaded.uncond.context.shape == (1, 8, 24)
+    # the trainer's own reader, checked against the transformer it will train
+    cfg = RunConfig(run_dir=str(tmp_path / "run"), teacher=os.path.join(flux_pipeline, "transformer"), teacher_loader=LOADER,
+                    teacher_options={"latent_shape": [16, 16], "extra": {"grid": [4, 4]}}, prompts=str(out))
+    teacher = load_run_teacher(cfg)
+    assert teacher.prompts.content_hash() == loaded.content_hash() and teacher.base["family"] == "flux"
+
+
+def test_the_transformer_folder_alone_is_refused_naming_the_pipeline_folder(flux_pipeline, tmp_path, capsys):
+    from distill_core import prompts as cli
+
+    listing = tmp_path / "prompts.txt"
+    listing.write_text("a red cube\n", encoding="utf-8")
+    code = cli.main(["encode", "--base", os.path.join(flux_pipeline, "transformer"), "--prompts", str(listing),
+                     "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a diffusers pipeline folder (no model_index.json)" in err and "transformer/" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    assert cli.main(["encode", "--base", flux_pipeline, "--family", "sd3", "--prompts", str(listing),
+                     "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "is a flux pipeline" in capsys.readouterr().err

@@ -57,10 +57,18 @@ def velocity(module, x, sigma, cond, extra: dict):
                   img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
+def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
+    """FluxPipeline.encode_prompt: T5 sequence [B, L, 4096], CLIP pooled [B, 768]; no mask (the pipeline passes none)."""
+    more = {} if max_tokens is None else {"max_sequence_length": max_tokens}
+    context, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device, **more)
+    return context, pooled, None
+
+
 SPEC = FamilySpec(
     FluxAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2), text_tokens=512, embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.5), single=(21.3, 17.3), outside=(3.6, 1.0)),
     reference_model="flux.1-dev",
     # guidance-distilled: guidance is an input of the model, so CFG on top would guide twice
     trainer=TrainerDefaults(batch_size=1, guidance_scale=1.0),
+    text_encode=text_encode,
 )

@@ -47,10 +47,19 @@ def velocity(module, x, sigma, cond, extra: dict):
                   pooled_projections=cond.pooled, guidance=guidance, return_dict=False)[0]
 
 
+def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
+    """HunyuanVideoPipeline.encode_prompt: Llama sequence [B, L, 4096] with its padding mask [B, L], CLIP pooled
+    [B, 768]."""
+    more = {} if max_tokens is None else {"max_sequence_length": max_tokens}
+    context, pooled, mask = pipe.encode_prompt(prompts, prompt_2=None, device=device, **more)
+    return context, pooled, mask
+
+
 SPEC = FamilySpec(
     HunyuanVideoAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2, temporal_downscale=4),
     text_tokens=256, embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.7), single=(22.3, 18.3), outside=(5.5, 1.0)),
     reference_model="hunyuan-video",
     trainer=TrainerDefaults(batch_size=1, guidance_scale=1.0),  # guidance-distilled, as FLUX
+    text_encode=text_encode,
 )
