@@ -367,22 +367,32 @@ class _Merged:
 def latent_preview(prompts: PromptSet, latent_shape: tuple):
     """For a model without a decoder here: four samples' first three latent channels side by side, as RGB."""
     def render(sample):
-        from PIL import Image
-
         noise = torch.randn((4, *latent_shape), generator=torch.Generator().manual_seed(1234))
-        x = sample(noise, prompts.batch(torch.arange(4) % len(prompts))).float().cpu()
-        if x.dim() == 3:  # packed tokens [B, N, C]: a square grid of tokens
-            side = int(x.shape[1] ** 0.5)
-            x = x[:, : side * side].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
-        if x.dim() == 5:  # video [B, C, F, H, W]: the first frame
-            x = x[:, :, 0]
-        x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
-        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
-        tiles = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).byte()
-        img = Image.fromarray(torch.cat(list(tiles), dim=2).permute(1, 2, 0).numpy())
-        return img.resize((img.width * 8, img.height * 8), Image.NEAREST)
+        return latent_tiles(sample(noise, prompts.batch(torch.arange(4) % len(prompts))))
 
     return render
+
+
+def latent_tiles(latents: torch.Tensor, rows: int = 1, scale: int = 8):
+    """Samples' first three latent channels as RGB tiles (each sample stretched to its own range), ``rows`` rows of
+    them: packed tokens [B, N, C] as a square grid of tokens, video [B, C, F, H, W] by its first frame."""
+    from PIL import Image
+
+    x = latents.float().cpu()
+    if x.dim() == 3:  # packed tokens [B, N, C]: a square grid of tokens
+        side = int(x.shape[1] ** 0.5)
+        x = x[:, : side * side].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+    if x.dim() == 5:  # video [B, C, F, H, W]: the first frame
+        x = x[:, :, 0]
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+    tiles = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).byte()
+    per_row = math.ceil(len(tiles) / rows)
+    lines = [torch.cat(list(tiles[i : i + per_row]), dim=2) for i in range(0, len(tiles), per_row)]
+    width = max(line.shape[2] for line in lines)
+    lines = [torch.nn.functional.pad(line, (0, width - line.shape[2])) for line in lines]
+    img = Image.fromarray(torch.cat(lines, dim=1).permute(1, 2, 0).numpy())
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
 def autocast(precision: str, device: torch.device):

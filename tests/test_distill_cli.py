@@ -115,3 +115,61 @@ def test_the_transformer_folder_alone_is_refused_naming_the_pipeline_folder(flux
     assert cli.main(["encode", "--base", flux_pipeline, "--family", "sd3", "--prompts", str(listing),
                      "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "is a flux pipeline" in capsys.readouterr().err
+
+
+# -- sampling any student from the command line ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flux_student(flux_pipeline, tmp_path_factory):
+    """A text-family student: one LoRA iteration on the pipeline's tiny FLUX transformer, blocks 1..1 cached."""
+    from distill_core import prompts as cli
+    from distill_core.config import RunConfig
+    from distill_core.runtime import run_training
+    from test_distill_families import LOADER
+
+    root = tmp_path_factory.mktemp("student")
+    (root / "prompts.txt").write_text("a red cube\na blue sphere\n", encoding="utf-8")
+    prompts = str(root / "prompts.safetensors")
+    cli.encode_file(flux_pipeline, str(root / "prompts.txt"), prompts, max_tokens=8)
+    transformer = os.path.join(flux_pipeline, "transformer")
+    cfg = RunConfig(run_dir=str(root / "run"), teacher=transformer, teacher_loader=LOADER, prompts=prompts,
+                    teacher_options={"latent_shape": [16, 16], "extra": {"grid": [4, 4]}}, lora_rank=4, iterations=1,
+                    batch_size=1, preview_every=0, threads=1, device="cpu", stage1={"cache_first": 1, "cache_last": 1})
+    result = run_training(cfg)
+    assert result["status"] == "done"
+    return result["student"], transformer, prompts
+
+
+def test_a_text_family_student_samples_from_the_command_line(flux_student, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    student, transformer, prompts = flux_student
+    out = tmp_path / "grid.png"
+    done = subprocess.run([sys.executable, "-m", "xslim_lab.distill_sample", "--student", student, "--base", transformer,
+                           "--prompts", prompts, "--per-class", "3", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "effective NFE 1.67" in done.stdout  # 2 steps, 1 of 3 blocks cached
+    assert Image.open(out).size == (3 * 4 * 8, 2 * 4 * 8)  # 3 samples per prompt (4x4 token grids), 2 prompt rows
+
+
+def test_a_text_family_student_without_prompts_or_with_the_pipeline_folder_is_refused(flux_student, flux_pipeline, tmp_path, capsys):
+    from xslim_lab import distill_sample
+
+    student, transformer, _ = flux_student
+    assert distill_sample.main(["--student", student, "--base", transformer, "--out", str(tmp_path / "a.png")]) == 2
+    assert "this is a flux student, conditioned on text: give --prompts" in capsys.readouterr().err
+    assert distill_sample.main(["--student", student, "--base", flux_pipeline, "--out", str(tmp_path / "a.png")]) == 2
+    assert "give its transformer folder" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_the_shipped_demo_student_still_samples_its_class_grid(tmp_path, capsys):
+    from xslim_lab import distill_sample
+
+    out = tmp_path / "demo.png"
+    student = os.path.join(REPO, "distill_core", "weights", "student_1x_175.safetensors")
+    assert distill_sample.main(["--student", student, "--per-class", "1", "--out", str(out)]) == 0
+    assert "effective NFE 1.75" in capsys.readouterr().out and out.is_file()
