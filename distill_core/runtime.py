@@ -84,15 +84,14 @@ def check_memory(cfg: RunConfig, ranks: Ranks) -> str | None:
     if setup is None:
         return f"memory plan: skipped (the loader {cfg.teacher_loader} gives no model shape before loading)"
     pred = M.predict(setup)
-    where = f"{budget:.3g} GiB per process" + ("" if cfg.memory_budget_gib is not None else f" ({ranks.device})")
+    where = (f"{budget:.3g} GiB {M.per(setup.device)}" + ("" if cfg.memory_budget_gib is not None else f" ({ranks.device})"))
     if pred.reserved <= budget * M.GIB:
         return f"memory plan: {pred.summary()}; fits {where}"
-    parts = ", ".join(f"{k} {v / M.GIB:.3g}" for k, v in sorted(pred.parts.items(), key=lambda kv: -kv[1]))
     alternative = M.plan(setup, budget, allow_lora=True, lora_rank=cfg.lora_rank or 64, allow_offload=False)
     advice = (f"Settings that fit: {alternative.prediction.summary()}." if alternative.fits
               else f"Nothing the trainer offers fits: {alternative.message}")
-    raise MemoryPlanRefused(f"memory plan: this run does not fit {where}: it needs {pred.reserved / M.GIB:.3g} GiB "
-                            f"({pred.summary()}) [{parts} GiB]. {advice} Nothing was loaded; change the run's settings "
+    raise MemoryPlanRefused(f"memory plan: this run does not fit {where}: it needs {M.size(pred.reserved)} "
+                            f"({pred.summary()}) [{pred.parts_text()}]. {advice} Nothing was loaded; change the run's settings "
                             "(or memory_budget_gib).")
 
 
