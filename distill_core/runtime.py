@@ -38,6 +38,8 @@ from .state import load_module, load_state, optimizer_state_dict, read_state, sa
 from .student import load_student, run_student, save_student
 from .updates import Ranks
 
+from xslim_core.families import REGISTRY
+
 DEMO_LOADER = "xslim_demo.distill:load_demo_teacher"
 STATE_FILE, STUDENT_FILE, METRICS_FILE = "state.safetensors", "student.safetensors", "metrics.jsonl"
 DIFFUSERS_LOADER = "distill_core.models:load_diffusers_teacher"
@@ -114,6 +116,34 @@ def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
     teacher.base["prompts"] = teacher.prompts.content_hash()
     teacher.base.setdefault("family", teacher.flow.family)
     return teacher
+
+
+def embeds_guidance(flow) -> bool:
+    """Whether the model takes its guidance as an input (guidance-distilled: FLUX.1-dev, HunyuanVideo): a diffusers
+    config's ``guidance_embeds``, a ComfyUI model's ``params.guidance_embed``, else its family's record."""
+    module = getattr(flow, "module", None)
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "get") and config.get("guidance_embeds") is not None:
+        return bool(config.get("guidance_embeds"))
+    embed = getattr(getattr(module, "params", None), "guidance_embed", None)
+    if embed is not None:
+        return bool(embed)
+    spec = REGISTRY.get(flow.family)
+    return spec is not None and spec.embedded_guidance is not None
+
+
+def double_guidance_warning(cfg: RunConfig, flow) -> str | None:
+    """The warning for real CFG on top of a model's embedded guidance (the teacher is then guided twice), or None."""
+    scale = cfg.stage1.guidance_scale
+    if cfg.stage != "stage1" or scale <= 1.0 or not embeds_guidance(flow):
+        return None
+    spec = REGISTRY.get(flow.family)
+    name = spec.display_name if spec else flow.family
+    embedded = (getattr(flow, "extra", None) or {}).get("guidance", spec.embedded_guidance if spec else None)
+    return (f"stage1.guidance_scale is {scale:g} on a {name} model that takes its guidance as an input (embedded guidance "
+            f"{embedded}): the teacher's real score is then guided twice, by the embedded guidance and by CFG on top. "
+            f"Set stage1.guidance_scale to 1 ({name}'s default) unless you mean CFG on top; the embedded value is "
+            "teacher_options.extra.guidance.")
 
 
 def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher):
@@ -419,6 +449,9 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
     opened = OpenRun.current(cfg.run_dir)
     with contextlib.nullcontext(opened) if opened is not None else OpenRun(cfg.run_dir, ranks.is_main) as run:
         teacher = load_run_teacher(cfg, teacher)
+        doubled = double_guidance_warning(cfg, teacher.flow)
+        if doubled and ranks.is_main:
+            log.warning("[1.x-Distill] %s", doubled)
         name = teacher.base.get("name") or (os.path.basename(os.path.normpath(cfg.teacher)) if cfg.teacher else "the shipped demo teacher")
         run.check(asdict(cfg), {"name": name, "hash": teacher.base["hash"], "prompts": teacher.base["prompts"]})
         return _train(cfg, ranks, progress, stop, teacher)

@@ -173,3 +173,47 @@ def test_the_shipped_demo_student_still_samples_its_class_grid(tmp_path, capsys)
     student = os.path.join(REPO, "distill_core", "weights", "student_1x_175.safetensors")
     assert distill_sample.main(["--student", student, "--per-class", "1", "--out", str(out)]) == 0
     assert "effective NFE 1.75" in capsys.readouterr().out and out.is_file()
+
+
+# -- real CFG on a guidance-distilled model ---------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [2.0, 1.0])
+def test_real_cfg_on_a_model_with_embedded_guidance_is_warned_about_once(scale, tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from distill_core.conditioning import encode_prompt_set
+    from distill_core.config import RunConfig
+    from distill_core.runtime import run_training
+    from test_distill_families import LOADER, fake_text_encoder, tiny_flux
+
+    torch.manual_seed(0)
+    module, latent_shape, extra = tiny_flux()  # guidance_embeds=True, as FLUX.1-dev
+    module.save_pretrained(str(tmp_path / "flux"), safe_serialization=True)
+    encode_prompt_set(["a red cube"], fake_text_encoder()).save(str(tmp_path / "p.safetensors"))
+    cfg = RunConfig(run_dir=str(tmp_path / "run"), teacher=str(tmp_path / "flux"), teacher_loader=LOADER,
+                    teacher_options={"latent_shape": list(latent_shape), "extra": extra}, prompts=str(tmp_path / "p.safetensors"),
+                    lora_rank=4, iterations=0, batch_size=1, preview_every=0, threads=1, device="cpu",
+                    stage1={"guidance_scale": scale})
+    with caplog.at_level(logging.INFO, logger="xslim"):
+        assert run_training(cfg)["status"] == "done"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "guided twice" in r.getMessage()]
+    if scale == 1.0:
+        assert not warned
+    else:
+        assert len(warned) == 1
+        text = warned[0].getMessage()
+        assert "stage1.guidance_scale is 2 on a FLUX model" in text and "embedded guidance 3.5" in text
+        assert "Set stage1.guidance_scale to 1" in text
+
+
+def test_models_without_embedded_guidance_are_not_warned_about(tmp_path):
+    from distill_core.config import RunConfig
+    from distill_core.models import FlowModel
+    from distill_core.runtime import double_guidance_warning
+    from test_distill_families import tiny_sd3
+    from xslim_demo.distill import load_demo_teacher
+
+    cfg = RunConfig(run_dir=str(tmp_path))  # stage1.guidance_scale 2 (the demo's)
+    assert double_guidance_warning(cfg, FlowModel(tiny_sd3()[0], (4, 8, 8))) is None
+    assert double_guidance_warning(cfg, load_demo_teacher(None).flow) is None  # HunyuanVideo-shaped, no guidance input
