@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from .config import RunConfig
@@ -20,6 +21,11 @@ from .runtime import MemoryPlanRefused, run_training
 # refusals before the first iteration: the user's to fix, so a message rather than a traceback
 REFUSALS = (MemoryPlanRefused, ResumeRefused, RunFolderBusy)
 WRITE_FAILURES = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)  # a full disk, a read-only folder
+
+
+def is_main_rank() -> bool:
+    """Rank 0 under torchrun (its RANK variable; the process group is gone by the final line), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         shutdown(synchronize=ended_together)
-    print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
-          + (f"; student {result['student']}" if result["student"] else ""))
+    if is_main_rank():  # under torchrun every rank returns the same result: one final line, from rank 0
+        print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
+              + (f"; student {result['student']}" if result["student"] else ""))
     return 0 if result["status"] != "failed" else 1
 
 

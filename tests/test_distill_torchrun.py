@@ -72,6 +72,7 @@ def ddp_and_single(flux_run):
     proc = torchrun(config("ddp", 4))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
+    (root / "ddp.log").write_text(out)
     single = one_process(config("single", 4))
     assert single.returncode == 0, single.stderr[-3000:]
     return root
@@ -86,6 +87,11 @@ def test_two_processes_train_and_export_the_same_kind_of_student_as_one(flux_run
     with safe_open(str(root / "ddp" / "state.safetensors"), framework="pt") as f:
         meta = f.metadata()
         assert meta["world"] == "2" and {"rng.gen.0", "rng.gen.1"} <= set(f.keys())
+
+
+def test_only_rank_0_says_the_final_line(flux_run, ddp_and_single):
+    out = (ddp_and_single / "ddp.log").read_text()
+    assert out.count("[1.x-Distill] stage1: done at iteration 4") == 1, out[-3000:]
 
 
 def test_fsdp_shards_the_base_and_trains_exactly_as_ddp(flux_run, ddp_and_single):
