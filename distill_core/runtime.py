@@ -465,6 +465,8 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
         placement = run.placement()
         if main:
             log.info("[1.x-Distill] %s", placement)
+    if main and ranks.world > 1:  # DDP averages the roles' gradients (under FSDP: Stage II's discriminator heads)
+        log.info("[1.x-Distill] %s", P.DDP_UNUSED_NOTE)
     bar = tqdm(total=cfg.iterations, initial=run.iteration, desc=f"1.x-Distill {cfg.stage}", unit="it", disable=not main)
     start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
     if main and resumed:

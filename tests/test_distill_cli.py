@@ -217,3 +217,17 @@ def test_models_without_embedded_guidance_are_not_warned_about(tmp_path):
     cfg = RunConfig(run_dir=str(tmp_path))  # stage1.guidance_scale 2 (the demo's)
     assert double_guidance_warning(cfg, FlowModel(tiny_sd3()[0], (4, 8, 8))) is None
     assert double_guidance_warning(cfg, load_demo_teacher(None).flow) is None  # HunyuanVideo-shaped, no guidance input
+
+
+def test_only_fsdps_view_warning_is_silenced():
+    import warnings
+
+    from distill_core.parallel import quiet_fsdp_view_warning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_fsdp_view_warning()
+        warnings.warn("FSDP2-wrapped module (FSDPFluxSingleTransformerBlock) returned a view tensor. An in-place op on "
+                      "this view ...", UserWarning, stacklevel=2)
+        warnings.warn("FSDP2 something else went wrong", UserWarning, stacklevel=2)
+    assert [str(w.message) for w in seen] == ["FSDP2 something else went wrong"]
