@@ -1,7 +1,7 @@
 """The training runtime: one function for the command line, torchrun and a background worker.
 
 ``run_training(config, progress, stop)`` resumes from the run directory when it holds a state, trains with a
-tqdm bar, appends metrics.jsonl (losses, grad norms, it/s, ETA), writes previews and atomic checkpoints,
+tqdm bar on a terminal (plain progress lines every tenth of the run in a redirected log), appends metrics.jsonl (losses, grad norms, it/s, ETA), writes previews and atomic checkpoints,
 skips non-finite updates and stops after repeated ones (a non-finite model is never written), and exports
 the deployable student file at the end. ``stop`` may be a threading.Event or any callable returning bool;
 ``progress`` receives one dict per iteration, so a ComfyUI node can run this in a thread.
@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Callable
@@ -457,6 +458,44 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
         return _train(cfg, ranks, progress, stop, teacher)
 
 
+class Progress:
+    """The iteration count for a person: a tqdm bar on a terminal; in a redirected log (no TTY, where a bar's
+    carriage returns pile up) one plain log line every tenth of the run (and the last iteration)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, stream=None):
+        stream = stream if stream is not None else sys.stderr  # where tqdm draws
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.every = max(1, math.ceil(total / 10))
+        isatty = getattr(stream, "isatty", None)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", file=stream) if enabled and isatty and isatty() else None
+
+    def update(self, record: dict) -> None:
+        losses = {k: v for k, v in record.items() if k.startswith("loss")}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+            return
+        it = record["iteration"]
+        if not self.enabled or (it % self.every and it != self.total):
+            return
+        text = ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+        log.info("[%s] iteration %d/%d (%d%%), %.3g it/s, ETA %s%s", self.desc, it, self.total, 100 * it // max(self.total, 1),
+                 record["it_per_s"], _duration(record["eta_s"]), f", {text}" if text else "")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> dict:
     run = Run(cfg, ranks, teacher)
     resumed = run.resume()
@@ -467,7 +506,7 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
             log.info("[1.x-Distill] %s", placement)
     if main and ranks.world > 1:  # DDP averages the roles' gradients (under FSDP: Stage II's discriminator heads)
         log.info("[1.x-Distill] %s", P.DDP_UNUSED_NOTE)
-    bar = tqdm(total=cfg.iterations, initial=run.iteration, desc=f"1.x-Distill {cfg.stage}", unit="it", disable=not main)
+    bar = Progress(cfg.iterations, run.iteration, f"1.x-Distill {cfg.stage}", enabled=main)
     start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
     if main and resumed:
         message = f"resumed from iteration {run.iteration}"
@@ -487,8 +526,7 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
                   "eta_s": (cfg.iterations - run.iteration) / max(speed, 1e-9), "elapsed_s": elapsed}
         if main:
             _log(os.path.join(cfg.run_dir, METRICS_FILE), record)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")})
+            bar.update(record)
         if progress is not None:
             progress(record)
         if failures >= cfg.max_nonfinite:

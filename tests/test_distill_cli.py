@@ -231,3 +231,49 @@ def test_only_fsdps_view_warning_is_silenced():
                       "this view ...", UserWarning, stacklevel=2)
         warnings.warn("FSDP2 something else went wrong", UserWarning, stacklevel=2)
     assert [str(w.message) for w in seen] == ["FSDP2 something else went wrong"]
+
+
+# -- a redirected log --------------------------------------------------------------------------------------------------
+def test_a_redirected_training_log_has_progress_lines_and_no_carriage_returns(tmp_path):
+    """The train command with its output into a pipe (a job log): no tqdm bar, plain progress lines instead."""
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "iterations": 4, "batch_size": 1, "checkpoint_every": 4,
+                                  "preview_every": 0, "threads": 1, "device": "cpu"}))
+    done = subprocess.run([sys.executable, "-m", "distill_core.train", "--config", str(config)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=300)
+    out = done.stdout.decode()
+    assert done.returncode == 0, out[-3000:]
+    assert "\r" not in out, out[-2000:]
+    progress = [line for line in out.splitlines() if line.startswith("[1.x-Distill stage1] iteration ")]
+    assert [line.split(" (")[0] for line in progress] == [f"[1.x-Distill stage1] iteration {i}/4" for i in (1, 2, 3, 4)]
+    assert "it/s, ETA" in progress[-1] and "loss_student" in progress[-1]
+    assert out.count("[1.x-Distill] stage1: done at iteration 4") == 1
+
+
+def test_a_terminal_still_gets_the_bar(caplog):
+    import io
+    import logging
+
+    from distill_core.runtime import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    with caplog.at_level(logging.INFO, logger="xslim"):
+        bar = Progress(20, 0, "1.x-Distill stage1", stream=screen)
+        for i in range(1, 21):
+            bar.update({"iteration": i, "loss_student": 0.5, "it_per_s": 2.0, "eta_s": 20 - i})
+        bar.close()
+    assert "\r" in screen.getvalue() and "20/20" in screen.getvalue() and not caplog.records
+    log_only = Progress(20, 0, "1.x-Distill stage1", stream=io.StringIO())
+    with caplog.at_level(logging.INFO, logger="xslim"):
+        for i in range(1, 21):
+            log_only.update({"iteration": i, "loss_student": 0.5, "it_per_s": 2.0, "eta_s": 20 - i})
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"[1.x-Distill stage1] iteration {i}/20" for i in range(2, 21, 2)]
