@@ -277,3 +277,17 @@ def test_a_terminal_still_gets_the_bar(caplog):
         for i in range(1, 21):
             log_only.update({"iteration": i, "loss_student": 0.5, "it_per_s": 2.0, "eta_s": 20 - i})
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"[1.x-Distill stage1] iteration {i}/20" for i in range(2, 21, 2)]
+
+
+# -- the latent shape of each family, written down --------------------------------------------------------------------
+def test_every_trainable_familys_latent_shape_is_documented():
+    import sys
+
+    from xslim_core.families import trainable_families
+
+    table = open(os.path.join(REPO, "docs", "DISTILL.md"), encoding="utf-8").read().split("**Latent shape per family**")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    for spec in trainable_families():
+        doc = sys.modules[spec.adapter.__module__].__doc__ or ""
+        assert "Latent (``teacher_options.latent_shape``, one sample)" in doc, spec.id
+        assert any(row.startswith(f"| {spec.display_name}") for row in rows), spec.display_name

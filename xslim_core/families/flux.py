@@ -1,4 +1,9 @@
-"""FLUX: double-stream blocks, then single-stream blocks; RoPE over [text; image]."""
+"""FLUX: double-stream blocks, then single-stream blocks; RoPE over [text; image].
+
+Latent (``teacher_options.latent_shape``, one sample): packed tokens ``[(H/16)*(W/16), in_channels]``, each token a
+2x2 patch of the VAE's 16 channels (``in_channels`` 64 for FLUX.1), with ``extra["grid"] = [H/16, W/16]`` for the
+image RoPE ids and ``extra["guidance"]`` the embedded guidance; 1024x1024 is ``[4096, 64]`` on a 64x64 grid.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""HunyuanVideo: double- then single-stream blocks; RoPE over image tokens; a text padding mask."""
+"""HunyuanVideo: double- then single-stream blocks; RoPE over image tokens; a text padding mask.
+
+Latent (``teacher_options.latent_shape``, one sample): ``[16, (F-1)/4+1, H/8, W/8]`` for F frames of H x W pixels
+(the transformer patches it 1x2x2 itself), ``extra["guidance"]`` the embedded guidance; 33 frames of 720x1280 are
+``[16, 9, 90, 160]``. The demo teacher is of this family: ``[16, 1, 8, 8]``.
+"""
 
 from __future__ import annotations
 

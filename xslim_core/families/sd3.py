@@ -1,4 +1,8 @@
-"""SD3 / SD3.5 (MMDiT): one stack of joint blocks."""
+"""SD3 / SD3.5 (MMDiT): one stack of joint blocks.
+
+Latent (``teacher_options.latent_shape``, one sample): ``[16, H/8, W/8]``, the VAE latent unpacked (the
+transformer patches it 2x2 itself); 1024x1024 is ``[16, 128, 128]``.
+"""
 
 from __future__ import annotations
 
