@@ -1,4 +1,4 @@
-"""Memory planner for 1.x-Distill: predict the peak memory per GPU of one DMD training iteration before anything
+"""Memory planner for 1.x-Distill: predict the peak memory per GPU (per process on the CPU) of one DMD training iteration before anything
 is loaded, pick settings that fit a budget, or refuse with the reason and the smallest change that would fit.
 
 Pure Python arithmetic (torch is only needed by the benchmark); never imports ComfyUI.
@@ -30,12 +30,33 @@ from dataclasses import asdict, dataclass, field, replace
 from xslim_core.families import family_spec, trainable_families
 
 GIB = 1024 ** 3
+MIB = 1024 ** 2
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Under bf16/fp16 autocast norms/softmax statistics stay fp32 and linear inputs are saved in the low dtype:
 # about 20% of the saved elements are fp32 (not measured here: the CPU benchmark runs fp32).
 AUTOCAST_ACT_FACTOR = 1.2
 MODES = ("full", "lora")
 SHARDINGS = ("none", "ddp", "fsdp")
+
+
+def size(n: float) -> str:
+    """Bytes for a person: GiB from 1 GiB up, MiB below, KiB below 1 MiB, three significant digits (never "0.0 GiB")."""
+    if n == 0:
+        return "0 B"
+    for unit, name in ((GIB, "GiB"), (MIB, "MiB")):
+        if n >= unit:
+            return f"{n / unit:.3g} {name}"
+    return f"{n / 1024:.3g} KiB"
+
+
+def budget_text(gib: float) -> str:
+    """A budget in GiB as given: one decimal (24.0, 22.4), or three significant digits when smaller than 0.1."""
+    return f"{gib:.1f} GiB" if gib >= 0.1 else f"{gib:.3g} GiB"
+
+
+def per(device: str) -> str:
+    """What a figure is counted for: each GPU on CUDA, each process on the CPU."""
+    return "per GPU" if device == "cuda" else "per process"
 
 
 @dataclass(frozen=True)
@@ -194,10 +215,14 @@ class Prediction:
         s = self.setup
         opts = [s.mode if s.mode == "full" else f"LoRA r{s.lora_rank}", s.dtype, f"batch {s.batch}"]
         opts += ["checkpointing"] * s.checkpointing
-        opts += [f"AdamW states on CPU ({self.cpu_bytes / GIB:.0f} GiB host RAM)"] * s.offload_optimizer
+        opts += [f"AdamW states on CPU ({size(self.cpu_bytes)} host RAM)"] * s.offload_optimizer
         if s.gpus > 1:
             opts.append(f"{s.sharding.upper() if s.sharding != 'none' else 'no sharding'} x{s.gpus}")
-        return f"{', '.join(opts)}: {self.reserved / GIB:.1f} GiB per GPU (tensors {self.peak / GIB:.1f}, peak in {self.phase})"
+        return f"{', '.join(opts)}: {size(self.reserved)} {per(s.device)} (tensors {size(self.peak)}, peak in {self.phase})"
+
+    def parts_text(self) -> str:
+        """The parts at the peak, largest first: "frozen weights 22.2 GiB, activations + gradients 3.1 GiB"."""
+        return ", ".join(f"{k} {size(v)}" for k, v in sorted(self.parts.items(), key=lambda kv: -kv[1]))
 
 
 def _activation_elems(s: Setup, rows: int, grad: bool) -> dict:
@@ -319,7 +344,7 @@ def plan(s: Setup, budget_gib: float, allow_lora: bool = True, lora_rank: int = 
         pred = predict(c)
         tried.append(pred)
         if pred.reserved <= budget:
-            return Plan(True, pred, f"fits in {budget_gib:.1f} GiB: {pred.summary()}", tried)
+            return Plan(True, pred, f"fits in {budget_text(budget_gib)}: {pred.summary()}", tried)
     smallest = min(tried, key=lambda q: q.reserved)
     return Plan(False, smallest, _refusal(smallest, budget_gib), tried)
 
@@ -327,9 +352,8 @@ def plan(s: Setup, budget_gib: float, allow_lora: bool = True, lora_rank: int = 
 def _refusal(best: Prediction, budget_gib: float) -> str:
     """Why nothing fits, and the smallest single change that would (more GPUs, less resolution, more memory)."""
     s = best.setup
-    parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in sorted(best.parts.items(), key=lambda kv: -kv[1]))
-    msg = (f"does not fit {budget_gib:.1f} GiB per GPU: the smallest setting ({best.summary()}) needs "
-           f"{best.reserved / GIB:.1f} GiB [{parts} GiB].")
+    msg = (f"does not fit {budget_text(budget_gib)} {per(s.device)}: the smallest setting ({best.summary()}) needs "
+           f"{size(best.reserved)} [{best.parts_text()}].")
     changes = []
     for n in (2, 4, 8, 16, 32, 64):  # FSDP over more GPUs shards the weights and states
         if n > s.gpus and predict(replace(s, gpus=n, sharding="fsdp")).reserved <= budget_gib * GIB:
@@ -357,9 +381,18 @@ def _refusal(best: Prediction, budget_gib: float) -> str:
                     break
             if len(changes):
                 break
-    changes.append(f"a GPU with {math.ceil(best.reserved / GIB)} GiB")
+    changes.append(more_memory(best))
     return msg + " Smallest change that fits: " + changes[0] + (
         f" (or: {'; '.join(changes[1:])})" if len(changes) > 1 else "") + "."
+
+
+def more_memory(p: Prediction) -> str:
+    """The change "more memory", worded for where the run is: a GPU of a size GPUs come in, else the budget to set."""
+    if p.setup.device != "cuda":
+        return f"{size(p.reserved)} of memory per process (raise the memory budget)"
+    if p.reserved < 8 * GIB:  # smaller than any GPU one would buy for training: the budget is what limits
+        return f"{size(p.reserved)} of GPU memory (raise the memory budget)"
+    return f"a GPU with {math.ceil(p.reserved / GIB)} GiB"
 
 
 REFERENCE = {name: spec.reference_model for spec in trainable_families() for name in (spec.id, *spec.aliases)}

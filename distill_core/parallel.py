@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterable, Protocol, Sequence
@@ -218,6 +219,27 @@ def keep_trainable(params: Iterable[nn.Parameter]):
 # ----------------------------------------------------------------------------------------------- FSDP2
 
 
+# FSDP2 warns on every forward of a wrapped block whose output is a view (diffusers' FLUX/HunyuanVideo single
+# blocks split [text; image] by slicing): an in-place op on such a view would skip the pre-backward all-gather.
+# Nothing here modifies a wrapped module's output in place (the stages build new tensors; guided_velocity clones
+# before writing rows), and tests/test_distill_torchrun.py checks that FSDP ends with exactly DDP's weights, so the
+# warning is only noise in every run's log. Only this message is ignored; every other FSDP warning still shows.
+FSDP_VIEW_WARNING = r"FSDP2-wrapped module \(.*\) returned a view tensor"
+
+
+def quiet_fsdp_view_warning() -> None:
+    warnings.filterwarnings("ignore", message=FSDP_VIEW_WARNING, category=UserWarning)
+
+
+# DDP's reducer (C++, during backward: no Python warnings filter reaches it) warns once per process when
+# find_unused_parameters=True found no unused parameter in an iteration. It is on for a reason (``wrap_role``), so
+# a multi-process run explains the warning in its log before it can appear.
+DDP_UNUSED_NOTE = ("torch may warn once per process that 'find_unused_parameters=True was specified in DDP constructor, "
+                   "but did not find any unused parameters': expected here - a cached step can leave some blocks' "
+                   "adapters (or the compensation) without a gradient on one rank, so each role's DDP looks for unused "
+                   "parameters every iteration; the cost is one extra graph traversal per backward.")
+
+
 def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Placement, extra: Iterable[nn.Module] = (),
           reshard_after_forward: bool = True, reshard_root_after_forward: bool | None = None) -> nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, each module in ``extra`` (e.g. the compensation MLP, which
@@ -234,6 +256,7 @@ def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Placement, extra: It
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    quiet_fsdp_view_warning()
     mesh = init_device_mesh(d.device.type, (d.world,))
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)

@@ -1,7 +1,7 @@
 """The training runtime: one function for the command line, torchrun and a background worker.
 
 ``run_training(config, progress, stop)`` resumes from the run directory when it holds a state, trains with a
-tqdm bar, appends metrics.jsonl (losses, grad norms, it/s, ETA), writes previews and atomic checkpoints,
+tqdm bar on a terminal (plain progress lines every tenth of the run in a redirected log), appends metrics.jsonl (losses, grad norms, it/s, ETA), writes previews and atomic checkpoints,
 skips non-finite updates and stops after repeated ones (a non-finite model is never written), and exports
 the deployable student file at the end. ``stop`` may be a threading.Event or any callable returning bool;
 ``progress`` receives one dict per iteration, so a ComfyUI node can run this in a thread.
@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Callable
@@ -37,6 +38,8 @@ from .stage2 import Stage2
 from .state import load_module, load_state, optimizer_state_dict, read_state, save_state, save_state_dicts
 from .student import load_student, run_student, save_student
 from .updates import Ranks
+
+from xslim_core.families import REGISTRY
 
 DEMO_LOADER = "xslim_demo.distill:load_demo_teacher"
 STATE_FILE, STUDENT_FILE, METRICS_FILE = "state.safetensors", "student.safetensors", "metrics.jsonl"
@@ -84,15 +87,14 @@ def check_memory(cfg: RunConfig, ranks: Ranks) -> str | None:
     if setup is None:
         return f"memory plan: skipped (the loader {cfg.teacher_loader} gives no model shape before loading)"
     pred = M.predict(setup)
-    where = f"{budget:.3g} GiB per process" + ("" if cfg.memory_budget_gib is not None else f" ({ranks.device})")
+    where = (f"{budget:.3g} GiB {M.per(setup.device)}" + ("" if cfg.memory_budget_gib is not None else f" ({ranks.device})"))
     if pred.reserved <= budget * M.GIB:
         return f"memory plan: {pred.summary()}; fits {where}"
-    parts = ", ".join(f"{k} {v / M.GIB:.3g}" for k, v in sorted(pred.parts.items(), key=lambda kv: -kv[1]))
     alternative = M.plan(setup, budget, allow_lora=True, lora_rank=cfg.lora_rank or 64, allow_offload=False)
     advice = (f"Settings that fit: {alternative.prediction.summary()}." if alternative.fits
               else f"Nothing the trainer offers fits: {alternative.message}")
-    raise MemoryPlanRefused(f"memory plan: this run does not fit {where}: it needs {pred.reserved / M.GIB:.3g} GiB "
-                            f"({pred.summary()}) [{parts} GiB]. {advice} Nothing was loaded; change the run's settings "
+    raise MemoryPlanRefused(f"memory plan: this run does not fit {where}: it needs {M.size(pred.reserved)} "
+                            f"({pred.summary()}) [{pred.parts_text()}]. {advice} Nothing was loaded; change the run's settings "
                             "(or memory_budget_gib).")
 
 
@@ -115,6 +117,34 @@ def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
     teacher.base["prompts"] = teacher.prompts.content_hash()
     teacher.base.setdefault("family", teacher.flow.family)
     return teacher
+
+
+def embeds_guidance(flow) -> bool:
+    """Whether the model takes its guidance as an input (guidance-distilled: FLUX.1-dev, HunyuanVideo): a diffusers
+    config's ``guidance_embeds``, a ComfyUI model's ``params.guidance_embed``, else its family's record."""
+    module = getattr(flow, "module", None)
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "get") and config.get("guidance_embeds") is not None:
+        return bool(config.get("guidance_embeds"))
+    embed = getattr(getattr(module, "params", None), "guidance_embed", None)
+    if embed is not None:
+        return bool(embed)
+    spec = REGISTRY.get(flow.family)
+    return spec is not None and spec.embedded_guidance is not None
+
+
+def double_guidance_warning(cfg: RunConfig, flow) -> str | None:
+    """The warning for real CFG on top of a model's embedded guidance (the teacher is then guided twice), or None."""
+    scale = cfg.stage1.guidance_scale
+    if cfg.stage != "stage1" or scale <= 1.0 or not embeds_guidance(flow):
+        return None
+    spec = REGISTRY.get(flow.family)
+    name = spec.display_name if spec else flow.family
+    embedded = (getattr(flow, "extra", None) or {}).get("guidance", spec.embedded_guidance if spec else None)
+    return (f"stage1.guidance_scale is {scale:g} on a {name} model that takes its guidance as an input (embedded guidance "
+            f"{embedded}): the teacher's real score is then guided twice, by the embedded guidance and by CFG on top. "
+            f"Set stage1.guidance_scale to 1 ({name}'s default) unless you mean CFG on top; the embedded value is "
+            "teacher_options.extra.guidance.")
 
 
 def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher):
@@ -367,22 +397,32 @@ class _Merged:
 def latent_preview(prompts: PromptSet, latent_shape: tuple):
     """For a model without a decoder here: four samples' first three latent channels side by side, as RGB."""
     def render(sample):
-        from PIL import Image
-
         noise = torch.randn((4, *latent_shape), generator=torch.Generator().manual_seed(1234))
-        x = sample(noise, prompts.batch(torch.arange(4) % len(prompts))).float().cpu()
-        if x.dim() == 3:  # packed tokens [B, N, C]: a square grid of tokens
-            side = int(x.shape[1] ** 0.5)
-            x = x[:, : side * side].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
-        if x.dim() == 5:  # video [B, C, F, H, W]: the first frame
-            x = x[:, :, 0]
-        x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
-        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
-        tiles = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).byte()
-        img = Image.fromarray(torch.cat(list(tiles), dim=2).permute(1, 2, 0).numpy())
-        return img.resize((img.width * 8, img.height * 8), Image.NEAREST)
+        return latent_tiles(sample(noise, prompts.batch(torch.arange(4) % len(prompts))))
 
     return render
+
+
+def latent_tiles(latents: torch.Tensor, rows: int = 1, scale: int = 8):
+    """Samples' first three latent channels as RGB tiles (each sample stretched to its own range), ``rows`` rows of
+    them: packed tokens [B, N, C] as a square grid of tokens, video [B, C, F, H, W] by its first frame."""
+    from PIL import Image
+
+    x = latents.float().cpu()
+    if x.dim() == 3:  # packed tokens [B, N, C]: a square grid of tokens
+        side = int(x.shape[1] ** 0.5)
+        x = x[:, : side * side].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+    if x.dim() == 5:  # video [B, C, F, H, W]: the first frame
+        x = x[:, :, 0]
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+    tiles = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).byte()
+    per_row = math.ceil(len(tiles) / rows)
+    lines = [torch.cat(list(tiles[i : i + per_row]), dim=2) for i in range(0, len(tiles), per_row)]
+    width = max(line.shape[2] for line in lines)
+    lines = [torch.nn.functional.pad(line, (0, width - line.shape[2])) for line in lines]
+    img = Image.fromarray(torch.cat(lines, dim=1).permute(1, 2, 0).numpy())
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
 def autocast(precision: str, device: torch.device):
@@ -410,9 +450,50 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
     opened = OpenRun.current(cfg.run_dir)
     with contextlib.nullcontext(opened) if opened is not None else OpenRun(cfg.run_dir, ranks.is_main) as run:
         teacher = load_run_teacher(cfg, teacher)
+        doubled = double_guidance_warning(cfg, teacher.flow)
+        if doubled and ranks.is_main:
+            log.warning("[1.x-Distill] %s", doubled)
         name = teacher.base.get("name") or (os.path.basename(os.path.normpath(cfg.teacher)) if cfg.teacher else "the shipped demo teacher")
         run.check(asdict(cfg), {"name": name, "hash": teacher.base["hash"], "prompts": teacher.base["prompts"]})
         return _train(cfg, ranks, progress, stop, teacher)
+
+
+class Progress:
+    """The iteration count for a person: a tqdm bar on a terminal; in a redirected log (no TTY, where a bar's
+    carriage returns pile up) one plain log line every tenth of the run (and the last iteration)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, stream=None):
+        stream = stream if stream is not None else sys.stderr  # where tqdm draws
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.every = max(1, math.ceil(total / 10))
+        isatty = getattr(stream, "isatty", None)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", file=stream) if enabled and isatty and isatty() else None
+
+    def update(self, record: dict) -> None:
+        losses = {k: v for k, v in record.items() if k.startswith("loss")}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+            return
+        it = record["iteration"]
+        if not self.enabled or (it % self.every and it != self.total):
+            return
+        text = ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+        log.info("[%s] iteration %d/%d (%d%%), %.3g it/s, ETA %s%s", self.desc, it, self.total, 100 * it // max(self.total, 1),
+                 record["it_per_s"], _duration(record["eta_s"]), f", {text}" if text else "")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> dict:
@@ -423,7 +504,9 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
         placement = run.placement()
         if main:
             log.info("[1.x-Distill] %s", placement)
-    bar = tqdm(total=cfg.iterations, initial=run.iteration, desc=f"1.x-Distill {cfg.stage}", unit="it", disable=not main)
+    if main and ranks.world > 1:  # DDP averages the roles' gradients (under FSDP: Stage II's discriminator heads)
+        log.info("[1.x-Distill] %s", P.DDP_UNUSED_NOTE)
+    bar = Progress(cfg.iterations, run.iteration, f"1.x-Distill {cfg.stage}", enabled=main)
     start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
     if main and resumed:
         message = f"resumed from iteration {run.iteration}"
@@ -443,8 +526,7 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
                   "eta_s": (cfg.iterations - run.iteration) / max(speed, 1e-9), "elapsed_s": elapsed}
         if main:
             _log(os.path.join(cfg.run_dir, METRICS_FILE), record)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")})
+            bar.update(record)
         if progress is not None:
             progress(record)
         if failures >= cfg.max_nonfinite:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from .config import RunConfig
@@ -22,9 +23,14 @@ REFUSALS = (MemoryPlanRefused, ResumeRefused, RunFolderBusy)
 WRITE_FAILURES = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)  # a full disk, a read-only folder
 
 
+def is_main_rank() -> bool:
+    """Rank 0 under torchrun (its RANK variable; the process group is gone by the final line), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train one stage of 1.x-Distill (resumes from --run-dir).")
-    parser.add_argument("--config", required=True, help="run config JSON (see distill_core/configs/)")
+    parser.add_argument("--config", required=True, help="run config JSON: the RunConfig fields (distill_core/config.py; docs/DISTILL.md, 'Training runtime', has an example)")
     parser.add_argument("--run-dir", help="override the config's run_dir")
     parser.add_argument("--iterations", type=int, help="override the iteration budget")
     parser.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long")
@@ -52,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         shutdown(synchronize=ended_together)
-    print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
-          + (f"; student {result['student']}" if result["student"] else ""))
+    if is_main_rank():  # under torchrun every rank returns the same result: one final line, from rank 0
+        print(f"[1.x-Distill] {cfg.stage}: {result['status']} at iteration {result['iteration']}"
+              + (f"; student {result['student']}" if result["student"] else ""))
     return 0 if result["status"] != "failed" else 1
 
 

@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.exists(stop):  # acted on; a later resume must not stop at once
                 os.remove(stop)
         run.close()
-    _say(f"{outcome.state} at iteration {outcome.iteration}" + (f": {outcome.message}" if outcome.message else ""))
+    if is_main:  # every rank ends with the same outcome: one final line, from rank 0
+        _say(f"{outcome.state} at iteration {outcome.iteration}" + (f": {outcome.message}" if outcome.message else ""))
     return code
 
 

@@ -72,6 +72,7 @@ def ddp_and_single(flux_run):
     proc = torchrun(config("ddp", 4))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
+    (root / "ddp.log").write_text(out)
     single = one_process(config("single", 4))
     assert single.returncode == 0, single.stderr[-3000:]
     return root
@@ -88,6 +89,19 @@ def test_two_processes_train_and_export_the_same_kind_of_student_as_one(flux_run
         assert meta["world"] == "2" and {"rng.gen.0", "rng.gen.1"} <= set(f.keys())
 
 
+def test_only_rank_0_says_the_final_line(flux_run, ddp_and_single):
+    out = (ddp_and_single / "ddp.log").read_text()
+    assert out.count("[1.x-Distill] stage1: done at iteration 4") == 1, out[-3000:]
+
+
+def test_ddps_unused_parameter_warning_is_explained_before_it_can_appear(ddp_and_single):
+    out = (ddp_and_single / "ddp.log").read_text()
+    note = out.find("torch may warn once per process that 'find_unused_parameters=True")
+    assert note >= 0 and out.count("torch may warn once per process") == 1, out[-3000:]  # rank 0 only
+    warned = out.find("did not find any unused parameters in the forward pass")
+    assert warned == -1 or warned > note
+
+
 def test_fsdp_shards_the_base_and_trains_exactly_as_ddp(flux_run, ddp_and_single):
     """FSDP2 over 2 processes: each rank holds half of the frozen base; every rank makes the same module calls
     (a rank without cached rows, or without guided rows, still runs those passes on a zero-weighted row), so the
@@ -97,6 +111,7 @@ def test_fsdp_shards_the_base_and_trains_exactly_as_ddp(flux_run, ddp_and_single
     proc = torchrun(config("fsdp", 4, parallel="fsdp", preview_every=2))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
+    assert "returned a view tensor" not in out  # FSDP2's warning on every view output, known harmless (parallel.py)
     held = re.search(r"FSDP over 2 processes: base weight bytes per rank \[(\d+), (\d+)\] of (\d+)", out)
     assert held, out[-2000:]
     rank0, rank1, dense = map(int, held.groups())

@@ -1,5 +1,6 @@
 """The memory planner: predictions against measured peaks on tiny models, its choices and refusals, bad input."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -100,3 +101,26 @@ def test_bad_input_to_helpers():
         M.plan(M.model_setup("demo"), 0)
     with pytest.raises(ValueError, match="LoRA rank must be a positive integer"):
         M.plan(M.model_setup("demo"), 24, lora_rank=0)
+
+
+def test_the_wording_fits_a_cpu_run_and_small_figures():
+    """A CPU run's figures are per process, small ones in MiB (never "0.0 GiB"), and the advice is the budget."""
+    tiny = M.model_setup("demo", resolution=(32, 32), batch=16, dtype="fp32", device="cpu")
+    refused = M.plan(tiny, 1e-4).message
+    fits = M.plan(tiny, 2).message
+    for text in (refused, fits):
+        assert "per GPU" not in text and "0.0 GiB" not in text and "a GPU with" not in text, text
+        assert "per process" in text and " MiB" in text, text
+    assert "does not fit 0.0001 GiB per process" in refused
+    assert "Smallest change that fits: 48.2 MiB of memory per process (raise the memory budget)." in refused
+    assert M.size(0) == "0 B" and M.size(1536) == "1.5 KiB" and M.size(3 * M.GIB) == "3 GiB"
+
+
+def test_the_wording_of_a_gpu_plan_is_per_gpu_and_never_asks_for_a_tiny_gpu():
+    tiny = M.model_setup("demo", resolution=(32, 32), batch=16, dtype="fp32", device="cuda")
+    refused = M.plan(tiny, 1e-4).message
+    assert "per GPU" in refused and "per process" not in refused and "0.0 GiB" not in refused
+    assert "a GPU with" not in refused and "of GPU memory (raise the memory budget)" in refused
+    assert "1.09 GiB per GPU (tensors 316 MiB" in M.plan(tiny, 2).message
+    big = M.plan(M.model_setup("hunyuan-video", resolution=(720, 1280), frames=33), 24e9 / M.GIB).message
+    assert "per GPU" in big and re.search(r"a GPU with \d{2,} GiB", big), big

@@ -82,6 +82,9 @@ class FamilySpec:
     aliases: tuple[str, ...] = ()  # other names the memory planner accepts (e.g. sd3.5)
     trainer: TrainerDefaults | None = None
     lora_targets: str = DIFFUSERS_LORA_TARGETS
+    # (diffusers pipeline, prompts, device, max_tokens or None) -> (context, pooled, mask or None): the family's
+    # text encoders through its pipeline's own encode_prompt (``python -m distill_core.prompts encode``)
+    text_encode: Callable | None = None
 
     @property
     def id(self) -> str:

@@ -1,4 +1,9 @@
-"""FLUX: double-stream blocks, then single-stream blocks; RoPE over [text; image]."""
+"""FLUX: double-stream blocks, then single-stream blocks; RoPE over [text; image].
+
+Latent (``teacher_options.latent_shape``, one sample): packed tokens ``[(H/16)*(W/16), in_channels]``, each token a
+2x2 patch of the VAE's 16 channels (``in_channels`` 64 for FLUX.1), with ``extra["grid"] = [H/16, W/16]`` for the
+image RoPE ids and ``extra["guidance"]`` the embedded guidance; 1024x1024 is ``[4096, 64]`` on a 64x64 grid.
+"""
 
 from __future__ import annotations
 
@@ -57,10 +62,18 @@ def velocity(module, x, sigma, cond, extra: dict):
                   img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
+def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
+    """FluxPipeline.encode_prompt: T5 sequence [B, L, 4096], CLIP pooled [B, 768]; no mask (the pipeline passes none)."""
+    more = {} if max_tokens is None else {"max_sequence_length": max_tokens}
+    context, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device, **more)
+    return context, pooled, None
+
+
 SPEC = FamilySpec(
     FluxAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2, packed=True), text_tokens=512, embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.5), single=(21.3, 17.3), outside=(3.6, 1.0)),
     reference_model="flux.1-dev",
     # guidance-distilled: guidance is an input of the model, so CFG on top would guide twice
     trainer=TrainerDefaults(batch_size=1, guidance_scale=1.0),
+    text_encode=text_encode,
 )

@@ -1,4 +1,9 @@
-"""HunyuanVideo: double- then single-stream blocks; RoPE over image tokens; a text padding mask."""
+"""HunyuanVideo: double- then single-stream blocks; RoPE over image tokens; a text padding mask.
+
+Latent (``teacher_options.latent_shape``, one sample): ``[16, (F-1)/4+1, H/8, W/8]`` for F frames of H x W pixels
+(the transformer patches it 1x2x2 itself), ``extra["guidance"]`` the embedded guidance; 33 frames of 720x1280 are
+``[16, 9, 90, 160]``. The demo teacher is of this family: ``[16, 1, 8, 8]``.
+"""
 
 from __future__ import annotations
 
@@ -47,10 +52,19 @@ def velocity(module, x, sigma, cond, extra: dict):
                   pooled_projections=cond.pooled, guidance=guidance, return_dict=False)[0]
 
 
+def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
+    """HunyuanVideoPipeline.encode_prompt: Llama sequence [B, L, 4096] with its padding mask [B, L], CLIP pooled
+    [B, 768]."""
+    more = {} if max_tokens is None else {"max_sequence_length": max_tokens}
+    context, pooled, mask = pipe.encode_prompt(prompts, prompt_2=None, device=device, **more)
+    return context, pooled, mask
+
+
 SPEC = FamilySpec(
     HunyuanVideoAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2, temporal_downscale=4),
     text_tokens=256, embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.7), single=(22.3, 18.3), outside=(5.5, 1.0)),
     reference_model="hunyuan-video",
     trainer=TrainerDefaults(batch_size=1, guidance_scale=1.0),  # guidance-distilled, as FLUX
+    text_encode=text_encode,
 )
