@@ -460,12 +460,16 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
 
 class Progress:
     """The iteration count for a person: a tqdm bar on a terminal; in a redirected log (no TTY, where a bar's
-    carriage returns pile up) one plain log line every tenth of the run (and the last iteration)."""
+    carriage returns pile up) one plain log line at the run's first iteration, every tenth of the run, the last
+    iteration, and at least every ``QUIET_S`` seconds in between (a long run's log never goes silent for hours)."""
+
+    QUIET_S = 60.0
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, stream=None):
         stream = stream if stream is not None else sys.stderr  # where tqdm draws
         self.total, self.desc, self.enabled = total, desc, enabled
         self.every = max(1, math.ceil(total / 10))
+        self.first, self.last_line = initial + 1, time.monotonic()
         isatty = getattr(stream, "isatty", None)
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", file=stream) if enabled and isatty and isatty() else None
 
@@ -476,8 +480,10 @@ class Progress:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
             return
         it = record["iteration"]
-        if not self.enabled or (it % self.every and it != self.total):
+        due = it == self.first or it % self.every == 0 or it == self.total or time.monotonic() - self.last_line >= self.QUIET_S
+        if not self.enabled or not due:
             return
+        self.last_line = time.monotonic()
         text = ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
         log.info("[%s] iteration %d/%d (%d%%), %.3g it/s, ETA %s%s", self.desc, it, self.total, 100 * it // max(self.total, 1),
                  record["it_per_s"], _duration(record["eta_s"]), f", {text}" if text else "")
