@@ -34,7 +34,9 @@ class LoadStudent(io.ComfyNode):
             "compensation. The base model is checked first; the input model is not modified.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model the student was distilled from (after any LoRA nodes)."),
-                io.Combo.Input("student_name", options=student_names(), tooltip="A student file from models/students (the shipped demo students are listed too)."),
+                io.Combo.Input("student_name", options=student_names(), tooltip=(
+                    "A student file from models/students (the shipped demo students are listed too), or, linked from "
+                    "1.x-Distill Job Status, the student of that job once it is done.")),
                 io.Combo.Input("base_check", options=BASE_CHECKS, default=BASE_CHECKS[0], tooltip=(
                     "strict: the model must hold the weights the student was distilled from (fp32/fp16/bf16 copies pass). "
                     "trust: skip the weights check, for a base you know is the same weights quantised (fp8) or converted. "
@@ -48,11 +50,57 @@ class LoadStudent(io.ComfyNode):
         import folder_paths
 
         register_students_folder()
-        path = folder_paths.get_full_path("students", student_name)
+        path = folder_paths.get_full_path("students", student_name) if student_name else None
         if path is None:
-            raise XSlimSetupError(f"Load 1.x Student: no student file {student_name!r} in {folder_paths.get_folder_paths('students')}.")
+            path, student_name = student_of_job(student_name)
         student, header = load_student_model(model, path, base_check)
         return io.NodeOutput(student, ui={"text": [f"{student_name}: {header.describe()}"]})
+
+
+SUFFIX = ".safetensors"
+
+
+def student_of_job(name: str) -> tuple[str, str]:
+    """(path, file name) of the finished student of the 1.x-Distill job ``name`` (a run name, or the student file
+    name it exports to), which is what Job Status hands on. Anything else is refused in one sentence that says
+    what to do, without folder paths: an empty name, a name that is no student and no job, a job that is not done."""
+    import folder_paths
+
+    from .jobs import JobError, check_run_name, manager
+
+    where = "Load 1.x Student"
+    run = name[: -len(SUFFIX)] if isinstance(name, str) and name.endswith(SUFFIX) else name
+    if not run:
+        raise XSlimSetupError(f"{where}: no student is chosen (the name is empty); pick one from the list of students, "
+                              "or connect 1.x-Distill Job Status's student_name.")
+    try:
+        jobs = manager()
+        job = jobs.job(check_run_name(run))
+    except JobError:
+        raise XSlimSetupError(f"{where}: there is no student {name!r} in models/students and no 1.x-Distill job of "
+                              "that name; pick a student from the list, or train one with 1.x-Distill Train.") from None
+    summary = jobs.present(job)  # settled: a finished job's student is exported here if the monitor has not yet
+    state, done = summary["state"], f"iteration {summary['iteration']} of {summary['iterations']}"
+    if summary["student"]:
+        path = folder_paths.get_full_path("students", summary["student"])
+        if path is not None:
+            return path, summary["student"]
+    what = {
+        "starting": f"is starting and has no student yet; wait until the jobs panel shows it done ({done} so far), "
+                    "then queue again, or pick another student",
+        "running": f"is still training ({done}); wait until the jobs panel shows it done, then queue again (the "
+                   "queue stays free meanwhile), or pick another student",
+        "stopping": f"is stopping at {done} and has no finished student; Resume it in the 1.x-Distill jobs panel and "
+                    "queue again when it is done, or pick another student",
+        "stopped": f"was stopped at {done}, so it has no finished student; Resume it in the 1.x-Distill jobs panel and "
+                   "queue again when it is done, or pick another student",
+        "interrupted": f"was interrupted at {done}, so it has no finished student; Resume it in the 1.x-Distill jobs "
+                       "panel and queue again when it is done, or pick another student",
+        "failed": f"failed at {done}, so it has no finished student; read why in the 1.x-Distill jobs panel, Resume "
+                  "it there once the cause is fixed, or pick another student",
+    }.get(state, f"is {state} and has no student to load; look at it in the 1.x-Distill jobs panel, or pick "
+                 "another student")
+    raise XSlimSetupError(f"{where}: 1.x-Distill job {run!r} {what}.")
 
 
 class StudentSigmas(io.ComfyNode):

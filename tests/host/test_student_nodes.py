@@ -329,6 +329,20 @@ def fresh_demo_teacher(**model_options):
 
 
 @pytest.mark.bad_input("clear error")
+def test_an_empty_or_unknown_student_name_is_one_sentence_without_folder_paths(demo_teacher, students_dir, user_dir):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    for name, expected in [("", "no student is chosen (the name is empty); pick one from the list"),
+                           ("nobody.safetensors", "there is no student 'nobody.safetensors' in models/students and no "
+                                                  "1.x-Distill job of that name")]:
+        with pytest.raises(XSlimSetupError) as err:
+            load(demo_teacher, name)
+        message = str(err.value)
+        assert expected in message and message.count(". ") == 0 and message.endswith("."), message
+        assert str(students_dir) not in message and str(user_dir) not in message and WEIGHTS_DIR not in message
+
+
+@pytest.mark.bad_input("clear error")
 def test_a_student_of_other_weights_is_refused_naming_both_and_trust_overrides(pack, students_dir):
     changed = fresh_demo_teacher()  # the same architecture, other weights: the shipped student must not run on it
     with torch.no_grad():
