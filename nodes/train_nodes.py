@@ -446,19 +446,24 @@ class DistillJobStatus(io.ComfyNode):
             node_id="XSlimDistillJobStatus",
             display_name="1.x-Distill Job Status",
             category=CATEGORY,
-            description="A background job's loss plot and latest preview as images, and the file name of its finished "
-            "student in models/students (empty until it finishes). With wait_for_finish the prompt waits for the job "
-            "(ComfyUI's Cancel stops only the waiting, never the job).",
+            description="A background job's loss plot and latest preview as images, and its student for Load 1.x Student. "
+            "It returns at once with the job as it stands (the jobs panel shows its progress); queue again when the job "
+            "is done to sample the finished student. Only with wait_for_finish does the prompt wait for the job, and "
+            "then it holds ComfyUI's queue until the job ends (Cancel stops only the waiting, never the job).",
             inputs=[
                 io.String.Input("job", force_input=True, tooltip=(
                     "The job handle from 1.x-Distill Train (or a run name from a String node).")),
                 io.Boolean.Input("wait_for_finish", default=False, tooltip=(
-                    "Wait until the job is done, stopped or failed (this prompt then holds the queue while it waits).")),
+                    "Off (default): return at once with the job's current state; the queue stays free and the jobs panel "
+                    "shows the progress. On: wait until the job is done, stopped or failed - the queue is held for the "
+                    "whole training (no other prompt runs meanwhile); Cancel ends the waiting, not the job.")),
             ],
             # the name goes out typed COMBO so it can feed a loader's file list (Load 1.x Student's student_name); its
             # value is the plain file name string
             outputs=[io.Image.Output(display_name="loss_plot"), io.Image.Output(display_name="preview"),
-                     io.Custom("COMBO").Output(display_name="student_name", tooltip="The finished student's file name in models/students ('' until it finishes).")],
+                     io.Custom("COMBO").Output(display_name="student_name", tooltip=(
+                         "The finished student's file name in models/students; until the job is done, the job's run name, "
+                         "so Load 1.x Student says what state the job is in."))],
             not_idempotent=True,
         )
 
@@ -484,7 +489,8 @@ class DistillJobStatus(io.ComfyNode):
         plot = to_image_tensor(loss_plot(handle.history, title))
         preview_path = jf.latest_preview(handle.run_dir)
         preview = to_image_tensor(Image.open(preview_path)) if preview_path else _placeholder("no preview yet")
-        return io.NodeOutput(plot, preview, summary["student"] or "")
+        # not done yet: the run name goes out, and Load 1.x Student names the job's state instead of a missing file
+        return io.NodeOutput(plot, preview, summary["student"] or job)
 
 
 def _wait(jobs, handle):
