@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from .host import XSlimSettings, XSlimSetupError, install
 from .pictures import labelled_grid
-from .runner import decode, sample_latent
+from .runner import decode, progress_bar, sample_latent
 from .settings import parse_setting_line
 from .student import BASE_CHECKS, load_student_model, register_students_folder, student_names, student_settings
 from .student_sampling import demo_class_accuracy, run_student, student_sampler
@@ -169,6 +169,10 @@ class StudentKSampler(io.ComfyNode):
 DEFAULT_XSLIM = "fast"
 
 
+def no_progress(step, total) -> None:
+    pass
+
+
 def load_untimed(model) -> None:
     """Loads the model a column is about to sample before its clock starts. Columns share one base model, so
     ComfyUI applies or removes a student's weight patches whenever the sampled model changes: in an interleaved
@@ -218,8 +222,6 @@ class StudentCompare(io.ComfyNode):
     @classmethod
     def execute(cls, teacher, student, positive, negative, latent_image, seed, teacher_steps, teacher_cfg,
                 sampler_name, scheduler, xslim, student_2=None, vae=None) -> io.NodeOutput:
-        import comfy.utils
-
         from xslim_core import XSlimConfig
 
         students = [student] + ([student_2] if student_2 is not None else [])
@@ -248,13 +250,14 @@ class StudentCompare(io.ComfyNode):
             def run():
                 load_untimed(s)
                 start = time.perf_counter()
-                latent = run_student(s, positive, latent_image, seed)
+                latent = run_student(s, positive, latent_image, seed, progress=no_progress)  # the Compare's bar counts runs
                 return latent, time.perf_counter() - start, student_settings(s).reports[-1].stats
             return run
 
         runs = [(label, teacher_column(settings)) for label, settings in columns]
         runs += [(f"1.x student {os.path.splitext(student_settings(s).name)[0]}", student_column(s)) for s in students]
-        bar = comfy.utils.ProgressBar(len(runs) * (1 + COMPARE_ROUNDS))
+        total = len(runs) * (1 + COMPARE_ROUNDS)
+        bar = progress_bar(total)  # one update per sampling run
         # every column alike, as X-Slim Compare times its settings: one untimed warm-up each (model load, the
         # student's weight patches, kernels), then up to COMPARE_ROUNDS timed rounds, interleaved so that a busy
         # moment of the machine falls on all columns rather than one; the median is reported
@@ -262,6 +265,7 @@ class StudentCompare(io.ComfyNode):
             run()
             bar.update(1)
         firsts, times = interleaved_rounds([run for _, run in runs], lambda: bar.update(1))
+        bar.update_absolute(total)  # long rounds are not repeated: the runs left out are not owed
         results = [(label, latent, stats) for (label, _), (latent, stats) in zip(runs, firsts)]
         images = [decode(latent, vae) for _, latent, _ in results]
         accuracy = demo_class_accuracy(images, latent_image["samples"], positive)

@@ -494,19 +494,31 @@ class DistillJobStatus(io.ComfyNode):
 
 
 def _wait(jobs, handle):
-    """Poll the job from this prompt's own thread: ComfyUI's progress bar and Cancel belong to this prompt here."""
+    """Poll the job from this prompt's own thread: ComfyUI's progress bar and Cancel belong to this prompt here.
+    The bar counts iterations and shows each new training preview."""
     import comfy.model_management as mm
-    import comfy.utils
+    from PIL import Image
+
+    from .runner import progress_bar
 
     summary = jobs.summary(handle)
-    bar = comfy.utils.ProgressBar(max(1, summary["iterations"] or 1))
+    bar, shown = progress_bar(summary["iterations"] or 1), None
     while summary["state"] in ACTIVE or (summary["state"] == "done" and summary["student"] is None):
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(summary["iteration"] or 0)
+        preview = None
+        if summary["preview"] is not None and summary["preview"] != shown:
+            path = jf.latest_preview(handle.run_dir)
+            try:
+                preview = ("JPEG", Image.open(path).convert("RGB"), 512) if path else None
+            except OSError:  # being written: the next look shows it
+                preview = None
+            shown = summary["preview"] if preview is not None else shown
+        bar.update_absolute(summary["iteration"] or 0, summary["iterations"] or 1, preview)
         time.sleep(1.0)
         if summary["state"] == "done":
             jobs.export(handle)  # the monitor does this too; whoever comes first
         summary = jobs.summary(handle)
+    bar.update_absolute(summary["iteration"] or 0, summary["iterations"] or 1)
     return summary
 
 

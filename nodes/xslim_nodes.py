@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from xslim_demo.teacher import CLASSES, classes_path, default_weights_path
 from .host import XSlimSetupError, install
 from .pictures import decision_map, labelled_grid, row_labels, table_image
-from .runner import cached_run, decode, last_report, sample_latent
+from .runner import cached_run, decode, last_report, progress_bar, sample_latent
 from .settings import CACHE_DEVICES, CACHE_DTYPES, PRESET_NAMES, make_settings, parse_setting_line, profile_names, save_profile
 
 log = logging.getLogger("xslim")
@@ -150,7 +150,9 @@ class XSlimProfile(io.ComfyNode):
         from .host import XSlimSettings, XSlimSetupError
 
         settings = XSlimSettings(XSlimConfig(mode="off"), record_profile=True)
-        out, _, report = cached_run(model, settings, lambda m: sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative))
+        bar = progress_bar(steps)  # one update per sampling step
+        out, _, report = cached_run(model, settings, lambda m: sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                                                                             positive, negative, progress=bar.update_absolute))
         if report is None or report.profile is None:
             stats = report.stats if report is not None else None
             if stats is not None and not stats.one_call_per_step:
@@ -194,15 +196,14 @@ class XSlimCompare(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, settings, vae=None) -> io.NodeOutput:
-        import comfy.utils
-
         lines = [line for line in settings.splitlines() if line.strip()]
         if len(lines) > MAX_COMPARE_SETTINGS:  # each line samples COMPARE_ROUNDS + 1 times, holding the queue
             raise XSlimSetupError(f"X-Slim Compare: {len(lines)} setting lines; at most {MAX_COMPARE_SETTINGS} are compared in "
                                   "one run (each samples the model up to four times while the queue waits). Split them "
                                   "over several Compare nodes or runs.")
         lines = [("uncached", None)] + [item for item in map(parse_setting_line, lines) if item[1] is not None]
-        bar = comfy.utils.ProgressBar(1 + COMPARE_ROUNDS * len(lines))
+        total = 1 + COMPARE_ROUNDS * len(lines)
+        bar = progress_bar(total)  # one update per sampling run
 
         def sample(m):
             return sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative)
@@ -210,6 +211,7 @@ class XSlimCompare(io.ComfyNode):
         cached_run(model, None, sample)  # warm-up (model load, kernels), not timed
         bar.update(1)
         firsts, times = interleaved_rounds([partial(cached_run, model, s, sample) for _, s in lines], lambda: bar.update(1))
+        bar.update_absolute(total)  # long rounds are not repeated: the runs left out are not owed
         results = [(label, latent, report) for (label, _), (latent, report) in zip(lines, firsts)]
         columns = [decode(latent, vae) for _, latent, _ in results]  # each decoded once (a VAE is costly)
         return io.NodeOutput(*compare_outputs(results, times, columns, steps))

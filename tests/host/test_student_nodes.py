@@ -229,7 +229,7 @@ def test_student_compare_warms_up_every_column_once_then_times_them_interleaved(
     calls = []  # which column ran, in order: the teacher's columns by their X-Slim mode, the student by name
     real_install, real_run_student = student_nodes.install, student_nodes.run_student
     monkeypatch.setattr(student_nodes, "install", lambda m, s: calls.append(s.config.mode) or real_install(m, s))
-    monkeypatch.setattr(student_nodes, "run_student", lambda m, *a: calls.append("student") or real_run_student(m, *a))
+    monkeypatch.setattr(student_nodes, "run_student", lambda m, *a, **k: calls.append("student") or real_run_student(m, *a, **k))
     real_load = student_nodes.load_untimed  # each column's model is loaded before its clock starts
     monkeypatch.setattr(student_nodes, "load_untimed", lambda m: calls.append("load") or real_load(m))
     latent = {"samples": torch.zeros(1, *DEMO_SHAPE)}
