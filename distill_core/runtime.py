@@ -28,7 +28,7 @@ from . import parallel as P
 from .cache import Compensation
 from .conditioning import PromptSet
 from .config import RunConfig
-from .jobfiles import OpenRun
+from .jobfiles import OpenRun, Pace
 from .models import Teacher, load_teacher_from
 from .nets import RoleState, build_roles, merged_weights
 from .parallel import pick_device
@@ -424,7 +424,8 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
         if main:
             log.info("[1.x-Distill] %s", placement)
     bar = tqdm(total=cfg.iterations, initial=run.iteration, desc=f"1.x-Distill {cfg.stage}", unit="it", disable=not main)
-    start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
+    start, failures, status, message = time.time(), 0, "done", ""
+    pace = Pace(cfg.iterations)  # from this run's first completed iteration: start-up and warm-up are not its pace
     if main and resumed:
         message = f"resumed from iteration {run.iteration}"
         log.info("[1.x-Distill] %s", message)  # in the log at once, not only in the final status
@@ -437,10 +438,10 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
         run.iteration += 1
         finite = all(math.isfinite(v) for v in metrics.values())
         failures = 0 if finite else failures + 1
-        elapsed = time.time() - start
-        speed = (run.iteration - start_it) / max(elapsed, 1e-9)
-        record = {"iteration": run.iteration, **metrics, "skipped": not finite, "it_per_s": speed,
-                  "eta_s": (cfg.iterations - run.iteration) / max(speed, 1e-9), "elapsed_s": elapsed}
+        now = time.time()
+        speed, eta = pace.add(run.iteration, now)
+        record = {"iteration": run.iteration, **metrics, "skipped": not finite, "it_per_s": speed, "eta_s": eta,
+                  "elapsed_s": now - start, "time": now}
         if main:
             _log(os.path.join(cfg.run_dir, METRICS_FILE), record)
             bar.update(1)

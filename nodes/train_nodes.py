@@ -372,10 +372,22 @@ class DistillTrain(io.ComfyNode):
         before_start = _free_comfy_memory if gpu["mode"] == "exclusive" else None
         summary, what = manager().submit(run_name, base, run, gpu, overwrite_student, write_extra=write_extra,
                                          bootstrap=bootstrap, before_start=before_start)
-        log.info(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}; "
-              f"batch {batch_size}, cached blocks {cached_blocks}, CFG {guidance_scale}); follow it in the "
-              "'1.x-Distill jobs' sidebar panel")
+        log.info("[1.x-Distill] job %s: %s (batch %s, cached blocks %s, CFG %s); follow it in the '1.x-Distill jobs' "
+                 "sidebar panel", run_name, _what_happened(what, summary, manager().run_dir(run_name), iterations),
+                 batch_size, cached_blocks, guidance_scale)
         return io.NodeOutput(run_name)
+
+
+def _what_happened(what: str, summary: dict, run_dir: str, iterations: int) -> str:
+    """The log line's account, as the jobs panel will show it: a new job starts at iteration 0, a resumed one at
+    its checkpoint's iteration; a job that is running or finished is not said to start."""
+    if what == "started":
+        return f"started, {iterations} iterations"
+    if what == "resumed":
+        return f"resumed from iteration {jf.checkpoint_iteration(run_dir) or 0} of {iterations}"
+    if what == "already running":
+        return f"already running (iteration {summary['iteration']} of {iterations}); nothing new was started"
+    return f"{what} (iteration {summary['iteration']} of {summary['iterations']})"
 
 
 def _run_request(config: dict):
