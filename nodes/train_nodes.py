@@ -302,12 +302,15 @@ class DistillTrain(io.ComfyNode):
                     "their guidance is built into the model).")),
                 io.Float.Input("guidance_switch", default=0.96, min=0.0, max=1.0, step=0.01, tooltip=(
                     "The CFG switch level: the teacher guides only where sigma <= this (1.0: everywhere, plain DMD).")),
-                io.Float.Input("lr_student", default=4e-5, min=1e-7, max=1e-2, step=1e-6, round=1e-7),
+                io.Float.Input("lr_student", default=4e-5, min=1e-7, max=1e-2, step=1e-6, round=1e-7, tooltip=(
+                    "The student's learning rate (4e-5 in the released recipe; the fake score's lr_fake is 8x this).")),
                 io.Float.Input("lr_fake", default=3.2e-4, min=1e-7, max=1e-2, step=1e-6, round=1e-7, tooltip=(
                     "The fake score's learning rate (8x the student's in the released recipe).")),
                 io.Int.Input("checkpoint_every", default=25, min=1, max=100_000, tooltip="Iterations between saved checkpoints (what a resume continues from)."),
                 io.Int.Input("preview_every", default=25, min=0, max=100_000, tooltip="Iterations between preview grids (0: none)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),  # a run is not re-rolled per queue
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, tooltip=(  # a run is not re-rolled per queue
+                    "The training run's seed (noise, batches, initial adapters). Fixed: queuing again with the same run "
+                    "name resumes the same run, which a changed seed would refuse.")),
                 io.Combo.Input("gpu_sharing", options=GPU_SHARING, default="exclusive", tooltip=(
                     "exclusive: ComfyUI unloads its models before the worker starts. shared: the worker takes at most "
                     "memory_fraction of the GPU. separate device: nothing is unloaded; give the worker its own device.")),

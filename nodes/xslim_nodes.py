@@ -22,18 +22,20 @@ log = logging.getLogger("xslim")
 CATEGORY = "X-Slim"
 
 
-def _sampling_inputs() -> list:
+def _sampling_inputs(steps: int = 20, cfg: float = 4.0, steps_input: str = "steps", cfg_input: str = "cfg") -> list:
+    """KSampler's sampling inputs, with its meaning in each tooltip (the runs these nodes make are KSampler's)."""
     import comfy.samplers
 
     return [
-        io.Conditioning.Input("positive"),
-        io.Conditioning.Input("negative"),
-        io.Latent.Input("latent_image"),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-        io.Int.Input("steps", default=20, min=1, max=1000),
-        io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01),
-        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
-        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+        io.Conditioning.Input("positive", tooltip="What to draw: the positive conditioning, as for KSampler."),
+        io.Conditioning.Input("negative", tooltip="The negative conditioning (CFG), as for KSampler."),
+        io.Latent.Input("latent_image", tooltip="The latent to sample from (its size and batch), as for KSampler."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="The noise seed; every run here uses the same one, so the images are comparable."),
+        io.Int.Input(steps_input, default=steps, min=1, max=1000, tooltip="Sampling steps of the run(s)."),
+        io.Float.Input(cfg_input, default=cfg, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="The CFG scale (1: no negative pass)."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", tooltip="ComfyUI's sampler, as in KSampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple", tooltip="ComfyUI's noise schedule, as in KSampler."),
     ]
 
 
@@ -48,7 +50,7 @@ class XSlimCache(io.ComfyNode):
             "steps while the accumulated change is small, refreshes only the changing blocks between the two lines, "
             "computes fully past the critical line. Put it after the model loader (and LoRA / ModelSampling nodes).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to cache (after its loader and any LoRA / ModelSampling nodes)."),
                 io.Combo.Input("preset", options=PRESET_NAMES, default="auto", tooltip=(
                     "slow: about 3.2x fewer block evaluations, quality first. fast: about 4x. auto: slow. custom: your "
                     "thresholds below. With a profile the presets hit these ratios on that model; without one the "
@@ -138,7 +140,7 @@ class XSlimProfile(io.ComfyNode):
             category=CATEGORY,
             description="Samples once without caching, records how much each step and block changes, and saves it as a "
             "profile in ComfyUI's user folder (xslim/profiles). X-Slim Cache can then select it.",
-            inputs=[io.Model.Input("model"), *_sampling_inputs(),
+            inputs=[io.Model.Input("model", tooltip="The model to profile, WITHOUT X-Slim (it runs uncached once)."), *_sampling_inputs(),
                     io.String.Input("profile_name", default="my-model", tooltip="File name of the profile (letters, digits, . _ -).")],
             outputs=[io.Latent.Output(), io.String.Output(display_name="profile_path")],
             is_output_node=True,
@@ -356,7 +358,7 @@ class XSlimDemoDecode(io.ComfyNode):
             display_name="X-Slim Demo Decode",
             category=f"{CATEGORY}/demo",
             description="The demo model's exact, weight-free decoder (pixel shuffle): latent -> 28x28 image.",
-            inputs=[io.Latent.Input("samples")],
+            inputs=[io.Latent.Input("samples", tooltip="A demo-model latent (from a sampler) to decode into images.")],
             outputs=[io.Image.Output()],
         )
 
