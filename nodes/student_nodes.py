@@ -22,6 +22,12 @@ NEGATIVE_TOOLTIP = ("Ignored: the student was distilled with guidance built in a
                     "evaluates a negative prompt. Accepted so existing graphs can be rewired without changes.")
 
 
+def _default_student() -> str | None:
+    """The first student listed: a combo without a default shows as 'undefined' in the node library's preview."""
+    names = student_names()
+    return names[0] if names else None
+
+
 class LoadStudent(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -34,7 +40,7 @@ class LoadStudent(io.ComfyNode):
             "compensation. The base model is checked first; the input model is not modified.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model the student was distilled from (after any LoRA nodes)."),
-                io.Combo.Input("student_name", options=student_names(), tooltip=(
+                io.Combo.Input("student_name", options=student_names(), default=_default_student(), tooltip=(
                     "A student file from models/students (the shipped demo students are listed too), or, linked from "
                     "1.x-Distill Job Status, the student of that job once it is done.")),
                 io.Combo.Input("base_check", options=BASE_CHECKS, default=BASE_CHECKS[0], tooltip=(

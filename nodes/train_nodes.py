@@ -261,9 +261,20 @@ def _free_comfy_memory() -> None:
             fn()
 
 
+DEMO_FILE = "demo_teacher.safetensors"
+NO_MODEL = "(no model in models/diffusion_models)"
+
+
 def _model_names(folder_paths) -> list[str]:
+    """The files to offer, never an empty list (the frontend shows an empty combo as 'undefined'): a placeholder
+    that the node refuses, saying where models go, when the folders hold none."""
     # a demo teacher's class table (<name>.classes.safetensors) sits next to it; it is not a model
-    return [n for n in folder_paths.get_filename_list("diffusion_models") if not n.endswith(".classes.safetensors")]
+    names = [n for n in folder_paths.get_filename_list("diffusion_models") if not n.endswith(".classes.safetensors")]
+    return names or [NO_MODEL]
+
+
+def _default_model(names: list[str]) -> str:
+    return DEMO_FILE if DEMO_FILE in names else names[0]
 
 
 class DistillTrain(io.ComfyNode):
@@ -272,6 +283,7 @@ class DistillTrain(io.ComfyNode):
         import folder_paths
 
         cpu_threads = max(1, (os.cpu_count() or 2) // 2)
+        models = _model_names(folder_paths)
         return io.Schema(
             node_id="XSlimDistillTrain",
             display_name="1.x-Distill Train",
@@ -281,7 +293,7 @@ class DistillTrain(io.ComfyNode):
             "sidebar panel. Queue it again with the same run name to resume a stopped job (or to train longer with more "
             "iterations). Finished students land in models/students.",
             inputs=[
-                io.Combo.Input("model_name", options=_model_names(folder_paths), tooltip=(
+                io.Combo.Input("model_name", options=models, default=_default_model(models), tooltip=(
                     "The model to distil, from the diffusion_models folders (the worker loads the file with ComfyUI's own "
                     "loader): SD3/SD3.5, FLUX, HunyuanVideo, or the demo teacher.")),
                 io.String.Input("prompts", multiline=True, default=ALL_CLASSES, tooltip=(
@@ -409,6 +421,9 @@ def _chosen_model(model_name: str, clip):
     import folder_paths
 
     path = folder_paths.get_full_path("diffusion_models", model_name)  # a name from the list, never a path
+    if model_name == NO_MODEL:
+        raise JobError("1.x-Distill Train: no model to distil: put a diffusion-model file (SD3/SD3.5, FLUX, HunyuanVideo) "
+                       "into models/diffusion_models, refresh the page and pick it in model_name.")
     if path is None:
         raise JobError(f"1.x-Distill Train: {model_name!r} is not in the diffusion_models folders "
                        f"({', '.join(folder_paths.get_folder_paths('diffusion_models'))}).")
