@@ -26,6 +26,7 @@ ComfyUI process can read run folders cheaply.
 from __future__ import annotations
 
 import enum
+import math
 import hashlib
 import json
 import os
@@ -534,6 +535,49 @@ class OpenRun:
 
 
 # -- reading a run ------------------------------------------------------------------------------------------
+class Pace:
+    """A run's iterations per second and time left, from the iterations' own pace: the clock starts when this run's
+    first iteration has completed (a fresh start or a resume), so start-up (model load, warm-up, the first
+    iteration's allocations) is not counted and a resumed run counts from the iteration it resumed at."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.since: tuple[int, float] | None = None  # (iteration, time) of this run's first completed iteration
+
+    def add(self, iteration: int, now: float) -> tuple[float | None, float | None]:
+        """(it_per_s, eta_s) after ``iteration`` completed at ``now``; unknown (None) until two have."""
+        if self.since is None:
+            self.since = (iteration, now)
+            return None, None
+        done, seconds = iteration - self.since[0], now - self.since[1]
+        if done <= 0 or seconds <= 0:
+            return None, None
+        speed = done / seconds
+        return speed, max(0, self.total - iteration) / speed
+
+
+def current_pace(record: dict, beat: "Beat | None") -> tuple[float | None, float | None]:
+    """(it_per_s, eta_s) of the live run from its last metrics record: unknown when the record was written before
+    the running worker started (a resumed run that has not finished two iterations yet shows no figure from the
+    run before) or carries none."""
+    written = _number(record.get("time"))
+    if beat is None or beat.started is None or written is None or written < beat.started:
+        return None, None
+    speed, eta = _number(record.get("it_per_s")), _number(record.get("eta_s"))
+    if speed is None or eta is None or not (speed > 0 and math.isfinite(speed) and math.isfinite(eta) and eta >= 0):
+        return None, None
+    return speed, eta
+
+
+def checkpoint_iteration(run_dir: str) -> int | None:
+    """The iteration the run's checkpoint holds (what a resume continues from), from its header; None without one."""
+    try:
+        _, meta = safetensors_header(os.path.join(run_dir, STATE))
+        return count(int(meta["iteration"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def heartbeat_age(run_dir: str, now: float | None = None) -> float | None:
     beat = Beat.read(run_dir)
     if beat is None or beat.time is None:

@@ -29,7 +29,7 @@ from . import parallel as P
 from .cache import Compensation
 from .conditioning import PromptSet
 from .config import RunConfig
-from .jobfiles import OpenRun
+from .jobfiles import OpenRun, Pace
 from .models import Teacher, load_teacher_from
 from .nets import RoleState, build_roles, merged_weights
 from .parallel import pick_device
@@ -485,8 +485,10 @@ class Progress:
             return
         self.last_line = time.monotonic()
         text = ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
-        log.info("[%s] iteration %d/%d (%d%%), %.3g it/s, ETA %s%s", self.desc, it, self.total, 100 * it // max(self.total, 1),
-                 record["it_per_s"], _duration(record["eta_s"]), f", {text}" if text else "")
+        speed, eta = record.get("it_per_s"), record.get("eta_s")
+        pace = f"{speed:.3g} it/s, ETA {_duration(eta)}" if speed is not None and eta is not None else "pace not known yet"
+        log.info("[%s] iteration %d/%d (%d%%), %s%s", self.desc, it, self.total, 100 * it // max(self.total, 1), pace,
+                 f", {text}" if text else "")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -513,7 +515,8 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
     if main and ranks.world > 1:  # DDP averages the roles' gradients (under FSDP: Stage II's discriminator heads)
         log.info("[1.x-Distill] %s", P.DDP_UNUSED_NOTE)
     bar = Progress(cfg.iterations, run.iteration, f"1.x-Distill {cfg.stage}", enabled=main)
-    start, start_it, failures, status, message = time.time(), run.iteration, 0, "done", ""
+    start, failures, status, message = time.time(), 0, "done", ""
+    pace = Pace(cfg.iterations)  # from this run's first completed iteration: start-up and warm-up are not its pace
     if main and resumed:
         message = f"resumed from iteration {run.iteration}"
         log.info("[1.x-Distill] %s", message)  # in the log at once, not only in the final status
@@ -526,10 +529,10 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
         run.iteration += 1
         finite = all(math.isfinite(v) for v in metrics.values())
         failures = 0 if finite else failures + 1
-        elapsed = time.time() - start
-        speed = (run.iteration - start_it) / max(elapsed, 1e-9)
-        record = {"iteration": run.iteration, **metrics, "skipped": not finite, "it_per_s": speed,
-                  "eta_s": (cfg.iterations - run.iteration) / max(speed, 1e-9), "elapsed_s": elapsed}
+        now = time.time()
+        speed, eta = pace.add(run.iteration, now)
+        record = {"iteration": run.iteration, **metrics, "skipped": not finite, "it_per_s": speed, "eta_s": eta,
+                  "elapsed_s": now - start, "time": now}
         if main:
             _log(os.path.join(cfg.run_dir, METRICS_FILE), record)
             bar.update(record)

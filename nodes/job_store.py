@@ -165,11 +165,12 @@ class JobStore:
             total = jf.count(spec.config.get("iterations"))
             iteration = jf.count(job.last.get("iteration", beat.iteration)) or 0
             preview = jf.latest_preview(job.run_dir)
+            # the live run's own pace, never the run before a resume (nor a figure once the job has ended)
+            speed, eta = jf.current_pace(job.last, beat) if state in ACTIVE else (None, None)
             return {
                 "name": job.name, "state": state, "model": spec.base.get("name"), "family": spec.base.get("family"),
                 "iteration": iteration, "iterations": total, "progress": min(1.0, iteration / total) if total else 0.0,
-                "it_per_s": job.last.get("it_per_s") if state in ACTIVE else None,
-                "eta_s": job.last.get("eta_s") if state in ACTIVE else None,
+                "it_per_s": speed, "eta_s": eta,
                 "losses": {k: v for k, v in job.last.items() if k.startswith("loss")},
                 "preview": int(os.path.basename(preview)[:-4]) if preview else None,
                 # the student of this run as it stands: an earlier export of a run trained on is not its result

@@ -144,13 +144,16 @@ class JobManager(JobStore):
                 self._spawn(job, devices)
                 return self.summary(job), "started"
             state = self.state(job)
-            if state in ACTIVE:
-                raise JobError(f"run name {name!r} is used by a running job (iteration {job.last.get('iteration', 0)} of "
-                               f"{old.config.get('iterations')}); cancel it in the jobs panel, or choose "
-                               "another run name", 409)
             # the worker checks the run's recorded fingerprint (with the base file's hash); this refuses at once
             # what job.json already shows, before anything is written or unloaded
             changes = jf.fingerprint_changes(jf.fingerprint(old.config, old.base), jf.fingerprint(config, base))
+            if state in ACTIVE:
+                if not changes and config.get("iterations") == old.config.get("iterations"):
+                    # the same workflow queued again while its job trains (to sample once it is done): nothing to start
+                    return self.summary(job), "already running"
+                raise JobError(f"run name {name!r} is used by a running job (iteration {job.last.get('iteration', 0)} of "
+                               f"{old.config.get('iterations')}) with other settings; cancel it in the jobs panel, or "
+                               "choose another run name", 409)
             if changes:
                 raise JobError(f"run {name!r} was started with a different configuration, and a resume must not change it. "
                                f"Changed: {'; '.join(changes)}. Choose a new run name to train with these settings.", 409)

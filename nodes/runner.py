@@ -23,6 +23,27 @@ def sample_latent(model, latent: dict, seed: int, steps: int, cfg: float, sample
     )
 
 
+class _NoBar:
+    """Stands in for ComfyUI's progress bar where this ComfyUI has none."""
+
+    total = current = 0
+
+    def update(self, value) -> None:
+        pass
+
+    def update_absolute(self, value, total=None, preview=None) -> None:
+        pass
+
+
+def progress_bar(total: int):
+    """ComfyUI's progress bar over ``total`` units of a node's own work (the node's bar in the UI and the jobs
+    panel), found by feature detection; a stand-in that shows nothing where this ComfyUI has none."""
+    import comfy.utils
+
+    bar = getattr(comfy.utils, "ProgressBar", None)
+    return bar(max(1, int(total))) if callable(bar) else _NoBar()
+
+
 def sampling_inputs(model, latent: dict, seed: int, progress=None):
     """(latent samples, KSampler's noise for ``seed``, a step callback that checks ComfyUI's interrupt and reports
     ``progress(step, total)``) for one of our own sampling runs."""

@@ -126,6 +126,9 @@ def make_settings(
     return XSlimSettings(config, prof)
 
 
+EXAMPLE_VALUES = {"warn": "0.2", "crit": "0.5", "block": "0.1", "ratio": "0.5"}  # the accepted form, in messages
+
+
 def parse_setting_line(line: str) -> tuple[str, XSlimSettings | None]:
     """One line of the compare node: ``uncached``, ``slow``, ``fast``, ``custom warn=0.2 crit=0.5``,
     optionally with ``profile=<name>``, ``block=<threshold>`` and ``ratio=<token ratio>``.
@@ -137,17 +140,23 @@ def parse_setting_line(line: str) -> tuple[str, XSlimSettings | None]:
     for word in words[1:]:
         key, sep, value = word.partition("=")
         if not sep:
-            raise XSlimSetupError(f"X-Slim Compare: {word!r} in line {line!r} is not key=value (keys: warn, crit, block, ratio, profile).")
+            raise XSlimSetupError(f"X-Slim Compare: {word!r} in line {line!r} is not key=value (keys: warn, crit, block, "
+                                  "ratio, profile), e.g. 'custom warn=0.2 crit=0.5'.")
         options[key.lower()] = value
     if head in ("uncached", "off", "none"):
         return "uncached", None
     unknown = set(options) - {"warn", "crit", "block", "ratio", "profile"}
     if unknown:
         raise XSlimSetupError(f"X-Slim Compare: unknown key(s) {sorted(unknown)} in line {line!r}; use warn, crit, block, ratio, profile.")
-    try:
-        numbers = {k: float(options[k]) for k in ("warn", "crit", "block", "ratio") if k in options}
-    except ValueError:
-        raise XSlimSetupError(f"X-Slim Compare: a threshold in line {line!r} is not a number.") from None
+    numbers = {}
+    for k in ("warn", "crit", "block", "ratio"):
+        if k in options:
+            try:
+                numbers[k] = float(options[k])
+            except ValueError:
+                raise XSlimSetupError(
+                    f"X-Slim Compare: {k}={options[k]!r} in line {line!r} is not a number; write it as a decimal with "
+                    f"no spaces around '=', e.g. {k}={EXAMPLE_VALUES[k]} (a whole line: 'custom warn=0.2 crit=0.5').") from None
     settings = make_settings(
         preset=head,
         profile=options.get("profile", NO_PROFILE),

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from .host import XSlimSettings, XSlimSetupError, install
 from .pictures import labelled_grid
-from .runner import decode, sample_latent
+from .runner import decode, progress_bar, sample_latent
 from .settings import parse_setting_line
 from .student import BASE_CHECKS, load_student_model, register_students_folder, student_names, student_settings
 from .student_sampling import demo_class_accuracy, run_student, student_sampler
@@ -20,6 +20,12 @@ from .xslim_nodes import BUSY_SPREAD, COMPARE_ROUNDS, aligned_text, busy_labels,
 CATEGORY = "X-Slim/1.x student"
 NEGATIVE_TOOLTIP = ("Ignored: the student was distilled with guidance built in and samples at CFG 1, so it never "
                     "evaluates a negative prompt. Accepted so existing graphs can be rewired without changes.")
+
+
+def _default_student() -> str | None:
+    """The first student listed: a combo without a default shows as 'undefined' in the node library's preview."""
+    names = student_names()
+    return names[0] if names else None
 
 
 class LoadStudent(io.ComfyNode):
@@ -34,7 +40,9 @@ class LoadStudent(io.ComfyNode):
             "compensation. The base model is checked first; the input model is not modified.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model the student was distilled from (after any LoRA nodes)."),
-                io.Combo.Input("student_name", options=student_names(), tooltip="A student file from models/students (the shipped demo students are listed too)."),
+                io.Combo.Input("student_name", options=student_names(), default=_default_student(), tooltip=(
+                    "A student file from models/students (the shipped demo students are listed too), or, linked from "
+                    "1.x-Distill Job Status, the student of that job once it is done.")),
                 io.Combo.Input("base_check", options=BASE_CHECKS, default=BASE_CHECKS[0], tooltip=(
                     "strict: the model must hold the weights the student was distilled from (fp32/fp16/bf16 copies pass). "
                     "trust: skip the weights check, for a base you know is the same weights quantised (fp8) or converted. "
@@ -48,11 +56,57 @@ class LoadStudent(io.ComfyNode):
         import folder_paths
 
         register_students_folder()
-        path = folder_paths.get_full_path("students", student_name)
+        path = folder_paths.get_full_path("students", student_name) if student_name else None
         if path is None:
-            raise XSlimSetupError(f"Load 1.x Student: no student file {student_name!r} in {folder_paths.get_folder_paths('students')}.")
+            path, student_name = student_of_job(student_name)
         student, header = load_student_model(model, path, base_check)
         return io.NodeOutput(student, ui={"text": [f"{student_name}: {header.describe()}"]})
+
+
+SUFFIX = ".safetensors"
+
+
+def student_of_job(name: str) -> tuple[str, str]:
+    """(path, file name) of the finished student of the 1.x-Distill job ``name`` (a run name, or the student file
+    name it exports to), which is what Job Status hands on. Anything else is refused in one sentence that says
+    what to do, without folder paths: an empty name, a name that is no student and no job, a job that is not done."""
+    import folder_paths
+
+    from .jobs import JobError, check_run_name, manager
+
+    where = "Load 1.x Student"
+    run = name[: -len(SUFFIX)] if isinstance(name, str) and name.endswith(SUFFIX) else name
+    if not run:
+        raise XSlimSetupError(f"{where}: no student is chosen (the name is empty); pick one from the list of students, "
+                              "or connect 1.x-Distill Job Status's student_name.")
+    try:
+        jobs = manager()
+        job = jobs.job(check_run_name(run))
+    except JobError:
+        raise XSlimSetupError(f"{where}: there is no student {name!r} in models/students and no 1.x-Distill job of "
+                              "that name; pick a student from the list, or train one with 1.x-Distill Train.") from None
+    summary = jobs.present(job)  # settled: a finished job's student is exported here if the monitor has not yet
+    state, done = summary["state"], f"iteration {summary['iteration']} of {summary['iterations']}"
+    if summary["student"]:
+        path = folder_paths.get_full_path("students", summary["student"])
+        if path is not None:
+            return path, summary["student"]
+    what = {
+        "starting": f"is starting and has no student yet; wait until the jobs panel shows it done ({done} so far), "
+                    "then queue again, or pick another student",
+        "running": f"is still training ({done}); wait until the jobs panel shows it done, then queue again (the "
+                   "queue stays free meanwhile), or pick another student",
+        "stopping": f"is stopping at {done} and has no finished student; Resume it in the 1.x-Distill jobs panel and "
+                    "queue again when it is done, or pick another student",
+        "stopped": f"was stopped at {done}, so it has no finished student; Resume it in the 1.x-Distill jobs panel and "
+                   "queue again when it is done, or pick another student",
+        "interrupted": f"was interrupted at {done}, so it has no finished student; Resume it in the 1.x-Distill jobs "
+                       "panel and queue again when it is done, or pick another student",
+        "failed": f"failed at {done}, so it has no finished student; read why in the 1.x-Distill jobs panel, Resume "
+                  "it there once the cause is fixed, or pick another student",
+    }.get(state, f"is {state} and has no student to load; look at it in the 1.x-Distill jobs panel, or pick "
+                 "another student")
+    raise XSlimSetupError(f"{where}: 1.x-Distill job {run!r} {what}.")
 
 
 class StudentSigmas(io.ComfyNode):
@@ -105,9 +159,10 @@ class StudentKSampler(io.ComfyNode):
             description="Samples a 1.x student in one node: its own sigmas, Euler, CFG 1, the cached second step.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of Load 1.x Student."),
-                io.Conditioning.Input("positive"),
-                io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Conditioning.Input("positive", tooltip="What to draw: the positive conditioning (the student samples at CFG 1)."),
+                io.Latent.Input("latent_image", tooltip="The latent to sample from (its size and batch), as for KSampler."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The noise seed (KSampler's noise for the same seed)."),
                 io.Conditioning.Input("negative", optional=True, tooltip=NEGATIVE_TOOLTIP),
             ],
             outputs=[io.Latent.Output()],
@@ -119,6 +174,10 @@ class StudentKSampler(io.ComfyNode):
 
 
 DEFAULT_XSLIM = "fast"
+
+
+def no_progress(step, total) -> None:
+    pass
 
 
 def load_untimed(model) -> None:
@@ -151,14 +210,18 @@ class StudentCompare(io.ComfyNode):
                 io.Model.Input("teacher", tooltip="The base model WITHOUT X-Slim or a student."),
                 io.Model.Input("student", tooltip="The MODEL output of Load 1.x Student (on the same base)."),
                 io.Model.Input("student_2", optional=True, tooltip="A second student of the same base (e.g. another cached range), as one more column."),
-                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("positive", tooltip="What to draw: the positive conditioning, for every column."),
                 io.Conditioning.Input("negative", tooltip="The teacher's negative (CFG); the student ignores it."),
-                io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("teacher_steps", default=50, min=1, max=1000),
-                io.Float.Input("teacher_cfg", default=2.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+                io.Latent.Input("latent_image", tooltip="The latent to sample from (its size and batch), for every column."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The noise seed; every column uses the same one, so the images are comparable."),
+                io.Int.Input("teacher_steps", default=50, min=1, max=1000, tooltip="Sampling steps of the teacher's columns."),
+                io.Float.Input("teacher_cfg", default=2.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="The teacher's CFG scale (the student always samples at CFG 1)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                               tooltip="The teacher's sampler, as in KSampler (the student uses its own Euler)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple",
+                               tooltip="The teacher's noise schedule, as in KSampler (the student uses its own sigmas)."),
                 io.String.Input("xslim", default=DEFAULT_XSLIM, tooltip=(
                     "The teacher-with-X-Slim column, one X-Slim Compare setting line (slow, fast, custom warn=.. crit=.., "
                     "profile=NAME); empty for none.")),
@@ -170,8 +233,6 @@ class StudentCompare(io.ComfyNode):
     @classmethod
     def execute(cls, teacher, student, positive, negative, latent_image, seed, teacher_steps, teacher_cfg,
                 sampler_name, scheduler, xslim, student_2=None, vae=None) -> io.NodeOutput:
-        import comfy.utils
-
         from xslim_core import XSlimConfig
 
         students = [student] + ([student_2] if student_2 is not None else [])
@@ -200,13 +261,14 @@ class StudentCompare(io.ComfyNode):
             def run():
                 load_untimed(s)
                 start = time.perf_counter()
-                latent = run_student(s, positive, latent_image, seed)
+                latent = run_student(s, positive, latent_image, seed, progress=no_progress)  # the Compare's bar counts runs
                 return latent, time.perf_counter() - start, student_settings(s).reports[-1].stats
             return run
 
         runs = [(label, teacher_column(settings)) for label, settings in columns]
         runs += [(f"1.x student {os.path.splitext(student_settings(s).name)[0]}", student_column(s)) for s in students]
-        bar = comfy.utils.ProgressBar(len(runs) * (1 + COMPARE_ROUNDS))
+        total = len(runs) * (1 + COMPARE_ROUNDS)
+        bar = progress_bar(total)  # one update per sampling run
         # every column alike, as X-Slim Compare times its settings: one untimed warm-up each (model load, the
         # student's weight patches, kernels), then up to COMPARE_ROUNDS timed rounds, interleaved so that a busy
         # moment of the machine falls on all columns rather than one; the median is reported
@@ -214,6 +276,7 @@ class StudentCompare(io.ComfyNode):
             run()
             bar.update(1)
         firsts, times = interleaved_rounds([run for _, run in runs], lambda: bar.update(1))
+        bar.update_absolute(total)  # long rounds are not repeated: the runs left out are not owed
         results = [(label, latent, stats) for (label, _), (latent, stats) in zip(runs, firsts)]
         images = [decode(latent, vae) for _, latent, _ in results]
         accuracy = demo_class_accuracy(images, latent_image["samples"], positive)

@@ -69,17 +69,18 @@ def student_sampler():
     return comfy.samplers.KSAMPLER(student_euler)
 
 
-def run_student(model, positive, latent: dict, seed: int) -> torch.Tensor:
-    """The student's latent for ``seed`` (KSampler's noise), with a progress bar and the interrupt check."""
+def run_student(model, positive, latent: dict, seed: int, progress=None) -> torch.Tensor:
+    """The student's latent for ``seed`` (KSampler's noise), with the interrupt check; ``progress(step, total)``
+    is called per step (default: the node's own progress bar)."""
     import comfy.sample
-    import comfy.utils
 
-    from .runner import sampling_inputs
+    from .runner import progress_bar, sampling_inputs
     from .student import student_settings
 
     sigmas = torch.tensor(student_settings(model).header.sigmas, dtype=torch.float32)
-    bar = comfy.utils.ProgressBar(len(sigmas) - 1)
-    samples, noise, callback = sampling_inputs(model, latent, seed, bar.update_absolute)
+    if progress is None:
+        progress = progress_bar(len(sigmas) - 1).update_absolute
+    samples, noise, callback = sampling_inputs(model, latent, seed, progress)
 
     # CFG 1: ComfyUI never evaluates the negative, so the positive stands in for it
     return comfy.sample.sample_custom(model, noise, 1.0, student_sampler(), sigmas, positive, positive, samples,

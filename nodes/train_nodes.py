@@ -261,9 +261,20 @@ def _free_comfy_memory() -> None:
             fn()
 
 
+DEMO_FILE = "demo_teacher.safetensors"
+NO_MODEL = "(no model in models/diffusion_models)"
+
+
 def _model_names(folder_paths) -> list[str]:
+    """The files to offer, never an empty list (the frontend shows an empty combo as 'undefined'): a placeholder
+    that the node refuses, saying where models go, when the folders hold none."""
     # a demo teacher's class table (<name>.classes.safetensors) sits next to it; it is not a model
-    return [n for n in folder_paths.get_filename_list("diffusion_models") if not n.endswith(".classes.safetensors")]
+    names = [n for n in folder_paths.get_filename_list("diffusion_models") if not n.endswith(".classes.safetensors")]
+    return names or [NO_MODEL]
+
+
+def _default_model(names: list[str]) -> str:
+    return DEMO_FILE if DEMO_FILE in names else names[0]
 
 
 class DistillTrain(io.ComfyNode):
@@ -272,6 +283,7 @@ class DistillTrain(io.ComfyNode):
         import folder_paths
 
         cpu_threads = max(1, (os.cpu_count() or 2) // 2)
+        models = _model_names(folder_paths)
         return io.Schema(
             node_id="XSlimDistillTrain",
             display_name="1.x-Distill Train",
@@ -281,7 +293,7 @@ class DistillTrain(io.ComfyNode):
             "sidebar panel. Queue it again with the same run name to resume a stopped job (or to train longer with more "
             "iterations). Finished students land in models/students.",
             inputs=[
-                io.Combo.Input("model_name", options=_model_names(folder_paths), tooltip=(
+                io.Combo.Input("model_name", options=models, default=_default_model(models), tooltip=(
                     "The model to distil, from the diffusion_models folders (the worker loads the file with ComfyUI's own "
                     "loader): SD3/SD3.5, FLUX, HunyuanVideo, or the demo teacher.")),
                 io.String.Input("prompts", multiline=True, default=ALL_CLASSES, tooltip=(
@@ -302,12 +314,15 @@ class DistillTrain(io.ComfyNode):
                     "their guidance is built into the model).")),
                 io.Float.Input("guidance_switch", default=0.96, min=0.0, max=1.0, step=0.01, tooltip=(
                     "The CFG switch level: the teacher guides only where sigma <= this (1.0: everywhere, plain DMD).")),
-                io.Float.Input("lr_student", default=4e-5, min=1e-7, max=1e-2, step=1e-6, round=1e-7),
+                io.Float.Input("lr_student", default=4e-5, min=1e-7, max=1e-2, step=1e-6, round=1e-7, tooltip=(
+                    "The student's learning rate (4e-5 in the released recipe; the fake score's lr_fake is 8x this).")),
                 io.Float.Input("lr_fake", default=3.2e-4, min=1e-7, max=1e-2, step=1e-6, round=1e-7, tooltip=(
                     "The fake score's learning rate (8x the student's in the released recipe).")),
                 io.Int.Input("checkpoint_every", default=25, min=1, max=100_000, tooltip="Iterations between saved checkpoints (what a resume continues from)."),
                 io.Int.Input("preview_every", default=25, min=0, max=100_000, tooltip="Iterations between preview grids (0: none)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),  # a run is not re-rolled per queue
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, tooltip=(  # a run is not re-rolled per queue
+                    "The training run's seed (noise, batches, initial adapters). Fixed: queuing again with the same run "
+                    "name resumes the same run, which a changed seed would refuse.")),
                 io.Combo.Input("gpu_sharing", options=GPU_SHARING, default="exclusive", tooltip=(
                     "exclusive: ComfyUI unloads its models before the worker starts. shared: the worker takes at most "
                     "memory_fraction of the GPU. separate device: nothing is unloaded; give the worker its own device.")),
@@ -372,10 +387,22 @@ class DistillTrain(io.ComfyNode):
         before_start = _free_comfy_memory if gpu["mode"] == "exclusive" else None
         summary, what = manager().submit(run_name, base, run, gpu, overwrite_student, write_extra=write_extra,
                                          bootstrap=bootstrap, before_start=before_start)
-        log.info(f"[1.x-Distill] job {run_name}: {what} ({summary['state']}, iteration {summary['iteration']} of {iterations}; "
-              f"batch {batch_size}, cached blocks {cached_blocks}, CFG {guidance_scale}); follow it in the "
-              "'1.x-Distill jobs' sidebar panel")
+        log.info("[1.x-Distill] job %s: %s (batch %s, cached blocks %s, CFG %s); follow it in the '1.x-Distill jobs' "
+                 "sidebar panel", run_name, _what_happened(what, summary, manager().run_dir(run_name), iterations),
+                 batch_size, cached_blocks, guidance_scale)
         return io.NodeOutput(run_name)
+
+
+def _what_happened(what: str, summary: dict, run_dir: str, iterations: int) -> str:
+    """The log line's account, as the jobs panel will show it: a new job starts at iteration 0, a resumed one at
+    its checkpoint's iteration; a job that is running or finished is not said to start."""
+    if what == "started":
+        return f"started, {iterations} iterations"
+    if what == "resumed":
+        return f"resumed from iteration {jf.checkpoint_iteration(run_dir) or 0} of {iterations}"
+    if what == "already running":
+        return f"already running (iteration {summary['iteration']} of {iterations}); nothing new was started"
+    return f"{what} (iteration {summary['iteration']} of {summary['iterations']})"
 
 
 def _run_request(config: dict):
@@ -394,6 +421,9 @@ def _chosen_model(model_name: str, clip):
     import folder_paths
 
     path = folder_paths.get_full_path("diffusion_models", model_name)  # a name from the list, never a path
+    if model_name == NO_MODEL:
+        raise JobError("1.x-Distill Train: no model to distil: put a diffusion-model file (SD3/SD3.5, FLUX, HunyuanVideo) "
+                       "into models/diffusion_models, refresh the page and pick it in model_name.")
     if path is None:
         raise JobError(f"1.x-Distill Train: {model_name!r} is not in the diffusion_models folders "
                        f"({', '.join(folder_paths.get_folder_paths('diffusion_models'))}).")
@@ -446,19 +476,24 @@ class DistillJobStatus(io.ComfyNode):
             node_id="XSlimDistillJobStatus",
             display_name="1.x-Distill Job Status",
             category=CATEGORY,
-            description="A background job's loss plot and latest preview as images, and the file name of its finished "
-            "student in models/students (empty until it finishes). With wait_for_finish the prompt waits for the job "
-            "(ComfyUI's Cancel stops only the waiting, never the job).",
+            description="A background job's loss plot and latest preview as images, and its student for Load 1.x Student. "
+            "It returns at once with the job as it stands (the jobs panel shows its progress); queue again when the job "
+            "is done to sample the finished student. Only with wait_for_finish does the prompt wait for the job, and "
+            "then it holds ComfyUI's queue until the job ends (Cancel stops only the waiting, never the job).",
             inputs=[
                 io.String.Input("job", force_input=True, tooltip=(
                     "The job handle from 1.x-Distill Train (or a run name from a String node).")),
                 io.Boolean.Input("wait_for_finish", default=False, tooltip=(
-                    "Wait until the job is done, stopped or failed (this prompt then holds the queue while it waits).")),
+                    "Off (default): return at once with the job's current state; the queue stays free and the jobs panel "
+                    "shows the progress. On: wait until the job is done, stopped or failed - the queue is held for the "
+                    "whole training (no other prompt runs meanwhile); Cancel ends the waiting, not the job.")),
             ],
             # the name goes out typed COMBO so it can feed a loader's file list (Load 1.x Student's student_name); its
             # value is the plain file name string
             outputs=[io.Image.Output(display_name="loss_plot"), io.Image.Output(display_name="preview"),
-                     io.Custom("COMBO").Output(display_name="student_name", tooltip="The finished student's file name in models/students ('' until it finishes).")],
+                     io.Custom("COMBO").Output(display_name="student_name", tooltip=(
+                         "The finished student's file name in models/students; until the job is done, the job's run name, "
+                         "so Load 1.x Student says what state the job is in."))],
             not_idempotent=True,
         )
 
@@ -484,23 +519,36 @@ class DistillJobStatus(io.ComfyNode):
         plot = to_image_tensor(loss_plot(handle.history, title))
         preview_path = jf.latest_preview(handle.run_dir)
         preview = to_image_tensor(Image.open(preview_path)) if preview_path else _placeholder("no preview yet")
-        return io.NodeOutput(plot, preview, summary["student"] or "")
+        # not done yet: the run name goes out, and Load 1.x Student names the job's state instead of a missing file
+        return io.NodeOutput(plot, preview, summary["student"] or job)
 
 
 def _wait(jobs, handle):
-    """Poll the job from this prompt's own thread: ComfyUI's progress bar and Cancel belong to this prompt here."""
+    """Poll the job from this prompt's own thread: ComfyUI's progress bar and Cancel belong to this prompt here.
+    The bar counts iterations and shows each new training preview."""
     import comfy.model_management as mm
-    import comfy.utils
+    from PIL import Image
+
+    from .runner import progress_bar
 
     summary = jobs.summary(handle)
-    bar = comfy.utils.ProgressBar(max(1, summary["iterations"] or 1))
+    bar, shown = progress_bar(summary["iterations"] or 1), None
     while summary["state"] in ACTIVE or (summary["state"] == "done" and summary["student"] is None):
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(summary["iteration"] or 0)
+        preview = None
+        if summary["preview"] is not None and summary["preview"] != shown:
+            path = jf.latest_preview(handle.run_dir)
+            try:
+                preview = ("JPEG", Image.open(path).convert("RGB"), 512) if path else None
+            except OSError:  # being written: the next look shows it
+                preview = None
+            shown = summary["preview"] if preview is not None else shown
+        bar.update_absolute(summary["iteration"] or 0, summary["iterations"] or 1, preview)
         time.sleep(1.0)
         if summary["state"] == "done":
             jobs.export(handle)  # the monitor does this too; whoever comes first
         summary = jobs.summary(handle)
+    bar.update_absolute(summary["iteration"] or 0, summary["iterations"] or 1)
     return summary
 
 

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from xslim_demo.teacher import CLASSES, classes_path, default_weights_path
 from .host import XSlimSetupError, install
 from .pictures import decision_map, labelled_grid, row_labels, table_image
-from .runner import cached_run, decode, last_report, sample_latent
+from .runner import cached_run, decode, last_report, progress_bar, sample_latent
 from .settings import CACHE_DEVICES, CACHE_DTYPES, PRESET_NAMES, make_settings, parse_setting_line, profile_names, save_profile
 
 log = logging.getLogger("xslim")
@@ -22,18 +22,20 @@ log = logging.getLogger("xslim")
 CATEGORY = "X-Slim"
 
 
-def _sampling_inputs() -> list:
+def _sampling_inputs(steps: int = 20, cfg: float = 4.0, steps_input: str = "steps", cfg_input: str = "cfg") -> list:
+    """KSampler's sampling inputs, with its meaning in each tooltip (the runs these nodes make are KSampler's)."""
     import comfy.samplers
 
     return [
-        io.Conditioning.Input("positive"),
-        io.Conditioning.Input("negative"),
-        io.Latent.Input("latent_image"),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-        io.Int.Input("steps", default=20, min=1, max=1000),
-        io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01),
-        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
-        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+        io.Conditioning.Input("positive", tooltip="What to draw: the positive conditioning, as for KSampler."),
+        io.Conditioning.Input("negative", tooltip="The negative conditioning (CFG), as for KSampler."),
+        io.Latent.Input("latent_image", tooltip="The latent to sample from (its size and batch), as for KSampler."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="The noise seed; every run here uses the same one, so the images are comparable."),
+        io.Int.Input(steps_input, default=steps, min=1, max=1000, tooltip="Sampling steps of the run(s)."),
+        io.Float.Input(cfg_input, default=cfg, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="The CFG scale (1: no negative pass)."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", tooltip="ComfyUI's sampler, as in KSampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple", tooltip="ComfyUI's noise schedule, as in KSampler."),
     ]
 
 
@@ -48,7 +50,7 @@ class XSlimCache(io.ComfyNode):
             "steps while the accumulated change is small, refreshes only the changing blocks between the two lines, "
             "computes fully past the critical line. Put it after the model loader (and LoRA / ModelSampling nodes).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to cache (after its loader and any LoRA / ModelSampling nodes)."),
                 io.Combo.Input("preset", options=PRESET_NAMES, default="auto", tooltip=(
                     "slow: about 3.2x fewer block evaluations, quality first. fast: about 4x. auto: slow. custom: your "
                     "thresholds below. With a profile the presets hit these ratios on that model; without one the "
@@ -138,7 +140,7 @@ class XSlimProfile(io.ComfyNode):
             category=CATEGORY,
             description="Samples once without caching, records how much each step and block changes, and saves it as a "
             "profile in ComfyUI's user folder (xslim/profiles). X-Slim Cache can then select it.",
-            inputs=[io.Model.Input("model"), *_sampling_inputs(),
+            inputs=[io.Model.Input("model", tooltip="The model to profile, WITHOUT X-Slim (it runs uncached once)."), *_sampling_inputs(),
                     io.String.Input("profile_name", default="my-model", tooltip="File name of the profile (letters, digits, . _ -).")],
             outputs=[io.Latent.Output(), io.String.Output(display_name="profile_path")],
             is_output_node=True,
@@ -150,7 +152,9 @@ class XSlimProfile(io.ComfyNode):
         from .host import XSlimSettings, XSlimSetupError
 
         settings = XSlimSettings(XSlimConfig(mode="off"), record_profile=True)
-        out, _, report = cached_run(model, settings, lambda m: sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative))
+        bar = progress_bar(steps)  # one update per sampling step
+        out, _, report = cached_run(model, settings, lambda m: sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                                                                             positive, negative, progress=bar.update_absolute))
         if report is None or report.profile is None:
             stats = report.stats if report is not None else None
             if stats is not None and not stats.one_call_per_step:
@@ -194,15 +198,14 @@ class XSlimCompare(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, settings, vae=None) -> io.NodeOutput:
-        import comfy.utils
-
         lines = [line for line in settings.splitlines() if line.strip()]
         if len(lines) > MAX_COMPARE_SETTINGS:  # each line samples COMPARE_ROUNDS + 1 times, holding the queue
             raise XSlimSetupError(f"X-Slim Compare: {len(lines)} setting lines; at most {MAX_COMPARE_SETTINGS} are compared in "
                                   "one run (each samples the model up to four times while the queue waits). Split them "
                                   "over several Compare nodes or runs.")
         lines = [("uncached", None)] + [item for item in map(parse_setting_line, lines) if item[1] is not None]
-        bar = comfy.utils.ProgressBar(1 + COMPARE_ROUNDS * len(lines))
+        total = 1 + COMPARE_ROUNDS * len(lines)
+        bar = progress_bar(total)  # one update per sampling run
 
         def sample(m):
             return sample_latent(m, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative)
@@ -210,6 +213,7 @@ class XSlimCompare(io.ComfyNode):
         cached_run(model, None, sample)  # warm-up (model load, kernels), not timed
         bar.update(1)
         firsts, times = interleaved_rounds([partial(cached_run, model, s, sample) for _, s in lines], lambda: bar.update(1))
+        bar.update_absolute(total)  # long rounds are not repeated: the runs left out are not owed
         results = [(label, latent, report) for (label, _), (latent, report) in zip(lines, firsts)]
         columns = [decode(latent, vae) for _, latent, _ in results]  # each decoded once (a VAE is costly)
         return io.NodeOutput(*compare_outputs(results, times, columns, steps))
@@ -354,7 +358,7 @@ class XSlimDemoDecode(io.ComfyNode):
             display_name="X-Slim Demo Decode",
             category=f"{CATEGORY}/demo",
             description="The demo model's exact, weight-free decoder (pixel shuffle): latent -> 28x28 image.",
-            inputs=[io.Latent.Input("samples")],
+            inputs=[io.Latent.Input("samples", tooltip="A demo-model latent (from a sampler) to decode into images.")],
             outputs=[io.Image.Output()],
         )
 

@@ -52,7 +52,11 @@ def test_resume_continues_exactly_where_it_stopped(teacher_path, tmp_path):
     assert smeta["iteration"] == "4" and any(k.startswith("optim.fake.") for k in state)
     records = [json.loads(line) for line in open(tmp_path / "b" / METRICS_FILE)]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
-    assert {"loss_student", "loss_fake", "grad_student", "it_per_s", "eta_s"} <= set(records[-1])
+    assert {"loss_student", "loss_fake", "grad_student", "it_per_s", "eta_s", "time"} <= set(records[-1])
+    # the pace counts from each run's first completed iteration: none for iteration 1, nor for 3 (the first after
+    # the resume at 2); then the iterations since
+    assert [r["eta_s"] is None for r in records] == [True, False, True, False]
+    assert records[3]["it_per_s"] > 0 and records[3]["eta_s"] == 0
 
 
 def test_cache_cotraining_fine_tune_starts_from_a_finished_stage1_run(teacher_path, tmp_path):

@@ -42,3 +42,52 @@ def test_an_unmeasured_node_type_is_refused_not_guessed():
     assert node_size("KSampler") == list(MEASURED_SIZES["KSampler"])
     with pytest.raises(UnmeasuredNodeType, match="NoSuchNode has no measured size .* XSLIM_WRITE_NODE_SIZES=1"):
         node_size("NoSuchNode")
+
+
+def _rgb(colour: str) -> list[float]:
+    hex_ = colour.lstrip("#")
+    hex_ = "".join(c * 2 for c in hex_) if len(hex_) == 3 else hex_
+    return [int(hex_[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+
+
+def _luminance(rgb: list[float]) -> float:
+    lin = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def title_contrast(colour: str, canvas: str, alpha: float) -> float:
+    """WCAG contrast of a group's title as the frontend draws it: text in the group's colour over its title bar,
+    the colour laid twice at ``alpha`` over the canvas (LGraphGroup.draw)."""
+    text, under = _rgb(colour), _rgb(canvas)
+    covered = 1 - (1 - alpha) ** 2
+    bar = [u * (1 - covered) + t * covered for t, u in zip(text, under)]
+    high, low = sorted((_luminance(text), _luminance(bar)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_group_titles_are_readable_on_the_default_canvas(name):
+    from workflow_graph import CANVAS, MIN_TITLE_CONTRAST, TITLE_ALPHA
+
+    assert title_contrast("#444", CANVAS, TITLE_ALPHA) < 1.5  # the check tells an unreadable title (ComfyUI's black)
+    with open(os.path.join(WORKFLOWS, name)) as f:
+        groups = json.load(f)["groups"]
+    low = {g["title"]: round(title_contrast(g["color"], CANVAS, TITLE_ALPHA), 2) for g in groups
+           if title_contrast(g["color"], CANVAS, TITLE_ALPHA) < MIN_TITLE_CONTRAST}
+    assert not low, f"group titles below {MIN_TITLE_CONTRAST}:1 contrast: {low}"
+
+
+def test_a_wide_graph_is_laid_out_in_bands_to_fit_the_window():
+    from workflow_graph import GROUP_GAP, _bands, fit_scale
+
+    columns = [(612, 917), (742, 292), (999, 438), (1012, 392), (662, 666)]  # HunyuanVideo's student workflow
+    sizes = _bands(columns)
+    assert sum(sizes) == len(columns) and len(sizes) > 1
+    one_row = fit_scale(sum(w for w, _ in columns) + GROUP_GAP * 4, max(h for _, h in columns))
+    start, width, height = 0, 0, -GROUP_GAP
+    for size in sizes:
+        band = columns[start:start + size]
+        width, height = max(width, sum(w for w, _ in band) + GROUP_GAP * (size - 1)), height + max(h for _, h in band) + GROUP_GAP
+        start += size
+    assert fit_scale(width, height) > one_row
+    assert _bands([(400, 300), (400, 300)]) == [2]  # what fits at full size stays one row

@@ -3,7 +3,8 @@
     python workflows/build_train_workflows.py
 
 * ``xslim_distill_demo_cpu.json``: distils the shipped demo teacher in the background for a few minutes on a CPU,
-  waits for the job (the Job Status node), then samples the finished student next to the teacher.
+  shows the job as it stands (the Job Status node returns at once), and once the job is done a second queue samples
+  the finished student next to the teacher.
 The host tests check the file against a real ComfyUI's /object_info.
 """
 
@@ -35,16 +36,18 @@ def distill_demo_cpu() -> Workflow:
                  "1.x-Distill of the shipped demo model on any CPU")
     about(w, "Distils the shipped **demo teacher** (Fashion-MNIST, HunyuanVideo architecture) into a 2-step 1.x "
              "student in a **background worker** (the queue stays free; the *1.x-Distill jobs* sidebar panel shows "
-             "progress, loss curves and previews, and cancels or resumes). *Job Status* waits for the job and hands "
-             "the exported student (`models/students/demo-distill.safetensors`) to *Load 1.x Student*; the last group "
-             "samples it (1.75 network evaluations per image) next to the teacher at 30 steps with CFG 2 (60). "
-             "About four minutes on two CPU cores; no GPU, no downloads.")
+             "progress, loss curves and previews, and cancels or resumes). The first queue starts the job; *Job "
+             "Status* returns at once, and *Load 1.x Student* stops that run saying how far the job is. When the panel "
+             "shows the job done (about four minutes on two CPU cores), **queue again**: nothing is trained twice, and "
+             "the finished student (`models/students/demo-distill.safetensors`) is sampled (1.75 network evaluations "
+             "per image) next to the teacher at 30 steps with CFG 2 (60). *Job Status*'s `wait_for_finish` waits for "
+             "the job instead, but then holds ComfyUI's queue for the whole training. No GPU, no downloads.")
     w.group("Load the demo teacher", 0)
     teacher = w.node("UNETLoader", ["demo_teacher.safetensors", "default"])
     w.group("Distil in the background", 1)
     train = w.node("XSlimDistillTrain", DEMO_TRAIN, "1.x-Distill Train (returns at once)")
-    w.group("Wait for the job", 2)
-    status = w.node("XSlimDistillJobStatus", [True], "1.x-Distill Job Status (waits for the job)")
+    w.group("The job as it stands", 2)
+    status = w.node("XSlimDistillJobStatus", [False], "1.x-Distill Job Status (returns at once)")
     w.link(train, 0, status, "job")
     plot, preview = w.node("PreviewImage", [], "loss curves"), w.node("PreviewImage", [], "latest training preview")
     w.link(status, 0, plot, "images")
@@ -90,9 +93,11 @@ def distill_sd35() -> Workflow:
     bf16 base), then sample the student."""
 
     w = Workflow("1.x-Distill: distil SD3.5 Large from a prompt list, then sample the 1.x student")
-    about(w, "Distils **SD3.5 Large** into a 2-step 1.x student in the background (the queue stays free), then "
-             "samples it with the student nodes. The prompt list is encoded once with the checkpoint's CLIP and stored "
-             "in the run folder; the worker loads `diffusion_models/sd3.5_large.safetensors` with ComfyUI's own loader "
+    about(w, "Distils **SD3.5 Large** into a 2-step 1.x student in the background (the queue stays free; the "
+             "*1.x-Distill jobs* panel shows progress). Queue again once the job is done to sample the student with "
+             "the student nodes (until then *Load 1.x Student* says how far the job is; *Job Status*'s "
+             "`wait_for_finish` would hold ComfyUI's queue for the whole training). The prompt list is encoded once with the checkpoint's CLIP "
+             "and stored in the run folder; the worker loads `diffusion_models/sd3.5_large.safetensors` with ComfyUI's own loader "
              "and trains the student and the fake score as **LoRA adapters (rank 32) on one bf16 copy** of the base. "
              "The planner (docs/MEMORY.md) predicts 41 GiB per GPU for SD3.5 Large at 1024² with LoRA r64 and 18 GiB "
              "for SD3.5 Medium; a 24 GB card needs Medium, or Large with checkpointing and CPU optimizer states. Not run here: no GPU and no SD3.5 weights in CI; "
@@ -104,8 +109,8 @@ def distill_sd35() -> Workflow:
     w.group("Distil in the background", 1)
     train = w.node("XSlimDistillTrain", SD35_TRAIN, "1.x-Distill Train (returns at once)")
     w.link(ckpt, 1, train, "clip")
-    w.group("Wait for the job", 2)
-    status = w.node("XSlimDistillJobStatus", [True], "1.x-Distill Job Status")
+    w.group("The job as it stands", 2)
+    status = w.node("XSlimDistillJobStatus", [False], "1.x-Distill Job Status (returns at once)")
     w.link(train, 0, status, "job")
     plot = w.node("PreviewImage", [], "loss curves")
     w.link(status, 0, plot, "images")

@@ -62,7 +62,40 @@ MODEL_SOURCES = {
         "diffusion_models", "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors"),
 }
 
-GROUP_COLOURS = ["#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a", "#444"]
+# Light colours, so that a group's title is readable: the frontend (LGraphGroup.draw, frontend 1.27) writes the title
+# in the group's own colour over its title bar, which is that colour laid twice at alpha 0.25 over the canvas
+# (#222 in the default dark palette). Each of these gives at least 3:1 there (WCAG's ratio for large text; the
+# title is 24 px); ComfyUI's own group colours (#3f789e, #a1309b, #444 ...) give 1.3-2.7.
+GROUP_COLOURS = ["#8fc3ea", "#a9dba0", "#f0b184", "#e2a8e6", "#b3b8f2", "#f2d07a", "#9fd8d8"]
+CANVAS, TITLE_ALPHA, MIN_TITLE_CONTRAST = "#222", 0.25, 3.0
+WINDOW = (1440, 860)  # a 1600x1000 window beside the sidebar and below the menu: what fit-to-view must show
+
+
+def fit_scale(width: float, height: float) -> float:
+    """The zoom at which a graph of this size fits ``WINDOW`` (at most 1, at least 0.4)."""
+    return round(max(0.4, min(1.0, WINDOW[0] / width, WINDOW[1] / height)), 3)
+
+
+def _bands(columns: list[tuple[int, int]]) -> list[int]:
+    """How many consecutive columns go in each band (bands stacked top to bottom): the split whose bounding box fits
+    ``WINDOW`` at the largest zoom; among equals the fewest bands. A wide graph so becomes taller."""
+    n, best = len(columns), None
+    for cuts in range(1 << max(0, n - 1)):
+        sizes, start = [], 0
+        for k in range(1, n + 1):
+            if k == n or cuts >> (k - 1) & 1:
+                sizes.append(k - start)
+                start = k
+        width, height, start = 0, -GROUP_GAP, 0
+        for size in sizes:
+            band = columns[start:start + size]
+            width = max(width, sum(w for w, _ in band) + GROUP_GAP * (size - 1))
+            height += max(h for _, h in band) + GROUP_GAP
+            start += size
+        key = (fit_scale(width, height), -len(sizes))
+        if best is None or key > best[0]:
+            best = (key, sizes)
+    return best[1] if best else []
 
 
 def workflow_id(title: str) -> str:
@@ -177,25 +210,30 @@ class Workflow:
                 x += width + GAP_X
                 height = max(height, y)
             boxes.append((g, x - GAP_X + PAD, height - GAP_Y + PAD, placed))
-        serialised, col_x = [], 0
-        for column in sorted({g["column"] for g in self.groups}):
-            in_col = [b for b in boxes if b[0]["column"] == column]
-            y = 0
-            for g, w, h, placed in in_col:
-                for i, dx, dy in placed:
-                    by_id[i]["pos"] = [col_x + dx, y + dy]
-                colour = GROUP_COLOURS[self.groups.index(g) % len(GROUP_COLOURS)]
-                serialised.append({"id": len(serialised) + 1, "title": g["title"], "bounding": [col_x, y, w, h],
-                                   "color": colour, "font_size": 24, "flags": {}})
-                y += h + GROUP_GAP
-            col_x += max(b[1] for b in in_col) + GROUP_GAP
+        columns = [[b for b in boxes if b[0]["column"] == c] for c in sorted({g["column"] for g in self.groups})]
+        sizes = [(max(b[1] for b in col), sum(b[2] for b in col) + GROUP_GAP * (len(col) - 1)) for col in columns]
+        serialised, band_y, start = [], 0, 0
+        for count in _bands(sizes):  # columns left to right along the data flow, in bands top to bottom
+            col_x = 0
+            for col, (width, _) in zip(columns[start:start + count], sizes[start:start + count]):
+                y = band_y
+                for g, w, h, placed in col:
+                    for i, dx, dy in placed:
+                        by_id[i]["pos"] = [col_x + dx, y + dy]
+                    colour = GROUP_COLOURS[self.groups.index(g) % len(GROUP_COLOURS)]
+                    serialised.append({"id": len(serialised) + 1, "title": g["title"], "bounding": [col_x, y, w, h],
+                                       "color": colour, "font_size": 24, "flags": {}})
+                    y += h + GROUP_GAP
+                col_x += width + GROUP_GAP
+            band_y += max(h for _, h in sizes[start:start + count]) + GROUP_GAP
+            start += count
         return serialised
 
     def to_json(self) -> dict:
         groups = self.layout()
         right = max(g["bounding"][0] + g["bounding"][2] for g in groups)
         bottom = max(g["bounding"][1] + g["bounding"][3] for g in groups)
-        scale = round(max(0.4, min(1.0, 1440 / right, 860 / bottom)), 3)  # the whole graph in a 1600x1000 window, beside the sidebar
+        scale = fit_scale(right, bottom)  # the whole graph in a 1600x1000 window, beside the sidebar
         return {
             "id": workflow_id(self.title), "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": groups, "config": {},

@@ -74,7 +74,10 @@ def test_compare_lines_are_checked_before_any_sampling(pack):
     assert parse_setting_line("uncached") == ("uncached", None)
     label, settings = parse_setting_line("custom warn=0.2 crit=0.4")
     assert label == "custom warn=0.2 crit=0.4" and settings.config.warn == 0.2 and settings.config.crit == 0.4
-    for line, message in (("custom warn=abc", "not a number"), ("slow speed=2", "unknown key"), ("turbo", "unknown preset"),
+    for line, message in (("custom warn=abc", r"warn='abc' in line 'custom warn=abc' is not a number; .* e\.g\. warn=0\.2 "),
+                          ("custom crit=0,5", r"crit='0,5' .* e\.g\. crit=0\.5 \(a whole line: 'custom warn=0\.2 crit=0\.5'\)"),
+                          ("custom warn 0.2", r"'warn' in line 'custom warn 0\.2' is not key=value .* e\.g\. 'custom warn=0\.2 crit=0\.5'"),
+                          ("slow speed=2", "unknown key"), ("turbo", "unknown preset"),
                           ("custom warn=0.5 crit=0.1", "below the early-warning")):
         with pytest.raises(XSlimSetupError, match=message):
             parse_setting_line(line)

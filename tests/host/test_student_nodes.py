@@ -229,7 +229,7 @@ def test_student_compare_warms_up_every_column_once_then_times_them_interleaved(
     calls = []  # which column ran, in order: the teacher's columns by their X-Slim mode, the student by name
     real_install, real_run_student = student_nodes.install, student_nodes.run_student
     monkeypatch.setattr(student_nodes, "install", lambda m, s: calls.append(s.config.mode) or real_install(m, s))
-    monkeypatch.setattr(student_nodes, "run_student", lambda m, *a: calls.append("student") or real_run_student(m, *a))
+    monkeypatch.setattr(student_nodes, "run_student", lambda m, *a, **k: calls.append("student") or real_run_student(m, *a, **k))
     real_load = student_nodes.load_untimed  # each column's model is loaded before its clock starts
     monkeypatch.setattr(student_nodes, "load_untimed", lambda m: calls.append("load") or real_load(m))
     latent = {"samples": torch.zeros(1, *DEMO_SHAPE)}
@@ -326,6 +326,20 @@ def fresh_demo_teacher(**model_options):
     import comfy.sd
 
     return comfy.sd.load_diffusion_model(os.path.join(WEIGHTS_DIR, "demo_teacher.safetensors"), model_options=model_options)
+
+
+@pytest.mark.bad_input("clear error")
+def test_an_empty_or_unknown_student_name_is_one_sentence_without_folder_paths(demo_teacher, students_dir, user_dir):
+    from comfyui_xslim.nodes.host import XSlimSetupError
+
+    for name, expected in [("", "no student is chosen (the name is empty); pick one from the list"),
+                           ("nobody.safetensors", "there is no student 'nobody.safetensors' in models/students and no "
+                                                  "1.x-Distill job of that name")]:
+        with pytest.raises(XSlimSetupError) as err:
+            load(demo_teacher, name)
+        message = str(err.value)
+        assert expected in message and message.count(". ") == 0 and message.endswith("."), message
+        assert str(students_dir) not in message and str(user_dir) not in message and WEIGHTS_DIR not in message
 
 
 @pytest.mark.bad_input("clear error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -278,6 +279,41 @@ def test_cancel_then_resume_ends_with_the_student_of_a_run_that_never_stopped(sr
     assert len(result["outputs"]["2"]["images"]) == 1 and len(result["outputs"]["3"]["images"]) == 1
 
 
+def student_prompt(source) -> dict:
+    """Load 1.x Student on the demo teacher, its student_name from ``source`` (a link or a value)."""
+    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": DEMO, "weight_dtype": "default"}},
+            "2": {"class_type": "XSlimStudentLoader", "inputs": {"model": ["1", 0], "student_name": source, "base_check": "strict"}},
+            "6": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}  # an output, so the loader runs
+
+
+def assert_no_path(message: str, srv) -> None:
+    assert srv.base not in message and not re.search(r"(?<![\w.])/\w", message), message  # no absolute path
+
+
+def test_job_status_returns_at_once_and_load_student_names_the_jobs_state(srv):
+    """Job Status without waiting returns while the job trains on; Load 1.x Student fed by it says, in one sentence
+    without folder paths, that the job is running, then that it was stopped and can be resumed."""
+    name = "tiny-not-waiting"
+    assert srv.run(train_prompt(name, iterations=100000))["status"]["status_str"] == "success"
+    wait_job(srv, name, lambda j: j["state"] == "running" and j["iteration"] >= 1, what="training")
+    prompt = {"3": {"class_type": "XSlimDistillJobStatus", "inputs": {"job": name, "wait_for_finish": False}},
+              "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
+              "5": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    result = srv.run(prompt)
+    assert result["status"]["status_str"] == "success", result["status"]
+    assert "".join(result["outputs"]["4"]["text"]) == name  # no student yet: the run name goes on
+    assert job(srv, name)["state"] == "running"  # the prompt came back while the job trains on
+    message = error_message(srv.run({**student_prompt(["3", 2]), "3": prompt["3"]}))
+    assert f"1.x-Distill job '{name}' is still training (iteration " in message and "of 100000)" in message, message
+    assert "queue again" in message and "pick another student" in message
+    assert_no_path(message, srv)
+    assert srv.request("POST", f"/xslim/jobs/{name}/cancel")[0] == 200
+    wait_job(srv, name, lambda j: j["state"] == "stopped", timeout=60, what="the stop")
+    message = error_message(srv.run({**student_prompt(["3", 2]), "3": prompt["3"]}))
+    assert f"1.x-Distill job '{name}' was stopped at iteration " in message and "Resume it in the 1.x-Distill jobs panel" in message
+    assert_no_path(message, srv)
+
+
 def test_a_killed_worker_becomes_a_failed_job_with_its_log_and_comfyui_keeps_serving(srv):
     name = "tiny-killed"
     assert srv.run(train_prompt(name, iterations=100000))["status"]["status_str"] == "success"
@@ -327,7 +363,12 @@ def test_bad_input_comes_back_as_a_clear_message_and_nothing_is_overwritten(srv)
     # a run name in use by a running job; then the same name with another base model
     assert srv.run(train_prompt("busy", iterations=100000))["status"]["status_str"] == "success"
     wait_job(srv, "busy", lambda j: j["state"] == "running", what="training")
-    assert "is used by a running job" in error_message(srv.run(train_prompt("busy", iterations=100000)))
+    # the same job queued again (the whole workflow, to sample once it is done): nothing new starts
+    pgid = json.load(open(os.path.join(srv.base, "user", "xslim", "distill", "busy", "heartbeat.json")))["pgid"]
+    assert srv.run(train_prompt("busy", iterations=100000))["status"]["status_str"] == "success"
+    assert job(srv, "busy")["state"] == "running"
+    assert json.load(open(os.path.join(srv.base, "user", "xslim", "distill", "busy", "heartbeat.json")))["pgid"] == pgid
+    assert "is used by a running job" in error_message(srv.run(train_prompt("busy", iterations=100000, seed=1)))
     assert srv.request("POST", "/xslim/jobs/busy/cancel", b"{}")[0] == 200
     wait_job(srv, "busy", lambda j: j["state"] == "stopped", timeout=60, what="the stop")
     # another base file of the same size: the prompt returns at once (it never hashes the file); the worker hashes
@@ -399,12 +440,20 @@ def test_a_restarted_comfyui_finds_its_jobs_and_resumes_an_interrupted_one(srv):
 
 
 def test_the_cpu_distill_workflow_trains_then_samples_the_student_next_to_the_teacher(srv):
-    """The shipped workflow, shortened (20 iterations): train, wait, load the exported student, sample both."""
+    """The shipped workflow, shortened (20 iterations): the first queue starts the job and returns (Job Status does
+    not wait; Load 1.x Student says the job is not done yet); once the job is done, the same workflow queued again
+    trains nothing more and samples the exported student next to the teacher."""
     stop_active_jobs(srv)  # exclusive mode waits for running jobs; this test measures its own run only
     prompt = ui_to_api(load_workflow("xslim_distill_demo_cpu.json"), srv.object_info)
+    status = next(p for p in prompt.values() if p["class_type"] == "XSlimDistillJobStatus")
+    assert status["inputs"]["wait_for_finish"] is False  # the shipped default keeps the queue free
     train = next(p for p in prompt.values() if p["class_type"] == "XSlimDistillTrain")
     train["inputs"].update(run_name="workflow-demo", iterations=20, batch_size=2, preview_every=10, checkpoint_every=10)
     next(p for p in prompt.values() if p["class_type"] == "KSampler")["inputs"]["steps"] = 10  # the teacher column
+    first = srv.run(prompt, timeout=300)
+    if first["status"]["status_str"] == "error":  # the job was not done when Load 1.x Student ran
+        assert "1.x-Distill job 'workflow-demo' is " in error_message(first)
+    wait_job(srv, "workflow-demo", lambda j: j["state"] == "done", what="the end")
     started = time.time()
     result = srv.run(prompt, timeout=300)
     assert result["status"]["status_str"] == "success", result["status"]
