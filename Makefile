@@ -59,12 +59,14 @@ demo: $(STAMP)
 
 test: check core-test host-test
 
-# The habits CI keeps: ruff (bug-finding rules, pyproject [tool.ruff]) over the repository, mypy over the engine and
-# trainer packages, and `pip install .` into a fresh environment (torch first: the host provides it).
+# The habits CI keeps: ruff (bug-finding rules, pyproject [tool.ruff]) over the repository, ruff's formatter and mypy
+# over the engine and trainer packages (and the demo model, formatted too), and `pip install .` into a fresh environment (torch first: the host provides it).
+FORMATTED := xslim_core distill_core xslim_demo
 check: lint package-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check $(FORMATTED)
 	$(VENV)/bin/mypy -p xslim_core -p distill_core
 
 PACKAGE_VENV := out/package-check-venv

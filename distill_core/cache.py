@@ -120,7 +120,9 @@ def recording(blocks: list[PatchableBlock], cache: CacheRange):
 
 
 @contextmanager
-def replaying(blocks: list[PatchableBlock], cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None):
+def replaying(
+    blocks: list[PatchableBlock], cache: CacheRange, delta: dict[str, torch.Tensor], compensation: Compensation | None
+):
     """Skip the cached segment: its output is input + f(delta) (plain reuse when ``compensation`` is None)."""
     specs = _specs(blocks, cache)
     comp_img = compensation.img if compensation is not None else (lambda d: d)
@@ -130,7 +132,9 @@ def replaying(blocks: list[PatchableBlock], cache: CacheRange, delta: dict[str, 
         call = spec.bind(args, kwargs)
         d_txt = None if delta.get("txt") is None else comp_txt(delta["txt"])
         # a range that returned no text stream when recorded returns none when replayed
-        return call.pack(*replay_range((call.img, None if d_txt is None else call.txt), (comp_img(delta["img"]), d_txt)))
+        return call.pack(
+            *replay_range((call.img, None if d_txt is None else call.txt), (comp_img(delta["img"]), d_txt))
+        )
 
     def skipped(spec, inner, args, kwargs):
         call = spec.bind(args, kwargs)

@@ -35,22 +35,26 @@ class Conditioning:
         return self.context.shape[0]
 
     def rows(self, index) -> "Conditioning":
-        pick = (lambda t: None if t is None else t[index])
+        pick = lambda t: None if t is None else t[index]
         return Conditioning(self.context[index], pick(self.pooled), pick(self.mask))
 
     def to(self, device=None, dtype=None) -> "Conditioning":
-        move = (lambda t, d: None if t is None else t.to(device=device, dtype=d))
-        return Conditioning(self.context.to(device=device, dtype=dtype), move(self.pooled, dtype), move(self.mask, None))
+        move = lambda t, d: None if t is None else t.to(device=device, dtype=d)
+        return Conditioning(
+            self.context.to(device=device, dtype=dtype), move(self.pooled, dtype), move(self.mask, None)
+        )
 
     def expand(self, n: int) -> "Conditioning":
         """A one-row conditioning (e.g. the unconditional prompt) repeated ``n`` times."""
-        grow = (lambda t: None if t is None else t.expand(n, *t.shape[1:]))
+        grow = lambda t: None if t is None else t.expand(n, *t.shape[1:])
         return Conditioning(self.context.expand(n, *self.context.shape[1:]), grow(self.pooled), grow(self.mask))
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
-        join = (lambda ts: None if ts[0] is None else torch.cat(ts))
-        return Conditioning(torch.cat([p.context for p in parts]), join([p.pooled for p in parts]), join([p.mask for p in parts]))
+        join = lambda ts: None if ts[0] is None else torch.cat(ts)
+        return Conditioning(
+            torch.cat([p.context for p in parts]), join([p.pooled for p in parts]), join([p.mask for p in parts])
+        )
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.context": self.context}
@@ -72,8 +76,10 @@ class PromptSet:
         if len(uncond) != 1:
             raise ValueError(f"the unconditional prompt must be one row, got {len(uncond)}.")
         if uncond.context.shape[1:] != cond.context.shape[1:]:
-            raise ValueError(f"the unconditional prompt is encoded as {tuple(uncond.context.shape[1:])} but the prompts "
-                             f"as {tuple(cond.context.shape[1:])}; encode both with the same text encoder settings.")
+            raise ValueError(
+                f"the unconditional prompt is encoded as {tuple(uncond.context.shape[1:])} but the prompts "
+                f"as {tuple(cond.context.shape[1:])}; encode both with the same text encoder settings."
+            )
         self.prompts, self.cond, self.uncond, self.kind = list(prompts), cond, uncond, kind
 
     def __len__(self) -> int:
@@ -85,8 +91,10 @@ class PromptSet:
     @property
     def encoder_shape(self) -> dict:
         """What the model must accept: sequence width, pooled width (shapes checked against the model)."""
-        return {"context": list(self.cond.context.shape[1:]),
-                "pooled": None if self.cond.pooled is None else list(self.cond.pooled.shape[1:])}
+        return {
+            "context": list(self.cond.context.shape[1:]),
+            "pooled": None if self.cond.pooled is None else list(self.cond.pooled.shape[1:]),
+        }
 
     def content_hash(self) -> str:
         """Identifies the prompts and their encoding; a resume with a different set is refused."""
@@ -98,8 +106,16 @@ class PromptSet:
 
     def save(self, path: str) -> None:
         tensors = {**self.cond.tensors("cond"), **self.uncond.tensors("uncond")}
-        save_atomic(tensors, path, {"format": PROMPT_SET_FORMAT, "kind": self.kind, "prompts": json.dumps(self.prompts),
-                                    "hash": self.content_hash()})
+        save_atomic(
+            tensors,
+            path,
+            {
+                "format": PROMPT_SET_FORMAT,
+                "kind": self.kind,
+                "prompts": json.dumps(self.prompts),
+                "hash": self.content_hash(),
+            },
+        )
 
     @classmethod
     def load(cls, path: str) -> "PromptSet":
@@ -110,25 +126,35 @@ class PromptSet:
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{path} is not a readable prompt-set file ({err}).") from None
         if meta.get("format") != PROMPT_SET_FORMAT:
-            raise ValueError(f"{path} is not a prompt-set file (format {meta.get('format')!r}, expected {PROMPT_SET_FORMAT!r}).")
+            raise ValueError(
+                f"{path} is not a prompt-set file (format {meta.get('format')!r}, expected {PROMPT_SET_FORMAT!r})."
+            )
         if "cond.context" not in tensors or "uncond.context" not in tensors:
             raise ValueError(f"{path} lacks the encoded prompts (cond.context / uncond.context).")
 
         def part(prefix):
-            return Conditioning(tensors[f"{prefix}.context"], tensors.get(f"{prefix}.pooled"), tensors.get(f"{prefix}.mask"))
+            return Conditioning(
+                tensors[f"{prefix}.context"], tensors.get(f"{prefix}.pooled"), tensors.get(f"{prefix}.mask")
+            )
 
-        return cls(_prompt_list(path, meta.get("prompts", "[]")), part("cond"), part("uncond"), meta.get("kind", "text"))
+        return cls(
+            _prompt_list(path, meta.get("prompts", "[]")), part("cond"), part("uncond"), meta.get("kind", "text")
+        )
 
     def check_model(self, context_dim: int | None, pooled_dim: int | None, what: str) -> None:
         """Refuse a prompt set encoded for another text encoder before anything trains."""
         got_ctx = self.cond.context.shape[-1]
         got_pool = None if self.cond.pooled is None else self.cond.pooled.shape[-1]
         if context_dim is not None and got_ctx != context_dim:
-            raise ValueError(f"the prompt set was encoded {got_ctx} wide but {what} takes text conditioning {context_dim} "
-                             "wide: it was encoded by another text encoder; encode the prompt list again for this model.")
+            raise ValueError(
+                f"the prompt set was encoded {got_ctx} wide but {what} takes text conditioning {context_dim} "
+                "wide: it was encoded by another text encoder; encode the prompt list again for this model."
+            )
         if pooled_dim is not None and got_pool != pooled_dim:
-            raise ValueError(f"the prompt set's pooled vectors are {got_pool} wide but {what} takes {pooled_dim}: "
-                             "encode the prompt list again for this model.")
+            raise ValueError(
+                f"the prompt set's pooled vectors are {got_pool} wide but {what} takes {pooled_dim}: "
+                "encode the prompt list again for this model."
+            )
 
 
 def _prompt_list(path: str, raw: str) -> list[str]:
@@ -137,11 +163,15 @@ def _prompt_list(path: str, raw: str) -> list[str]:
     try:
         prompts = json.loads(raw)
     except (ValueError, RecursionError):
-        raise ValueError(f"{path}: its 'prompts' metadata is not JSON ({raw[:60]!r}); the file is damaged. Encode the "
-                         "prompt list again.") from None
+        raise ValueError(
+            f"{path}: its 'prompts' metadata is not JSON ({raw[:60]!r}); the file is damaged. Encode the "
+            "prompt list again."
+        ) from None
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{path}: its 'prompts' metadata must be a list of prompt texts, got {type(prompts).__name__} "
-                         f"{raw[:60]!r}; the file is damaged. Encode the prompt list again.")
+        raise ValueError(
+            f"{path}: its 'prompts' metadata must be a list of prompt texts, got {type(prompts).__name__} "
+            f"{raw[:60]!r}; the file is damaged. Encode the prompt list again."
+        )
     return prompts
 
 
@@ -150,13 +180,19 @@ def read_prompt_file(path: str) -> list[str]:
     with open(path, "rb") as f:
         raw = f.read(MAX_PROMPT_FILE_BYTES + 1)
     if len(raw) > MAX_PROMPT_FILE_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_PROMPT_FILE_BYTES // 2**20} MB; a prompt list is a text file with one prompt per line.")
+        raise ValueError(
+            f"{path} is larger than {MAX_PROMPT_FILE_BYTES // 2**20} MB; a prompt list is a text file with one prompt per line."
+        )
     if b"\x00" in raw:
-        raise ValueError(f"{path} is not a text file (it contains NUL bytes); give a UTF-8 text file with one prompt per line.")
+        raise ValueError(
+            f"{path} is not a text file (it contains NUL bytes); give a UTF-8 text file with one prompt per line."
+        )
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8, one prompt per line.") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8, one prompt per line."
+        ) from None
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts; write one prompt per line.")

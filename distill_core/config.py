@@ -15,17 +15,28 @@ from .stage2 import Stage2Config
 
 
 # field -> smallest accepted value (0 iterations: export the starting point; preview_every 0: no previews)
-MINIMUM = {"iterations": 0, "batch_size": 1, "checkpoint_every": 1, "preview_every": 0, "max_nonfinite": 1, "threads": 1}
+MINIMUM = {
+    "iterations": 0,
+    "batch_size": 1,
+    "checkpoint_every": 1,
+    "preview_every": 0,
+    "max_nonfinite": 1,
+    "threads": 1,
+}
 
 
 def _check_run_fields(cfg) -> None:
     for name, low in MINIMUM.items():
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"run config: {name} must be a whole number >= {low}, got {value!r} ({type(value).__name__}).")
+            raise ValueError(
+                f"run config: {name} must be a whole number >= {low}, got {value!r} ({type(value).__name__})."
+            )
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ValueError(f"run config: seed must be a whole number, got {cfg.seed!r}.")
-    if cfg.max_minutes is not None and not (isinstance(cfg.max_minutes, (int, float)) and not isinstance(cfg.max_minutes, bool) and cfg.max_minutes > 0):
+    if cfg.max_minutes is not None and not (
+        isinstance(cfg.max_minutes, (int, float)) and not isinstance(cfg.max_minutes, bool) and cfg.max_minutes > 0
+    ):
         raise ValueError(f"run config: max_minutes must be a number > 0 or null (no limit), got {cfg.max_minutes!r}.")
     for name in ("run_dir",):
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
@@ -38,7 +49,9 @@ def _check_rules(obj, rules: dict, prefix: str = "") -> None:
     for key, (accepted, ok) in rules.items():
         value = getattr(obj, key)
         if not ok(value):
-            raise ValueError(f"run config: {prefix}{key} must be {accepted}, got {value!r:.80} ({type(value).__name__}).")
+            raise ValueError(
+                f"run config: {prefix}{key} must be {accepted}, got {value!r:.80} ({type(value).__name__})."
+            )
 
 
 def _number(v) -> bool:
@@ -83,26 +96,43 @@ NON_NEGATIVE = ("a finite number >= 0", lambda v: _number(v) and v >= 0)
 BETA = ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
 COMMON_RULES = {
     "steps": (f"a whole number of student steps in 1..{GRID_SIZE}", lambda v: _whole(v) and 1 <= v <= GRID_SIZE),
-    "shift": POSITIVE, "lr_student": POSITIVE, "lr_comp": POSITIVE, "beta1": BETA, "beta2": BETA,
+    "shift": POSITIVE,
+    "lr_student": POSITIVE,
+    "lr_comp": POSITIVE,
+    "beta1": BETA,
+    "beta2": BETA,
     "weight_decay": NON_NEGATIVE,
 }
 STAGE1_RULES = {
-    **COMMON_RULES, "guidance_scale": NON_NEGATIVE,
-    "guidance_switch": ("a finite number >= 0 (CFG where sigma <= it; >= 1: everywhere)", lambda v: _number(v) and v >= 0),
+    **COMMON_RULES,
+    "guidance_scale": NON_NEGATIVE,
+    "guidance_switch": (
+        "a finite number >= 0 (CFG where sigma <= it; >= 1: everywhere)",
+        lambda v: _number(v) and v >= 0,
+    ),
     "importance_sampling": ("true or false", lambda v: isinstance(v, bool)),
-    "lr_fake": POSITIVE, "fake_updates": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
-    "clip_student": POSITIVE, "clip_fake": POSITIVE, "huber_c": POSITIVE,
-    "classes": ("null (all) or a non-empty list of class indices >= 0",
-                lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(c) and c >= 0 for c in v))),
+    "lr_fake": POSITIVE,
+    "fake_updates": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "clip_student": POSITIVE,
+    "clip_fake": POSITIVE,
+    "huber_c": POSITIVE,
+    "classes": (
+        "null (all) or a non-empty list of class indices >= 0",
+        lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(c) and c >= 0 for c in v)),
+    ),
 }
 STAGE2_RULES = {
-    **COMMON_RULES, "lr_disc": POSITIVE, "clip": POSITIVE,
+    **COMMON_RULES,
+    "lr_disc": POSITIVE,
+    "clip": POSITIVE,
     "disc_warmup": ("a whole number of iterations >= 0", lambda v: _whole(v) and v >= 0),
     "comp_warmup": ("a whole number of iterations >= 0", lambda v: _whole(v) and v >= 0),
     "g_every": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
     "real_label": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
-    "disc_blocks": ("a non-empty list of block indices >= 0",
-                    lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(b) and b >= 0 for b in v)),
+    "disc_blocks": (
+        "a non-empty list of block indices >= 0",
+        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(b) and b >= 0 for b in v),
+    ),
     "disc_sigma_max": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
     "output_weight": NON_NEGATIVE,
 }
@@ -115,10 +145,14 @@ def stage_settings(name: str, value, cls, rules: dict):
     if isinstance(value, dict):
         unknown = sorted(set(value) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"run config: unknown {name} setting(s) {unknown}; {name} takes {sorted(f.name for f in fields(cls))}.")
+            raise ValueError(
+                f"run config: unknown {name} setting(s) {unknown}; {name} takes {sorted(f.name for f in fields(cls))}."
+            )
         value = cls(**value)
     if not isinstance(value, cls):
-        raise ValueError(f"run config: {name} must be a dict of {name} settings, got {value!r:.80} ({type(value).__name__}).")
+        raise ValueError(
+            f"run config: {name} must be a dict of {name} settings, got {value!r:.80} ({type(value).__name__})."
+        )
     _check_rules(value, rules, f"{name}.")
     _check_cache_pair(name, value.cache_first, value.cache_last)
     return value
@@ -128,8 +162,10 @@ def _check_cache_pair(name: str, first, last) -> None:
     if first is None and last is None:
         return
     if not (_whole(first) and _whole(last) and 0 <= first <= last):
-        raise ValueError(f"run config: {name}.cache_first and {name}.cache_last must both be null (no cached blocks) or "
-                         f"block indices with 0 <= cache_first <= cache_last; got {first!r} and {last!r}.")
+        raise ValueError(
+            f"run config: {name}.cache_first and {name}.cache_last must both be null (no cached blocks) or "
+            f"block indices with 0 <= cache_first <= cache_last; got {first!r} and {last!r}."
+        )
 
 
 @dataclass
@@ -146,8 +182,12 @@ class RunConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimiser states stay fp32)
     gradient_checkpointing: bool = False  # recompute each block's activations in backward (nets.checkpoint_blocks)
     offload_optimizer: bool = False  # AdamW moments and fp32 master weights in CPU memory (updates.OffloadedAdamW)
-    parallel: str = "ddp"  # under torchrun: "ddp" (each rank holds the whole base) or "fsdp" (FSDP2: the LoRA base sharded)
-    memory_budget_gib: float | None = None  # memory per process the planner checks the run against (None: the GPU's own)
+    parallel: str = (
+        "ddp"  # under torchrun: "ddp" (each rank holds the whole base) or "fsdp" (FSDP2: the LoRA base sharded)
+    )
+    memory_budget_gib: float | None = (
+        None  # memory per process the planner checks the run against (None: the GPU's own)
+    )
     init_student: str | None = None  # stage2: the Stage-I 2-step student file; stage1: optional starting student
     init_fake: str | None = None  # stage1: optional training state (state.safetensors) whose fake score to start from
     reference: str | None = None  # stage2: the 4-step Stage-I student that makes the reference images
@@ -165,19 +205,29 @@ class RunConfig:
     def __post_init__(self):
         _check_run_fields(self)
         if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
-            raise ValueError(f"run config: lora_rank must be a whole number >= 1 for LoRA, or 0 for full copies; got {self.lora_rank!r}.")
+            raise ValueError(
+                f"run config: lora_rank must be a whole number >= 1 for LoRA, or 0 for full copies; got {self.lora_rank!r}."
+            )
         if not isinstance(self.teacher_loader, str) or ":" not in self.teacher_loader:
-            raise ValueError(f"run config: teacher_loader must name 'package.module:function', got {self.teacher_loader!r}.")
+            raise ValueError(
+                f"run config: teacher_loader must name 'package.module:function', got {self.teacher_loader!r}."
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"run config: precision must be 'fp32' or 'bf16', got {self.precision!r}.")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"run config: parallel must be 'ddp' or 'fsdp', got {self.parallel!r}.")
         if self.parallel == "fsdp" and self.lora_rank == 0:
-            raise ValueError("run config: parallel 'fsdp' shards the one shared base of the LoRA layout; set lora_rank >= 1 "
-                             "(full copies train with parallel 'ddp').")
+            raise ValueError(
+                "run config: parallel 'fsdp' shards the one shared base of the LoRA layout; set lora_rank >= 1 "
+                "(full copies train with parallel 'ddp')."
+            )
         budget = self.memory_budget_gib
-        if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0):
-            raise ValueError(f"run config: memory_budget_gib must be a number > 0 or null (the GPU's own memory), got {budget!r}.")
+        if budget is not None and not (
+            isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0
+        ):
+            raise ValueError(
+                f"run config: memory_budget_gib must be a number > 0 or null (the GPU's own memory), got {budget!r}."
+            )
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
         self.stage1 = stage_settings("stage1", self.stage1, Stage1Config, STAGE1_RULES)
@@ -185,7 +235,9 @@ class RunConfig:
             self.stage2 = {**self.stage2, "disc_blocks": tuple(self.stage2["disc_blocks"])}
         self.stage2 = stage_settings("stage2", self.stage2, Stage2Config, STAGE2_RULES)
         if self.stage == "stage2" and not (self.init_student and self.reference):
-            raise ValueError("stage2 needs init_student (the Stage-I student) and reference (the 4-step Stage-I student)")
+            raise ValueError(
+                "stage2 needs init_student (the Stage-I student) and reference (the 4-step Stage-I student)"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":

@@ -34,12 +34,16 @@ class TeacherFeatures(nn.Module):
         self.teacher, self.blocks, self.sigma_max = teacher, tuple(blocks), sigma_max
         total = len(blocks_of(teacher))
         if not self.blocks or any(not 0 <= i < total for i in self.blocks):
-            raise ValueError(f"discriminator blocks {list(self.blocks)} must lie in the model's {total} blocks (0..{total - 1}).")
+            raise ValueError(
+                f"discriminator blocks {list(self.blocks)} must lie in the model's {total} blocks (0..{total - 1})."
+            )
         self.widths = [teacher.width] * len(self.blocks)
 
     def features(self, latents: torch.Tensor, cond, gen: torch.Generator) -> list[torch.Tensor]:
         sigma = (torch.rand(len(latents), generator=gen) * self.sigma_max).to(latents.device)
-        noisy = renoise(latents, torch.zeros_like(sigma), sigma, torch.randn(latents.shape, generator=gen).to(latents.device))
+        noisy = renoise(
+            latents, torch.zeros_like(sigma), sigma, torch.randn(latents.shape, generator=gen).to(latents.device)
+        )
         found: list[torch.Tensor] = []
         specs = blocks_of(self.teacher)
 
@@ -83,4 +87,6 @@ class Discriminator(nn.Module):
 
 
 def multilevel_bce(logits: list[torch.Tensor], target: float) -> torch.Tensor:
-    return cast(torch.Tensor, sum(F.binary_cross_entropy_with_logits(level, torch.full_like(level, target)) for level in logits))
+    return cast(
+        torch.Tensor, sum(F.binary_cross_entropy_with_logits(level, torch.full_like(level, target)) for level in logits)
+    )

@@ -28,8 +28,9 @@ def importance_weights(size: int = GRID_SIZE, smooth_std: float = 100.0, floor: 
     return smoothed.exp().clamp_min(floor)
 
 
-def sample_in_windows(windows: torch.Tensor, indices: list[int], weights: torch.Tensor | None,
-                      generator: torch.Generator) -> torch.Tensor:
+def sample_in_windows(
+    windows: torch.Tensor, indices: list[int], weights: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
     """One teacher index per sample inside its window k (uniform when ``weights`` is None)."""
     out = torch.empty(len(windows), dtype=torch.long)
     for i, k in enumerate(windows.tolist()):

@@ -39,7 +39,12 @@ from xslim_core.files import atomic_path
 
 JOB, FINGERPRINT, LOCK, HEARTBEAT = "job.json", "fingerprint.json", "lock", "heartbeat.json"
 METRICS, STOP, STATUS, LOG = "metrics.jsonl", "stop", "status.json", "worker.log"
-PREVIEWS, STUDENT, STATE, CONDITIONING = "previews", "student.safetensors", "state.safetensors", "conditioning.safetensors"
+PREVIEWS, STUDENT, STATE, CONDITIONING = (
+    "previews",
+    "student.safetensors",
+    "state.safetensors",
+    "conditioning.safetensors",
+)
 EXPORT = "export.json"
 JOB_FORMAT = "xslim-distill-job/1"
 
@@ -66,8 +71,18 @@ HEARTBEAT_EVERY_S = 2.0
 STALE_AFTER_S = 30.0
 # Settings a resumed run may change: how long it trains and how often it reports. Everything else shapes the
 # result, so changing it would silently mix two different trainings in one checkpoint.
-RESUMABLE = ("iterations", "max_minutes", "threads", "checkpoint_every", "preview_every", "run_dir", "device", "parallel",
-             "memory_budget_gib", "offload_optimizer")  # placement and budget: a run may resume elsewhere
+RESUMABLE = (
+    "iterations",
+    "max_minutes",
+    "threads",
+    "checkpoint_every",
+    "preview_every",
+    "run_dir",
+    "device",
+    "parallel",
+    "memory_budget_gib",
+    "offload_optimizer",
+)  # placement and budget: a run may resume elsewhere
 
 
 def write_json(path: str, data: dict) -> None:
@@ -166,13 +181,25 @@ class JobSpec(RunFile):
 
     @classmethod
     def from_json(cls, data: dict) -> "JobSpec":
-        return cls(config=mapping(data.get("config")), base=mapping(data.get("base")), gpu=mapping(data.get("gpu")),
-                   export=mapping(data.get("export")), created=_number(data.get("created")),
-                   bootstrap=data.get("bootstrap") or None, format=data["format"] if isinstance(data.get("format"), str) else "")
+        return cls(
+            config=mapping(data.get("config")),
+            base=mapping(data.get("base")),
+            gpu=mapping(data.get("gpu")),
+            export=mapping(data.get("export")),
+            created=_number(data.get("created")),
+            bootstrap=data.get("bootstrap") or None,
+            format=data["format"] if isinstance(data.get("format"), str) else "",
+        )
 
     def to_json(self) -> dict:
-        data = {"format": self.format, "config": self.config, "base": self.base, "gpu": self.gpu, "export": self.export,
-                "created": self.created}
+        data = {
+            "format": self.format,
+            "config": self.config,
+            "base": self.base,
+            "gpu": self.gpu,
+            "export": self.export,
+            "created": self.created,
+        }
         return {**data, "bootstrap": self.bootstrap} if self.bootstrap else data
 
 
@@ -197,12 +224,23 @@ class Status(RunFile):
         if data.get("state") not in FINAL_STATES:
             return None
         message, student = data.get("message", ""), data.get("student")
-        return cls(state=data["state"], iteration=count(data.get("iteration")), message=message if isinstance(message, str) else "",
-                   student=student if isinstance(student, str) else None, time=_number(data.get("time")))
+        return cls(
+            state=data["state"],
+            iteration=count(data.get("iteration")),
+            message=message if isinstance(message, str) else "",
+            student=student if isinstance(student, str) else None,
+            time=_number(data.get("time")),
+        )
 
     def to_json(self) -> dict:
         data = {"state": self.state, "iteration": self.iteration, "message": self.message, "student": self.student}
-        extra = {"crashed": self.crashed, "exit_code": self.exit_code, "error": self.error, "time": self.time, "pid": self.pid}
+        extra = {
+            "crashed": self.crashed,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "time": self.time,
+            "pid": self.pid,
+        }
         return {**data, **{k: v for k, v in extra.items() if v is not None}}
 
 
@@ -221,9 +259,15 @@ class Beat(RunFile):
 
     @classmethod
     def from_json(cls, data: dict) -> "Beat":
-        return cls(pid=count(data.get("pid")), pgid=count(data.get("pgid")), started=_number(data.get("started")),
-                   iteration=count(data.get("iteration")), iterations=count(data.get("iterations")),
-                   phase=data.get("phase", "loading"), time=_number(data.get("time")))
+        return cls(
+            pid=count(data.get("pid")),
+            pgid=count(data.get("pgid")),
+            started=_number(data.get("started")),
+            iteration=count(data.get("iteration")),
+            iterations=count(data.get("iterations")),
+            phase=data.get("phase", "loading"),
+            time=_number(data.get("time")),
+        )
 
     def to_json(self) -> dict:
         return {**asdict(self), "time": time.time()}  # the time of writing: what a watcher's age is measured from
@@ -245,9 +289,15 @@ class ExportRecord(RunFile):
     @classmethod
     def from_json(cls, data: dict) -> "ExportRecord":
         student = data.get("student")
-        return cls(student=student if isinstance(student, str) else None, path=data.get("path"), size=data.get("size"),
-                   mtime_ns=data.get("mtime_ns"), iteration=data.get("iteration"), note=data.get("note", ""),
-                   time=_number(data.get("time")))
+        return cls(
+            student=student if isinstance(student, str) else None,
+            path=data.get("path"),
+            size=data.get("size"),
+            mtime_ns=data.get("mtime_ns"),
+            iteration=data.get("iteration"),
+            note=data.get("note", ""),
+            time=_number(data.get("time")),
+        )
 
     def names(self, target: str) -> bool:
         """Whether ``target`` is still the very file this record made (same path, size and modification time)."""
@@ -266,8 +316,14 @@ def stale_temporaries(run_dir: str) -> list[str]:
         names = os.listdir(run_dir)
     except OSError:
         return []
-    return [os.path.join(run_dir, n) for n in names if n.startswith(prefixes) and n.endswith(".tmp")
-            and os.path.isfile(os.path.join(run_dir, n)) and not os.path.islink(os.path.join(run_dir, n))]
+    return [
+        os.path.join(run_dir, n)
+        for n in names
+        if n.startswith(prefixes)
+        and n.endswith(".tmp")
+        and os.path.isfile(os.path.join(run_dir, n))
+        and not os.path.islink(os.path.join(run_dir, n))
+    ]
 
 
 def safetensors_entries(path: str, limit: int = 64 << 20) -> tuple[dict, dict]:
@@ -407,16 +463,22 @@ def content_hash(path: str) -> str:
 # submitter records the base file's size (hashing a 16 GB file would block its prompt) and leaves the hash to the
 # worker, and runs started before an identity existed have none.
 BASE_KEYS = ("name", "hash", "size", "prompts", "prompt_list", "text_encoder")
-PROMPT_IDENTITIES = (("prompt_list", "the prompt list changed"),
-                     ("text_encoder", "another text encoder (clip input) encodes them"))
+PROMPT_IDENTITIES = (
+    ("prompt_list", "the prompt list changed"),
+    ("text_encoder", "another text encoder (clip input) encodes them"),
+)
 
 
 def fingerprint(config: dict, base: dict) -> dict:
     """The parts of a run that shape its result: the base model (name, content hash or size), the prompts'
     identities (``BASE_KEYS``) and every setting but the resumable ones."""
-    inactive = {"stage1": "stage2", "stage2": "stage1"}.get(str(config.get("stage")))  # the other stage's settings do nothing
-    return {"base": {k: base.get(k) for k in BASE_KEYS},
-            "config": {k: v for k, v in config.items() if k not in RESUMABLE and k != inactive}}
+    inactive = {"stage1": "stage2", "stage2": "stage1"}.get(
+        str(config.get("stage"))
+    )  # the other stage's settings do nothing
+    return {
+        "base": {k: base.get(k) for k in BASE_KEYS},
+        "config": {k: v for k, v in config.items() if k not in RESUMABLE and k != inactive},
+    }
 
 
 def _flatten(value, prefix=""):
@@ -443,9 +505,12 @@ def check_resume(run_dir: str, config: dict, base: dict, write: bool) -> None:
     if old is not None:
         changes = fingerprint_changes(old, new)
         if changes:
-            raise ResumeRefused("resume refused: this run was started with a different configuration, so its checkpoint "
-                                "cannot continue with this one. Changed: " + "; ".join(changes)
-                                + ". Start a new run (another run name or folder) to train with the new configuration.")
+            raise ResumeRefused(
+                "resume refused: this run was started with a different configuration, so its checkpoint "
+                "cannot continue with this one. Changed: "
+                + "; ".join(changes)
+                + ". Start a new run (another run name or folder) to train with the new configuration."
+            )
     if write and not os.path.exists(path):
         write_json(path, new)
 
@@ -457,7 +522,10 @@ def _fingerprint_from_state(state_path: str, new: dict) -> dict | None:
         config = json.loads(meta["config"])
     except (ValueError, KeyError):
         return None
-    return {"base": {"name": None, "hash": meta.get("base_hash", new["base"]["hash"])}, "config": fingerprint(config, new["base"])["config"]}
+    return {
+        "base": {"name": None, "hash": meta.get("base_hash", new["base"]["hash"])},
+        "config": fingerprint(config, new["base"])["config"],
+    }
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
@@ -483,7 +551,9 @@ def _base_changes(ob: dict, nb: dict) -> list[str]:
         if ob.get(key) and nb.get(key) and ob[key] != nb[key]:
             changes.append(f"prompts: {what} (hash {ob[key]} -> {nb[key]})")
     if ob.get("prompts") and nb.get("prompts") and ob["prompts"] != nb["prompts"]:  # the encoded file's
-        changes.append(f"prompt set: hash {ob['prompts']} -> {nb['prompts']} (other prompts, or encoded by another text encoder)")
+        changes.append(
+            f"prompt set: hash {ob['prompts']} -> {nb['prompts']} (other prompts, or encoded by another text encoder)"
+        )
     return changes
 
 
@@ -635,8 +705,11 @@ def latest_preview(run_dir: str) -> str | None:
         entries = list(os.scandir(folder))
     except OSError:
         return None
-    found = [(int(e.name[:-4]), e.path) for e in entries
-             if e.name.endswith(".png") and e.name[:-4].isdigit() and e.is_file(follow_symlinks=False)]
+    found = [
+        (int(e.name[:-4]), e.path)
+        for e in entries
+        if e.name.endswith(".png") and e.name[:-4].isdigit() and e.is_file(follow_symlinks=False)
+    ]
     return max(found)[1] if found else None
 
 

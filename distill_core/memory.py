@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from xslim_core.families import family_spec, trainable_families
 
-GIB = 1024 ** 3
-MIB = 1024 ** 2
+GIB = 1024**3
+MIB = 1024**2
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Under bf16/fp16 autocast norms/softmax statistics stay fp32 and linear inputs are saved in the low dtype:
 # about 20% of the saved elements are fp32 (not measured here: the CPU benchmark runs fp32).
@@ -81,13 +81,23 @@ class Family:
 
 def _planner_family(spec) -> Family:
     """The planner's view of a registered family (``xslim_core.families``: geometry and coefficients live there)."""
-    return Family(spec.id, spec.latent.downscale, spec.latent.patch, temporal_downscale=spec.latent.temporal_downscale,
-                  text_tokens=spec.text_tokens, double=spec.activations.double, single=spec.activations.single,
-                  outside=spec.activations.outside, dual_extra=spec.activations.dual_extra)
+    return Family(
+        spec.id,
+        spec.latent.downscale,
+        spec.latent.patch,
+        temporal_downscale=spec.latent.temporal_downscale,
+        text_tokens=spec.text_tokens,
+        double=spec.activations.double,
+        single=spec.activations.single,
+        outside=spec.activations.outside,
+        dual_extra=spec.activations.dual_extra,
+    )
 
 
 FAMILIES = {spec.id: _planner_family(spec) for spec in trainable_families()}
-FAMILIES.update({alias: replace(FAMILIES[spec.id], name=alias) for spec in trainable_families() for alias in spec.aliases})
+FAMILIES.update(
+    {alias: replace(FAMILIES[spec.id], name=alias) for spec in trainable_families() for alias in spec.aliases}
+)
 FAMILIES["demo"] = replace(FAMILIES["hunyuan_video"], name="demo", latent_downscale=4, patch=1, text_tokens=4)
 
 
@@ -131,13 +141,22 @@ class Architecture:
 
 # Published architectures (diffusers configs; sources in docs/MEMORY.md).
 MODELS = {
-    "sd3.5-medium": Architecture("sd3.5", 1536, 24, 24, dual_attention_blocks=13, params=2_470_000_000,
-                                 note="24 joint blocks (13 with dual attention), 24x64 heads"),
+    "sd3.5-medium": Architecture(
+        "sd3.5",
+        1536,
+        24,
+        24,
+        dual_attention_blocks=13,
+        params=2_470_000_000,
+        note="24 joint blocks (13 with dual attention), 24x64 heads",
+    ),
     "sd3.5-large": Architecture("sd3.5", 2432, 38, 38, params=8_060_000_000, note="38 joint blocks, 38x64 heads"),
-    "flux.1-dev": Architecture("flux", 3072, 24, 19, 38, params=11_900_000_000,
-                               note="19 double + 38 single blocks, 24x128 heads"),
-    "hunyuan-video": Architecture("hunyuan_video", 3072, 24, 20, 40, params=12_820_000_000,
-                                  note="20 double + 40 single blocks, 24x128 heads"),
+    "flux.1-dev": Architecture(
+        "flux", 3072, 24, 19, 38, params=11_900_000_000, note="19 double + 38 single blocks, 24x128 heads"
+    ),
+    "hunyuan-video": Architecture(
+        "hunyuan_video", 3072, 24, 20, 40, params=12_820_000_000, note="20 double + 40 single blocks, 24x128 heads"
+    ),
     "demo": Architecture("demo", 128, 1, 4, 8, params=5_102_864, note="the shipped demo teacher"),
 }
 
@@ -166,8 +185,13 @@ class Setup:
         a = self.arch
         if a.family not in FAMILIES:
             raise ValueError(f"unknown family {a.family!r}; supported: {', '.join(sorted(FAMILIES))}")
-        for name, v in (("width", a.width), ("heads", a.heads), ("batch", self.batch), ("frames", self.frames),
-                        ("gpus", self.gpus)):
+        for name, v in (
+            ("width", a.width),
+            ("heads", a.heads),
+            ("batch", self.batch),
+            ("frames", self.frames),
+            ("gpus", self.gpus),
+        ):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if a.double_blocks < 0 or a.single_blocks < 0 or a.blocks == 0:
@@ -235,8 +259,11 @@ def _activation_elems(s: Setup, rows: int, grad: bool) -> dict:
         # a no-grad forward holds the residual streams plus one block's temporaries (FF hidden in and out)
         return {"nograd": rows * t_all * d * (2 + 3 * a.mlp_ratio)}
     r = s.lora_rank if s.mode == "lora" else 0
-    lora = r * (f.mlp_targets_double * t_all * a.double_blocks + f.mlp_targets_single * t_all * a.single_blocks
-                + 4 * t_img * a.dual_attention_blocks)
+    lora = r * (
+        f.mlp_targets_double * t_all * a.double_blocks
+        + f.mlp_targets_single * t_all * a.single_blocks
+        + 4 * t_img * a.dual_attention_blocks
+    )
     per_block = [f.double[k] * t_all * d] * a.double_blocks + [f.single[k] * t_all * d] * a.single_blocks
     dual = f.dual_extra[k] * t_img * d * a.dual_attention_blocks
     outside = f.outside[k] * t_all * d
@@ -258,7 +285,7 @@ def predict(s: Setup) -> Prediction:
     wb = DTYPE_BYTES[s.dtype]
     ab = 4 if s.dtype == "fp32" else 2 * AUTOCAST_ACT_FACTOR
     shard = s.gpus if s.sharding == "fsdp" else 1
-    comp = s.compensation_streams * (4 * a.width ** 2 + 7 * a.width)  # DeltaMLP: LN + d->2d->d
+    comp = s.compensation_streams * (4 * a.width**2 + 7 * a.width)  # DeltaMLP: LN + d->2d->d
     if s.mode == "full":
         frozen = p * wb  # the teacher
         trainable_one = p  # student and fake score are full copies, fp32 master weights
@@ -323,11 +350,18 @@ def _candidates(s: Setup, allow_lora: bool, lora_rank: int, allow_offload: bool 
     for batch in batches:
         for mode in modes:
             rank = lora_rank if mode == "lora" and s.mode == "full" else s.lora_rank
-            for offload in ((False, True) if allow_offload else (s.offload_optimizer,)):
+            for offload in (False, True) if allow_offload else (s.offload_optimizer,):
                 for ckpt in (False, True):
-                    for sharding in (["ddp", "fsdp"] if multi else ["none"]):
-                        yield replace(base, batch=batch, mode=mode, lora_rank=rank, offload_optimizer=offload,
-                                      checkpointing=ckpt or s.checkpointing, sharding=sharding)
+                    for sharding in ["ddp", "fsdp"] if multi else ["none"]:
+                        yield replace(
+                            base,
+                            batch=batch,
+                            mode=mode,
+                            lora_rank=rank,
+                            offload_optimizer=offload,
+                            checkpointing=ckpt or s.checkpointing,
+                            sharding=sharding,
+                        )
 
 
 def plan(s: Setup, budget_gib: float, allow_lora: bool = True, lora_rank: int = 64, allow_offload: bool = True) -> Plan:
@@ -352,8 +386,10 @@ def plan(s: Setup, budget_gib: float, allow_lora: bool = True, lora_rank: int = 
 def _refusal(best: Prediction, budget_gib: float) -> str:
     """Why nothing fits, and the smallest single change that would (more GPUs, less resolution, more memory)."""
     s = best.setup
-    msg = (f"does not fit {budget_text(budget_gib)} {per(s.device)}: the smallest setting ({best.summary()}) needs "
-           f"{size(best.reserved)} [{best.parts_text()}].")
+    msg = (
+        f"does not fit {budget_text(budget_gib)} {per(s.device)}: the smallest setting ({best.summary()}) needs "
+        f"{size(best.reserved)} [{best.parts_text()}]."
+    )
     changes = []
     for n in (2, 4, 8, 16, 32, 64):  # FSDP over more GPUs shards the weights and states
         if n > s.gpus and predict(replace(s, gpus=n, sharding="fsdp")).reserved <= budget_gib * GIB:
@@ -382,8 +418,13 @@ def _refusal(best: Prediction, budget_gib: float) -> str:
             if len(changes):
                 break
     changes.append(more_memory(best))
-    return msg + " Smallest change that fits: " + changes[0] + (
-        f" (or: {'; '.join(changes[1:])})" if len(changes) > 1 else "") + "."
+    return (
+        msg
+        + " Smallest change that fits: "
+        + changes[0]
+        + (f" (or: {'; '.join(changes[1:])})" if len(changes) > 1 else "")
+        + "."
+    )
 
 
 def more_memory(p: Prediction) -> str:
@@ -411,9 +452,15 @@ def setup_from_params(family: str, params: int, **kw) -> Setup:
         raise ValueError(f"family {family!r} names no published architecture to scale from")
     ref = MODELS[reference]
     scale = params / ref.total_params
-    arch = replace(ref, family=family, double_blocks=max(1, round(ref.double_blocks * scale)),
-                   single_blocks=round(ref.single_blocks * scale), dual_attention_blocks=0, params=params,
-                   note=f"{ref.note}, depth scaled x{scale:.2f} to {params / 1e9:.2f}B parameters")
+    arch = replace(
+        ref,
+        family=family,
+        double_blocks=max(1, round(ref.double_blocks * scale)),
+        single_blocks=round(ref.single_blocks * scale),
+        dual_attention_blocks=0,
+        params=params,
+        note=f"{ref.note}, depth scaled x{scale:.2f} to {params / 1e9:.2f}B parameters",
+    )
     return Setup(arch=arch, **kw)
 
 
@@ -433,8 +480,20 @@ def as_dict(p: Prediction) -> dict:
 # -- a run's setup, read before anything is loaded -------------------------------------------------------------
 # diffusers transformer classes -> planner family
 CLASS_FAMILIES = {name: spec.id for spec in trainable_families() for name in spec.model_classes}
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                     "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def safetensors_shapes(path: str, limit: int = 64 << 20) -> dict[str, tuple[str, list[int]]]:
@@ -450,7 +509,11 @@ def weights_params(path: str) -> tuple[int, str]:
     from their headers."""
     import os
 
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    )
     if not files:
         raise ValueError(f"{path} holds no .safetensors weights to plan from.")
     count, by_dtype = 0, {}  # type: tuple[int, dict[str, int]]
@@ -462,8 +525,9 @@ def weights_params(path: str) -> tuple[int, str]:
     return count, max(by_dtype, key=lambda dtype: by_dtype[dtype])
 
 
-def diffusers_run_setup(path: str, latent_shape, extra: dict | None = None, text_tokens: int | None = None,
-                        **kw) -> Setup:
+def diffusers_run_setup(
+    path: str, latent_shape, extra: dict | None = None, text_tokens: int | None = None, **kw
+) -> Setup:
     """The planner's Setup for a diffusers transformer folder (config.json + safetensors) trained on latents of
     ``latent_shape`` (one sample, as the run's ``teacher_options``): the architecture from its config, the
     parameter count from the safetensors headers, and a resolution giving exactly the model's image tokens.
@@ -475,14 +539,23 @@ def diffusers_run_setup(path: str, latent_shape, extra: dict | None = None, text
         config = json.load(f)
     family = CLASS_FAMILIES.get(str(config.get("_class_name")))
     if family is None:
-        raise ValueError(f"{path}: the planner knows no family for {config.get('_class_name')!r} "
-                         f"(it knows {', '.join(CLASS_FAMILIES)}).")
+        raise ValueError(
+            f"{path}: the planner knows no family for {config.get('_class_name')!r} "
+            f"(it knows {', '.join(CLASS_FAMILIES)})."
+        )
     params, _ = weights_params(path)
     dual = config.get("dual_attention_layers") or ()
-    arch = Architecture(family, int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
-                        int(config["num_attention_heads"]), int(config.get("num_layers", 0)),
-                        int(config.get("num_single_layers", 0) or 0), len(dual), float(config.get("mlp_ratio", 4.0)),
-                        params, note=os.path.basename(os.path.normpath(path)))
+    arch = Architecture(
+        family,
+        int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+        int(config["num_attention_heads"]),
+        int(config.get("num_layers", 0)),
+        int(config.get("num_single_layers", 0) or 0),
+        len(dual),
+        float(config.get("mlp_ratio", 4.0)),
+        params,
+        note=os.path.basename(os.path.normpath(path)),
+    )
     fam, shape, extra = FAMILIES[family], list(latent_shape), dict(extra or {})
     patch = int(config.get("patch_size", 1) or 1)
     frames = 1

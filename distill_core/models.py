@@ -24,8 +24,15 @@ class FlowModel(nn.Module):
     """A transformer as a velocity function. ``latent_shape`` is one sample's latent shape; ``extra`` holds
     per-family call settings (FLUX's token grid, embedded guidance)."""
 
-    def __init__(self, module: nn.Module, latent_shape: tuple, extra: dict | None = None, blocks: Callable | None = None,
-                 call: Callable | None = None, family: str | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        latent_shape: tuple,
+        extra: dict | None = None,
+        blocks: Callable | None = None,
+        call: Callable | None = None,
+        family: str | None = None,
+    ):
         super().__init__()
         self.module = module
         self.latent_shape = tuple(latent_shape)
@@ -73,8 +80,16 @@ class FlowModel(nn.Module):
         return FlowModel(module, self.latent_shape, self.extra, self._blocks, self._call, self.family)
 
 
-def guided_velocity(net: Callable, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, uncond: Conditioning,
-                    scale: float, switch: float, pad: bool = False) -> torch.Tensor:
+def guided_velocity(
+    net: Callable,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
+    scale: float,
+    switch: float,
+    pad: bool = False,
+) -> torch.Tensor:
     """CFG with ``scale`` where sigma <= ``switch``, the plain conditional velocity above it (guidance control).
 
     ``switch`` >= 1 applies CFG at every noise level (plain DMD). Only rows that need guidance pay for the
@@ -102,8 +117,15 @@ class Teacher:
     the base description written into student files (family, hash, signature, architecture) and an optional
     ``preview(latents) -> PIL image`` for progress pictures."""
 
-    def __init__(self, flow: FlowModel, prompts, base: dict, preview: Callable | None = None, class_table: dict | None = None,
-                 student_loader: Callable | None = None):
+    def __init__(
+        self,
+        flow: FlowModel,
+        prompts,
+        base: dict,
+        preview: Callable | None = None,
+        class_table: dict | None = None,
+        student_loader: Callable | None = None,
+    ):
         self.flow, self.prompts, self.base, self.preview, self.class_table = flow, prompts, base, preview, class_table
         self.student_loader = student_loader  # (path, base_hash=...) -> student.Student; None: the diffusers loader
 
@@ -119,11 +141,15 @@ def weights_hash(path: str) -> str:
         return content_hash(path)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
-        raise ValueError(f"{path} holds no .safetensors weights (only safetensors are read: a pickled file could run code).")
+        raise ValueError(
+            f"{path} holds no .safetensors weights (only safetensors are read: a pickled file could run code)."
+        )
     return hashlib.sha256("".join(content_hash(os.path.join(path, f)) for f in files).encode()).hexdigest()[:16]
 
 
-def load_diffusers_teacher(path: str, latent_shape: tuple, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> Teacher:
+def load_diffusers_teacher(
+    path: str, latent_shape: tuple, extra: dict | None = None, dtype: torch.dtype = torch.float32
+) -> Teacher:
     """A diffusers transformer saved with ``save_pretrained`` (config.json + safetensors; never a pickle)."""
     import json
     import os
@@ -132,16 +158,24 @@ def load_diffusers_teacher(path: str, latent_shape: tuple, extra: dict | None = 
 
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"{path} is not a diffusers model folder (no config.json); save the transformer with save_pretrained.")
+        raise ValueError(
+            f"{path} is not a diffusers model folder (no config.json); save the transformer with save_pretrained."
+        )
     with open(config_path) as f:
         config = json.load(f)
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if cls is None:
-        raise ValueError(f"{path}: config.json names the class {config.get('_class_name')!r}, which diffusers does not have.")
+        raise ValueError(
+            f"{path}: config.json names the class {config.get('_class_name')!r}, which diffusers does not have."
+        )
     module = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
     flow = FlowModel(module, latent_shape, extra)
-    base = {"family": flow.family, "hash": weights_hash(path), "architecture": json.dumps(dict(module.config)),
-            "name": os.path.basename(os.path.normpath(path))}
+    base = {
+        "family": flow.family,
+        "hash": weights_hash(path),
+        "architecture": json.dumps(dict(module.config)),
+        "name": os.path.basename(os.path.normpath(path)),
+    }
     return Teacher(flow, None, base)
 
 
@@ -153,5 +187,7 @@ def load_teacher_from(loader: str, path: str | None, options: dict) -> Teacher:
     try:
         fn = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"teacher loader {loader!r} cannot be imported ({err}); write it as 'package.module:function'.") from None
+        raise ValueError(
+            f"teacher loader {loader!r} cannot be imported ({err}); write it as 'package.module:function'."
+        ) from None
     return fn(path, **options)

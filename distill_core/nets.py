@@ -36,13 +36,17 @@ class SharedLora:
 
     def __init__(self, module: nn.Module, rank: int, alpha: float | None = None, targets: str = LORA_TARGETS):
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise ValueError(f"LoRA rank must be a whole number > 0, got {rank!r}; use lora_rank 0 for full trainable copies.")
+            raise ValueError(
+                f"LoRA rank must be a whole number > 0, got {rank!r}; use lora_rank 0 for full trainable copies."
+            )
         try:
             from peft import LoraConfig, inject_adapter_in_model
             from peft.tuners.tuners_utils import BaseTunerLayer
         except ImportError:
-            raise ImportError("LoRA training needs the peft package: pip install 'peft>=0.17' (in ComfyUI's Python), "
-                              "or use lora_rank 0 (full copies) for a small model.") from None
+            raise ImportError(
+                "LoRA training needs the peft package: pip install 'peft>=0.17' (in ComfyUI's Python), "
+                "or use lora_rank 0 (full copies) for a small model."
+            ) from None
 
         module.requires_grad_(False)
         # peft takes a float alpha too (its annotation says int)
@@ -55,8 +59,12 @@ class SharedLora:
         self.layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
         if not self.layers:
             raise ValueError(f"no layer of {type(module).__name__} matches the LoRA targets; nothing would train.")
-        self.params = {role: [p for n, p in module.named_parameters() if "lora_" in n and f".{role}." in n] for role in ROLES}
-        self.names = {role: [n for n, p in module.named_parameters() if "lora_" in n and f".{role}." in n] for role in ROLES}
+        self.params = {
+            role: [p for n, p in module.named_parameters() if "lora_" in n and f".{role}." in n] for role in ROLES
+        }
+        self.names = {
+            role: [n for n, p in module.named_parameters() if "lora_" in n and f".{role}." in n] for role in ROLES
+        }
         self.active: str | None = "unset"
 
     def _select(self, role: str | None) -> None:
@@ -89,8 +97,10 @@ class RoleState:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = sorted(set(self.named) - set(state)), sorted(set(state) - set(self.named))
         if missing or unexpected:
-            raise ValueError(f"the saved state does not fit this network: missing {missing[:3]}, unexpected {unexpected[:3]} "
-                             "(was it trained with another LoRA rank or model?)")
+            raise ValueError(
+                f"the saved state does not fit this network: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                "(was it trained with another LoRA rank or model?)"
+            )
         with torch.no_grad():
             for k, p in self.named.items():
                 p.copy_(state[k].to(p.dtype))

@@ -46,12 +46,16 @@ def pick_device(requested: str | None = None) -> torch.device:
         raise ValueError(f"device {requested!r} is not a torch device name (use 'cpu', 'cuda' or 'cuda:N')") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} was asked for but torch sees no CUDA device "
-                             f"(torch {torch.__version__}); use 'cpu'")
+            raise ValueError(
+                f"device {requested!r} was asked for but torch sees no CUDA device "
+                f"(torch {torch.__version__}); use 'cpu'"
+            )
         index = _local_rank() if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise ValueError(f"device cuda:{index} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
-                             " (under torchrun, --nproc_per_node must not exceed the GPUs on the node)")
+            raise ValueError(
+                f"device cuda:{index} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
+                " (under torchrun, --nproc_per_node must not exceed the GPUs on the node)"
+            )
         device = torch.device("cuda", index)
     return device
 
@@ -106,8 +110,10 @@ def init_distributed(device: str | None = None, timeout: timedelta = timedelta(m
         return Dist(0, 1, 0, chosen)
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing and not dist.is_initialized():
-        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with "
-                           "`torchrun --nproc_per_node N ...` (it sets all of them)")
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with "
+            "`torchrun --nproc_per_node N ...` (it sets all of them)"
+        )
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)  # NCCL binds each rank's communicator to the current device
@@ -181,8 +187,12 @@ class RoleStep(nn.Module):
         return self.loss_fn(*args, **kwargs)
 
 
-def wrap_role(loss_fn: Callable[..., torch.Tensor], params: Iterable[nn.Parameter], d: Placement,
-              find_unused_parameters: bool = True) -> nn.Module:
+def wrap_role(
+    loss_fn: Callable[..., torch.Tensor],
+    params: Iterable[nn.Parameter],
+    d: Placement,
+    find_unused_parameters: bool = True,
+) -> nn.Module:
     """``loss = step(batch...)`` for one role; gradients of ``params`` come out averaged over ranks.
 
     Single process: the RoleStep itself. Under torchrun: DDP over it (``device_ids`` only on CUDA; on CPU DDP
@@ -195,16 +205,19 @@ def wrap_role(loss_fn: Callable[..., torch.Tensor], params: Iterable[nn.Paramete
     """
     params = list(params)
     if not all(p.requires_grad for p in params):
-        raise ValueError("wrap_role: every parameter of a role must require grad when it is wrapped "
-                         "(DDP builds its reducer from them once)")
+        raise ValueError(
+            "wrap_role: every parameter of a role must require grad when it is wrapped "
+            "(DDP builds its reducer from them once)"
+        )
     step = RoleStep(loss_fn, params)
     if not d.distributed:
         return step
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # RoleStep registers no buffers: nothing to broadcast per forward (broadcast_buffers is moot)
-    return DDP(step, device_ids=[d.device] if d.device.type == "cuda" else None,
-               find_unused_parameters=find_unused_parameters)
+    return DDP(
+        step, device_ids=[d.device] if d.device.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+    )
 
 
 def keep_trainable(params: Iterable[nn.Parameter]):
@@ -234,14 +247,22 @@ def quiet_fsdp_view_warning() -> None:
 # DDP's reducer (C++, during backward: no Python warnings filter reaches it) warns once per process when
 # find_unused_parameters=True found no unused parameter in an iteration. It is on for a reason (``wrap_role``), so
 # a multi-process run explains the warning in its log before it can appear.
-DDP_UNUSED_NOTE = ("torch may warn once per process that 'find_unused_parameters=True was specified in DDP constructor, "
-                   "but did not find any unused parameters': expected here - a cached step can leave some blocks' "
-                   "adapters (or the compensation) without a gradient on one rank, so each role's DDP looks for unused "
-                   "parameters every iteration; the cost is one extra graph traversal per backward.")
+DDP_UNUSED_NOTE = (
+    "torch may warn once per process that 'find_unused_parameters=True was specified in DDP constructor, "
+    "but did not find any unused parameters': expected here - a cached step can leave some blocks' "
+    "adapters (or the compensation) without a gradient on one rank, so each role's DDP looks for unused "
+    "parameters every iteration; the cost is one extra graph traversal per backward."
+)
 
 
-def shard(model: nn.Module, blocks: Iterable[nn.Module], d: Placement, extra: Iterable[nn.Module] = (),
-          reshard_after_forward: bool = True, reshard_root_after_forward: bool | None = None) -> nn.Module:
+def shard(
+    model: nn.Module,
+    blocks: Iterable[nn.Module],
+    d: Placement,
+    extra: Iterable[nn.Module] = (),
+    reshard_after_forward: bool = True,
+    reshard_root_after_forward: bool | None = None,
+) -> nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, each module in ``extra`` (e.g. the compensation MLP, which
     lives outside the base but must still be averaged), then the root ``model`` (the rest: embeddings, norms,
     output projection). Each rank keeps 1/N of every parameter; a block is all-gathered just for its forward
@@ -279,8 +300,9 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
 # ----------------------------------------------------------------------------------------------- state
 
 
-def full_state_dict(model: nn.Module, d: Placement, trainable_only: bool = False,
-                    keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    model: nn.Module, d: Placement, trainable_only: bool = False, keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) state on CPU, on rank 0 (an empty dict elsewhere), with the model's own key
     names (no DDP ``module.`` prefix, no FSDP wrapping names). Under FSDP2 this is a collective: call it on
     every rank. ``trainable_only`` leaves the frozen base out *before* gathering (a checkpoint of adapters +

@@ -36,9 +36,11 @@ def pipeline_family(base: str, family: str | None = None) -> str:
     ``family`` must agree with it."""
     index_path = os.path.join(base, "model_index.json")
     if not os.path.isfile(index_path):
-        raise ValueError(f"{base} is not a diffusers pipeline folder (no model_index.json): give the folder of the whole "
-                         "pipeline, the one holding text_encoder/, tokenizer/ and transformer/ (e.g. a download of "
-                         "black-forest-labs/FLUX.1-dev), not the transformer folder alone.")
+        raise ValueError(
+            f"{base} is not a diffusers pipeline folder (no model_index.json): give the folder of the whole "
+            "pipeline, the one holding text_encoder/, tokenizer/ and transformer/ (e.g. a download of "
+            "black-forest-labs/FLUX.1-dev), not the transformer folder alone."
+        )
     with open(index_path, encoding="utf-8") as f:
         try:
             index = json.load(f)
@@ -48,15 +50,21 @@ def pipeline_family(base: str, family: str | None = None) -> str:
     transformer_class = str(entry[1]) if isinstance(entry, list) and len(entry) == 2 else None
     found = family_of_class(transformer_class) if transformer_class else None
     if found is None and family is None:
-        raise ValueError(f"{index_path} names no transformer of a known family ({entry!r}); give --family, one of "
-                         f"{', '.join(text_families())}.")
+        raise ValueError(
+            f"{index_path} names no transformer of a known family ({entry!r}); give --family, one of "
+            f"{', '.join(text_families())}."
+        )
     if found is not None and family is not None and found.id != family:
-        raise ValueError(f"--family {family} but {base} is a {found.id} pipeline (its transformer is {transformer_class}); drop "
-                         "--family or give the matching pipeline folder.")
+        raise ValueError(
+            f"--family {family} but {base} is a {found.id} pipeline (its transformer is {transformer_class}); drop "
+            "--family or give the matching pipeline folder."
+        )
     name = family or (found.id if found else "")
     if name not in text_families():
-        raise ValueError(f"the {name!r} family has no text encoder to encode prompts with; families with one: "
-                         f"{', '.join(text_families())}.")
+        raise ValueError(
+            f"the {name!r} family has no text encoder to encode prompts with; families with one: "
+            f"{', '.join(text_families())}."
+        )
     return name
 
 
@@ -72,24 +80,38 @@ def pipeline_encoder(pipe, family: str, device: torch.device, max_tokens: int | 
     """``encode(list[str]) -> Conditioning`` through the family's pipeline call, for ``encode_prompt_set``."""
     call = REGISTRY[family].text_encode
     if call is None:
-        raise ValueError(f"the {family!r} family has no text encoder call; families with one: {', '.join(text_families())}.")
+        raise ValueError(
+            f"the {family!r} family has no text encoder call; families with one: {', '.join(text_families())}."
+        )
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> Conditioning:
         context, pooled, mask = call(pipe, prompts, device, max_tokens)
-        return Conditioning(context.cpu(), None if pooled is None else pooled.cpu(), None if mask is None else mask.cpu())
+        return Conditioning(
+            context.cpu(), None if pooled is None else pooled.cpu(), None if mask is None else mask.cpu()
+        )
 
     return encode
 
 
-def encode_file(base: str, prompts_path: str, out: str, family: str | None = None, negative: str = "",
-                device: str | None = None, dtype: str | None = None, max_tokens: int | None = None) -> PromptSet:
+def encode_file(
+    base: str,
+    prompts_path: str,
+    out: str,
+    family: str | None = None,
+    negative: str = "",
+    device: str | None = None,
+    dtype: str | None = None,
+    max_tokens: int | None = None,
+) -> PromptSet:
     """Read a prompt list (one per line), encode it with ``base``'s text encoders and write the prompt set to ``out``."""
     name = pipeline_family(base, family)
     prompts = read_prompt_file(prompts_path)
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kind = DTYPES[dtype or ("bf16" if where.type == "cuda" else "fp32")]
-    log.info("[1.x-Distill] encoding %d prompt(s) with the %s text encoders of %s on %s", len(prompts), name, base, where)
+    log.info(
+        "[1.x-Distill] encoding %d prompt(s) with the %s text encoders of %s on %s", len(prompts), name, base, where
+    )
     pipe = load_text_pipeline(base, where, kind)
     prompt_set = encode_prompt_set(prompts, pipeline_encoder(pipe, name, where, max_tokens), negative=negative)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -98,32 +120,45 @@ def encode_file(base: str, prompts_path: str, out: str, family: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill_core.prompts",
-                                     description="Prompt sets for 1.x-Distill: encode a prompt list once with a model's text encoders.")
+    parser = argparse.ArgumentParser(
+        prog="python -m distill_core.prompts",
+        description="Prompt sets for 1.x-Distill: encode a prompt list once with a model's text encoders.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    enc = commands.add_parser("encode", help="encode a prompt list (one prompt per line) into a prompt-set file",
-                              description="Encode a prompt list with the text encoders of a diffusers pipeline folder and "
-                                          "write the prompt-set file a run config names as 'prompts'.")
-    enc.add_argument("--base", required=True, help="the diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/ ...)")
+    enc = commands.add_parser(
+        "encode",
+        help="encode a prompt list (one prompt per line) into a prompt-set file",
+        description="Encode a prompt list with the text encoders of a diffusers pipeline folder and "
+        "write the prompt-set file a run config names as 'prompts'.",
+    )
+    enc.add_argument(
+        "--base", required=True, help="the diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/ ...)"
+    )
     enc.add_argument("--prompts", required=True, help="UTF-8 text file, one prompt per line ('#' lines skipped)")
     enc.add_argument("--out", required=True, help="the prompt-set file to write (.safetensors)")
     enc.add_argument("--family", choices=text_families(), help="the model family (default: read from model_index.json)")
     enc.add_argument("--negative", default="", help="the unconditional prompt (default: empty)")
     enc.add_argument("--device", help="where the text encoders run (default: cuda when present, else cpu)")
-    enc.add_argument("--dtype", choices=sorted(DTYPES), help="text encoder precision (default: bf16 on cuda, fp32 on cpu)")
+    enc.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="text encoder precision (default: bf16 on cuda, fp32 on cpu)"
+    )
     enc.add_argument("--max-tokens", type=int, help="text sequence length (default: the pipeline's own)")
     args = parser.parse_args(argv)
     show_on_stdout()
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens must be a whole number >= 1, got {args.max_tokens}")
     try:
-        result = encode_file(args.base, args.prompts, args.out, args.family, args.negative, args.device, args.dtype, args.max_tokens)
+        result = encode_file(
+            args.base, args.prompts, args.out, args.family, args.negative, args.device, args.dtype, args.max_tokens
+        )
     except (OSError, ValueError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     shape = result.encoder_shape
-    print(f"{args.out}: {len(result)} prompts + the unconditional one, context {shape['context']}, pooled {shape['pooled']}; "
-          f"name it as \"prompts\" in the run config (teacher: {os.path.join(args.base, 'transformer')})")
+    print(
+        f"{args.out}: {len(result)} prompts + the unconditional one, context {shape['context']}, pooled {shape['pooled']}; "
+        f'name it as "prompts" in the run config (teacher: {os.path.join(args.base, "transformer")})'
+    )
     return 0
 
 

@@ -54,13 +54,20 @@ def run_memory_setup(cfg: RunConfig, world: int, device: torch.device):
     """The planner's Setup for this run, from the base model's config and safetensors headers (nothing is loaded),
     or None when the run's loader gives no way to know the shape before loading."""
     cache = cfg.stage1.cache if cfg.stage == "stage1" else cfg.stage2.cache
-    common = dict(batch=cfg.batch_size, mode="lora" if cfg.lora_rank else "full", lora_rank=cfg.lora_rank or 64,
-                  checkpointing=cfg.gradient_checkpointing, offload_optimizer=cfg.offload_optimizer, gpus=world,
-                  sharding="none" if world == 1 else cfg.parallel,
-                  device="cuda" if device.type == "cuda" else "cpu", compensation_streams=2 if cache else 0,
-                  cfg=cfg.stage == "stage1" and cfg.stage1.guidance_scale != 1.0,
-                  # the loaders give fp32 weights; bf16 autocast only shrinks the activations (planned as fp32: the safe side)
-                  dtype="fp32")
+    common = dict(
+        batch=cfg.batch_size,
+        mode="lora" if cfg.lora_rank else "full",
+        lora_rank=cfg.lora_rank or 64,
+        checkpointing=cfg.gradient_checkpointing,
+        offload_optimizer=cfg.offload_optimizer,
+        gpus=world,
+        sharding="none" if world == 1 else cfg.parallel,
+        device="cuda" if device.type == "cuda" else "cpu",
+        compensation_streams=2 if cache else 0,
+        cfg=cfg.stage == "stage1" and cfg.stage1.guidance_scale != 1.0,
+        # the loaders give fp32 weights; bf16 autocast only shrinks the activations (planned as fp32: the safe side)
+        dtype="fp32",
+    )
     if cfg.teacher_loader == DIFFUSERS_LOADER and cfg.teacher:
         text = None
         if cfg.prompts_path and os.path.isfile(cfg.prompts_path):
@@ -87,15 +94,22 @@ def check_memory(cfg: RunConfig, ranks: Ranks) -> str | None:
     if setup is None:
         return f"memory plan: skipped (the loader {cfg.teacher_loader} gives no model shape before loading)"
     pred = M.predict(setup)
-    where = (f"{budget:.3g} GiB {M.per(setup.device)}" + ("" if cfg.memory_budget_gib is not None else f" ({ranks.device})"))
+    where = f"{budget:.3g} GiB {M.per(setup.device)}" + (
+        "" if cfg.memory_budget_gib is not None else f" ({ranks.device})"
+    )
     if pred.reserved <= budget * M.GIB:
         return f"memory plan: {pred.summary()}; fits {where}"
     alternative = M.plan(setup, budget, allow_lora=True, lora_rank=cfg.lora_rank or 64, allow_offload=False)
-    advice = (f"Settings that fit: {alternative.prediction.summary()}." if alternative.fits
-              else f"Nothing the trainer offers fits: {alternative.message}")
-    raise MemoryPlanRefused(f"memory plan: this run does not fit {where}: it needs {M.size(pred.reserved)} "
-                            f"({pred.summary()}) [{pred.parts_text()}]. {advice} Nothing was loaded; change the run's settings "
-                            "(or memory_budget_gib).")
+    advice = (
+        f"Settings that fit: {alternative.prediction.summary()}."
+        if alternative.fits
+        else f"Nothing the trainer offers fits: {alternative.message}"
+    )
+    raise MemoryPlanRefused(
+        f"memory plan: this run does not fit {where}: it needs {M.size(pred.reserved)} "
+        f"({pred.summary()}) [{pred.parts_text()}]. {advice} Nothing was loaded; change the run's settings "
+        "(or memory_budget_gib)."
+    )
 
 
 def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
@@ -110,8 +124,10 @@ def load_run_teacher(cfg: RunConfig, teacher: Teacher | None = None) -> Teacher:
     if cfg.prompts_path:
         teacher.prompts = PromptSet.load(cfg.prompts_path)
     if teacher.prompts is None:
-        raise ValueError("this run has no prompts: give 'prompts', a prompt-set file (conditioning.encode_prompt_set writes one "
-                         "with the model's text encoder; the 1.x-Distill Train node does it from its prompt list).")
+        raise ValueError(
+            "this run has no prompts: give 'prompts', a prompt-set file (conditioning.encode_prompt_set writes one "
+            "with the model's text encoder; the 1.x-Distill Train node does it from its prompt list)."
+        )
     context, pooled = teacher.flow.text_dims
     teacher.prompts.check_model(context, pooled, f"the {teacher.flow.family} model")
     teacher.base["prompts"] = teacher.prompts.content_hash()
@@ -141,10 +157,12 @@ def double_guidance_warning(cfg: RunConfig, flow) -> str | None:
     spec = REGISTRY.get(flow.family)
     name = spec.display_name if spec else flow.family
     embedded = (getattr(flow, "extra", None) or {}).get("guidance", spec.embedded_guidance if spec else None)
-    return (f"stage1.guidance_scale is {scale:g} on a {name} model that takes its guidance as an input (embedded guidance "
-            f"{embedded}): the teacher's real score is then guided twice, by the embedded guidance and by CFG on top. "
-            f"Set stage1.guidance_scale to 1 ({name}'s default) unless you mean CFG on top; the embedded value is "
-            "teacher_options.extra.guidance.")
+    return (
+        f"stage1.guidance_scale is {scale:g} on a {name} model that takes its guidance as an input (embedded guidance "
+        f"{embedded}): the teacher's real score is then guided twice, by the embedded guidance and by CFG on top. "
+        f"Set stage1.guidance_scale to 1 ({name}'s default) unless you mean CFG on top; the embedded value is "
+        "teacher_options.extra.guidance."
+    )
 
 
 def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher):
@@ -167,7 +185,9 @@ def build_task(cfg: RunConfig, ranks: Ranks, teacher: Teacher):
         student.state().load_state_dict(_role_weights(cfg.init_student, student, init))
         reference = student_loader(teacher)(cfg.reference, base_hash=base["hash"])
         # co-trained in Stage I: continue from its compensation (loaded before an FSDP run shards it)
-        comp = init.compensation.state_dict() if init.compensation is not None and init.cache == cfg.stage2.cache else None
+        comp = (
+            init.compensation.state_dict() if init.compensation is not None and init.cache == cfg.stage2.cache else None
+        )
         task = Stage2(cfg.stage2, student, reference, frozen, teacher.prompts, ranks, cfg.seed, init_compensation=comp)
     return task, teacher
 
@@ -185,8 +205,10 @@ def _role_weights(path: str, role, student) -> dict:
         return student.net.module.state_dict()
     state = os.path.join(os.path.dirname(os.path.abspath(path)), STATE_FILE)
     if not os.path.exists(state):
-        raise ValueError(f"{path}: a LoRA run starts from the adapter in the training state next to the student file "
-                         f"({state}), which is missing.")
+        raise ValueError(
+            f"{path}: a LoRA run starts from the adapter in the training state next to the student file "
+            f"({state}), which is missing."
+        )
     return load_module(state, "student")
 
 
@@ -228,7 +250,9 @@ class Run:
         self.sharded: torch.nn.ModuleDict | None = None
         if ranks.fsdp:  # one namespace for the sharded modules' full state dicts: base.* and comp.*
             t = self.task
-            self.sharded = torch.nn.ModuleDict({"base": t.student.module, **({"comp": t.compensation} if t.compensation else {})})
+            self.sharded = torch.nn.ModuleDict(
+                {"base": t.student.module, **({"comp": t.compensation} if t.compensation else {})}
+            )
 
     def placement(self) -> str:
         """Under FSDP: how much of the frozen base each rank holds (storage of its shards), for the log."""
@@ -285,7 +309,7 @@ class Run:
 
         def under(name):
             prefix = f"module.{name}."
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         full = {}
         for name, module in t.modules.items():
@@ -293,8 +317,10 @@ class Run:
             if isinstance(module, RoleState) or module is t.compensation:
                 expected = set(module.named) if isinstance(module, RoleState) else set(module.state_dict())
                 if set(saved) != expected:
-                    raise ValueError(f"{self.path}: the saved {name!r} state does not fit this network: missing "
-                                     f"{sorted(expected - set(saved))[:3]}, unexpected {sorted(set(saved) - expected)[:3]}")
+                    raise ValueError(
+                        f"{self.path}: the saved {name!r} state does not fit this network: missing "
+                        f"{sorted(expected - set(saved))[:3]}, unexpected {sorted(set(saved) - expected)[:3]}"
+                    )
                 prefix = "base." if isinstance(module, RoleState) else "comp."
                 full.update({prefix + k: v for k, v in saved.items()})
             else:
@@ -310,7 +336,7 @@ class Run:
             groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
             state = {"state": {order[int(i)]: v for i, v in saved["state"].items()}, "param_groups": groups}
             P.load_full_optimizer_state(self._fsdp_modules, opt, state, self.ranks)
-        return {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}, meta
+        return {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}, meta
 
     def resume(self) -> bool:
         if not os.path.exists(self.path):
@@ -338,9 +364,15 @@ class Run:
         gathered = self._gathered() if self.sharded is not None else None
         if self.ranks.is_main:
             rng["torch"] = torch.get_rng_state()
-            meta = {"iteration": self.iteration, "world": self.ranks.world, "stage": self.cfg.stage, "config": self.cfg.to_json(),
-                    "base_hash": self.base["hash"], "prompts_hash": self.base.get("prompts"),
-                    "cursor": json.dumps(self.task.cursor.state())}
+            meta = {
+                "iteration": self.iteration,
+                "world": self.ranks.world,
+                "stage": self.cfg.stage,
+                "config": self.cfg.to_json(),
+                "base_hash": self.base["hash"],
+                "prompts_hash": self.base.get("prompts"),
+                "cursor": json.dumps(self.task.cursor.state()),
+            }
             if gathered is not None:
                 modules, optimizers = gathered  # full states on the main rank (None only elsewhere)
                 save_state_dicts(self.path, modules or {}, optimizers or {}, rng, meta)
@@ -372,15 +404,23 @@ class Run:
             full = P.full_state_dict(self.sharded, self.ranks)
             if not self.ranks.is_main:
                 return None
-            base = {k[len("base."):]: v for k, v in full.items() if k.startswith("base.")}
+            base = {k[len("base.") :]: v for k, v in full.items() if k.startswith("base.")}
             net = _Merged(t.student, merged_weights(t.student.lora, t.student.adapter, base))
             if compensation is not None:
                 with torch.random.fork_rng(devices=[]):  # a CPU copy, without moving rank 0's RNG
                     compensation = Compensation(t.student.width)
-                compensation.load_state_dict({k[len("comp."):]: v for k, v in full.items() if k.startswith("comp.")})
-        save_student(path, net, t.sigmas, t.cfg.shift, t.cache, compensation, self.base,
-                     extra={"stage": self.cfg.stage, "iterations": self.iteration, "lora_rank": self.cfg.lora_rank},
-                     class_table=self.teacher.class_table)
+                compensation.load_state_dict({k[len("comp.") :]: v for k, v in full.items() if k.startswith("comp.")})
+        save_student(
+            path,
+            net,
+            t.sigmas,
+            t.cfg.shift,
+            t.cache,
+            compensation,
+            self.base,
+            extra={"stage": self.cfg.stage, "iterations": self.iteration, "lora_rank": self.cfg.lora_rank},
+            class_table=self.teacher.class_table,
+        )
         return path
 
 
@@ -396,6 +436,7 @@ class _Merged:
 
 def latent_preview(prompts: PromptSet, latent_shape: tuple):
     """For a model without a decoder here: four samples' first three latent channels side by side, as RGB."""
+
     def render(sample):
         noise = torch.randn((4, *latent_shape), generator=torch.Generator().manual_seed(1234))
         return latent_tiles(sample(noise, prompts.batch(torch.arange(4) % len(prompts))))
@@ -437,7 +478,9 @@ def _log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None, stop=None, teacher: Teacher | None = None) -> dict:
+def run_training(
+    cfg: RunConfig, progress: Callable[[dict], None] | None = None, stop=None, teacher: Teacher | None = None
+) -> dict:
     """Train (or resume) one stage; returns {"status": done|stopped|failed, "iteration", "message", "student"}.
     ``teacher``: a base model the host loaded (``models.Teacher``); None loads ``cfg.teacher`` by its loader."""
     torch.set_num_threads(max(1, min(cfg.threads, torch.get_num_threads())))
@@ -453,7 +496,9 @@ def run_training(cfg: RunConfig, progress: Callable[[dict], None] | None = None,
         doubled = double_guidance_warning(cfg, teacher.flow)
         if doubled and ranks.is_main:
             log.warning("[1.x-Distill] %s", doubled)
-        name = teacher.base.get("name") or (os.path.basename(os.path.normpath(cfg.teacher)) if cfg.teacher else "the shipped demo teacher")
+        name = teacher.base.get("name") or (
+            os.path.basename(os.path.normpath(cfg.teacher)) if cfg.teacher else "the shipped demo teacher"
+        )
         run.check(asdict(cfg), {"name": name, "hash": teacher.base["hash"], "prompts": teacher.base["prompts"]})
         return _train(cfg, ranks, progress, stop, teacher)
 
@@ -471,7 +516,11 @@ class Progress:
         self.every = max(1, math.ceil(total / 10))
         self.first, self.last_line = initial + 1, time.monotonic()
         isatty = getattr(stream, "isatty", None)
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", file=stream) if enabled and isatty and isatty() else None
+        self.bar = (
+            tqdm(total=total, initial=initial, desc=desc, unit="it", file=stream)
+            if enabled and isatty and isatty()
+            else None
+        )
 
     def update(self, record: dict) -> None:
         losses = {k: v for k, v in record.items() if k.startswith("loss")}
@@ -480,15 +529,29 @@ class Progress:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
             return
         it = record["iteration"]
-        due = it == self.first or it % self.every == 0 or it == self.total or time.monotonic() - self.last_line >= self.QUIET_S
+        due = (
+            it == self.first
+            or it % self.every == 0
+            or it == self.total
+            or time.monotonic() - self.last_line >= self.QUIET_S
+        )
         if not self.enabled or not due:
             return
         self.last_line = time.monotonic()
         text = ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
         speed, eta = record.get("it_per_s"), record.get("eta_s")
-        pace = f"{speed:.3g} it/s, ETA {_duration(eta)}" if speed is not None and eta is not None else "pace not known yet"
-        log.info("[%s] iteration %d/%d (%d%%), %s%s", self.desc, it, self.total, 100 * it // max(self.total, 1), pace,
-                 f", {text}" if text else "")
+        pace = (
+            f"{speed:.3g} it/s, ETA {_duration(eta)}" if speed is not None and eta is not None else "pace not known yet"
+        )
+        log.info(
+            "[%s] iteration %d/%d (%d%%), %s%s",
+            self.desc,
+            it,
+            self.total,
+            100 * it // max(self.total, 1),
+            pace,
+            f", {text}" if text else "",
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -531,8 +594,15 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
         failures = 0 if finite else failures + 1
         now = time.time()
         speed, eta = pace.add(run.iteration, now)
-        record = {"iteration": run.iteration, **metrics, "skipped": not finite, "it_per_s": speed, "eta_s": eta,
-                  "elapsed_s": now - start, "time": now}
+        record = {
+            "iteration": run.iteration,
+            **metrics,
+            "skipped": not finite,
+            "it_per_s": speed,
+            "eta_s": eta,
+            "elapsed_s": now - start,
+            "time": now,
+        }
         if main:
             _log(os.path.join(cfg.run_dir, METRICS_FILE), record)
             bar.update(record)
@@ -540,12 +610,19 @@ def _train(cfg: RunConfig, ranks: Ranks, progress, stop, teacher: Teacher) -> di
             progress(record)
         if failures >= cfg.max_nonfinite:
             status = "failed"
-            message = (f"stopped at iteration {run.iteration}: {failures} consecutive non-finite losses or gradients; "
-                       f"the last good checkpoint ({run.path}) is kept, no checkpoint was written since")
+            message = (
+                f"stopped at iteration {run.iteration}: {failures} consecutive non-finite losses or gradients; "
+                f"the last good checkpoint ({run.path}) is kept, no checkpoint was written since"
+            )
             break
         if finite and run.iteration % cfg.checkpoint_every == 0:
             run.checkpoint()
-        if (main or run.sharded is not None) and finite and cfg.preview_every and run.iteration % cfg.preview_every == 0:
+        if (
+            (main or run.sharded is not None)
+            and finite
+            and cfg.preview_every
+            and run.iteration % cfg.preview_every == 0
+        ):
             run.preview(write=main)
     bar.close()
     student = None

@@ -56,14 +56,24 @@ class Stage1Config:
         return CacheRange(self.cache_first, self.cache_last)
 
 
-def pseudo_huber_dmd_loss(x_hat: torch.Tensor, target: torch.Tensor, normaliser: torch.Tensor, c: float) -> torch.Tensor:
+def pseudo_huber_dmd_loss(
+    x_hat: torch.Tensor, target: torch.Tensor, normaliser: torch.Tensor, c: float
+) -> torch.Tensor:
     """mean[(sqrt((x_hat - target)^2 + c^2) - c) / W]; ``target`` and ``normaliser`` carry no gradient."""
     return ((torch.sqrt((x_hat - target).square() + c * c) - c) / normaliser).mean()
 
 
 class Stage1:
-    def __init__(self, cfg: Stage1Config, student: Role, fake: Role, teacher: Role, prompts: PromptSet, ranks: Ranks,
-                 seed: int = 0):
+    def __init__(
+        self,
+        cfg: Stage1Config,
+        student: Role,
+        fake: Role,
+        teacher: Role,
+        prompts: PromptSet,
+        ranks: Ranks,
+        seed: int = 0,
+    ):
         self.cfg, self.student, self.fake, self.teacher, self.ranks = cfg, student, fake, teacher, ranks
         self.prompts, self.cursor = prompts, PromptCursor(len(prompts), seed, ranks.rank, ranks.world)
         self.device = next(student.module.parameters()).device
@@ -92,7 +102,9 @@ class Stage1:
             self.modules["comp"] = self.compensation
         # each role's loss is one module call: DDP under torchrun averages exactly that role's gradients
         self.fake_objective = ranks.objective(self._fake_loss, self.fake_params)
-        self.student_objective = ranks.objective(self._student_loss, self.student_params + getattr(self, "comp_params", []))
+        self.student_objective = ranks.objective(
+            self._student_loss, self.student_params + getattr(self, "comp_params", [])
+        )
 
     @torch.no_grad()
     def simulate(self, z: torch.Tensor, cond):
@@ -127,7 +139,9 @@ class Stage1:
         if self.ranks.all_true(len(rows) == 0):
             self._idle += self.comp_params
         if self.ranks.all_true(len(full) == 0):
-            skipped = {id(p) for spec in self.blocks[self.cache.first: self.cache.last + 1] for p in spec.module.parameters()}
+            skipped = {
+                id(p) for spec in self.blocks[self.cache.first : self.cache.last + 1] for p in spec.module.parameters()
+            }
             self._idle += [p for p in self.student_params if id(p) in skipped]
         dummy = torch.zeros(1, dtype=torch.long, device=x.device)
         pick_c, pick_f = (rows if len(rows) else dummy), (full if len(full) else dummy)
@@ -145,7 +159,7 @@ class Stage1:
         k = torch.randint(self.cfg.steps, (n,), generator=gen)
         sigma = self.grid[sample_in_windows(k, self.indices, weights, gen)].float()
         sig = torch.tensor(self.sigmas, dtype=torch.float32)
-        on = (lambda t: t.to(self.device))
+        on = lambda t: t.to(self.device)
         return on(k), on(sigma), on(sig[k]), on(sig[k + 1])
 
     def _noise(self, shape, gen: torch.Generator) -> torch.Tensor:
@@ -185,8 +199,9 @@ class Stage1:
         with torch.no_grad():
             x_sigma = renoise(x_hat, s_end, sigma, self._noise(x_hat.shape, gen))
             uncond = self.prompts.uncond.to(self.device)
-            v_real = guided_velocity(self.teacher, x_sigma, sigma, cond, uncond, cfg.guidance_scale, cfg.guidance_switch,
-                                     pad=self.pad)
+            v_real = guided_velocity(
+                self.teacher, x_sigma, sigma, cond, uncond, cfg.guidance_scale, cfg.guidance_switch, pad=self.pad
+            )
             v_fake = self.fake(x_sigma, sigma, cond)
             x_real, x_fake = euler(x_sigma, v_real, sigma, s_end), euler(x_sigma, v_fake, sigma, s_end)
             target = x_hat + x_real - x_fake

@@ -52,8 +52,17 @@ class Stage2Config:
 
 
 class Stage2:
-    def __init__(self, cfg: Stage2Config, student: Role, reference: Student, teacher: Role, prompts: PromptSet, ranks: Ranks,
-                 seed: int = 0, init_compensation: dict | None = None):
+    def __init__(
+        self,
+        cfg: Stage2Config,
+        student: Role,
+        reference: Student,
+        teacher: Role,
+        prompts: PromptSet,
+        ranks: Ranks,
+        seed: int = 0,
+        init_compensation: dict | None = None,
+    ):
         self.cfg, self.student, self.reference, self.ranks = cfg, student, reference, ranks
         self.prompts, self.cursor = prompts, PromptCursor(len(prompts), seed, ranks.rank, ranks.world)
         self.device = next(student.module.parameters()).device
@@ -137,4 +146,6 @@ class Stage2:
         return loss
 
     def _disc_loss(self, real, fake, cond, gen) -> torch.Tensor:
-        return multilevel_bce(self.disc(real, cond, gen), self.cfg.real_label) + multilevel_bce(self.disc(fake, cond, gen), 0.0)
+        return multilevel_bce(self.disc(real, cond, gen), self.cfg.real_label) + multilevel_bce(
+            self.disc(fake, cond, gen), 0.0
+        )

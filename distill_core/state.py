@@ -22,7 +22,9 @@ def optimizer_tensors(name: str, opt: torch.optim.Optimizer | dict) -> tuple[dic
     tensors = {}
     for pid, entry in sd["state"].items():
         for key, value in entry.items():
-            tensors[f"optim.{name}.{pid}.{key}"] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{name}.{pid}.{key}"] = (
+                value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+            )
     return tensors, {f"optim.{name}.groups": json.dumps(sd["param_groups"])}
 
 
@@ -32,7 +34,7 @@ def optimizer_state_dict(name: str, tensors: dict, meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(prefix):
-            pid, field = key[len(prefix):].split(".", 1)
+            pid, field = key[len(prefix) :].split(".", 1)
             state.setdefault(int(pid), {})[field] = value
     return {"state": state, "param_groups": json.loads(meta[f"optim.{name}.groups"])}
 
@@ -45,7 +47,9 @@ def save_state(path: str, modules: dict, optimizers: dict, rng: dict[str, torch.
     save_state_dicts(path, {n: m.state_dict() for n, m in modules.items()}, optimizers, rng, meta)
 
 
-def save_state_dicts(path: str, modules: dict[str, dict], optimizers: dict, rng: dict[str, torch.Tensor], meta: dict) -> None:
+def save_state_dicts(
+    path: str, modules: dict[str, dict], optimizers: dict, rng: dict[str, torch.Tensor], meta: dict
+) -> None:
     """``save_state`` from state dicts (module name -> tensors; optimiser name -> optimiser or its state_dict):
     the same file whether they come from live modules or were gathered from FSDP shards."""
     tensors = {f"module.{n}.{k}": v.detach().contiguous().clone() for n, sd in modules.items() for k, v in sd.items()}
@@ -72,7 +76,7 @@ def read_state(path: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], di
 
 
 def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_module(path: str, name: str) -> dict[str, torch.Tensor]:

@@ -19,7 +19,19 @@ from .cache import CacheRange, Compensation, effective_nfe, recording, replaying
 from .conditioning import Conditioning
 from .flow import euler
 from .models import FlowModel
-from .student_file import FORMAT, MAX_BLOCKS, StudentHeader, file_hash, file_signature, MAX_SIDE, json_field, latent_shape, open_student, read_header, save_student_file  # noqa: F401 (re-exported)
+from .student_file import (
+    FORMAT,  # noqa: F401 (re-exported)
+    MAX_BLOCKS,
+    StudentHeader,  # noqa: F401 (re-exported)
+    file_hash,  # noqa: F401 (re-exported)
+    file_signature,  # noqa: F401 (re-exported)
+    MAX_SIDE,
+    json_field,
+    latent_shape,
+    open_student,
+    read_header,
+    save_student_file,
+)
 
 from xslim_core.adapters import adapter_for
 from xslim_core.adapters.base import merge_rows  # noqa: F401 (re-exported for the stages)
@@ -53,18 +65,32 @@ class Student:
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, labels_or_cond) -> torch.Tensor:
-        return run_student(self.net, noise, self.conditioning(labels_or_cond), self.sigmas, self.cache, self.compensation)
+        return run_student(
+            self.net, noise, self.conditioning(labels_or_cond), self.sigmas, self.cache, self.compensation
+        )
 
 
-def run_student(net, noise: torch.Tensor, cond: Conditioning, sigmas: list[float],
-                cache: CacheRange | None = None, compensation: Compensation | None = None) -> torch.Tensor:
+def run_student(
+    net,
+    noise: torch.Tensor,
+    cond: Conditioning,
+    sigmas: list[float],
+    cache: CacheRange | None = None,
+    compensation: Compensation | None = None,
+) -> torch.Tensor:
     """Euler over the student's sigmas, no CFG; with ``cache`` the last step reuses the previous step's block
     delta (through ``compensation``). Differentiable: callers choose grad or no_grad."""
     return trajectory(net, noise, cond, sigmas, cache, compensation)[0][-1]
 
 
-def trajectory(net, noise: torch.Tensor, cond: Conditioning, sigmas: list[float],
-               cache: CacheRange | None = None, compensation: Compensation | None = None):
+def trajectory(
+    net,
+    noise: torch.Tensor,
+    cond: Conditioning,
+    sigmas: list[float],
+    cache: CacheRange | None = None,
+    compensation: Compensation | None = None,
+):
     """The deployed sampler's states [x_0..x_N], velocities [v_0..v_N-1] and the recorded block delta (or None).
     ``net``: a role (``nets.Role``) or a ``FlowModel``."""
     xs, vs, delta, last = [noise], [], None, len(sigmas) - 2
@@ -86,9 +112,18 @@ def trajectory(net, noise: torch.Tensor, cond: Conditioning, sigmas: list[float]
     return xs, vs, delta
 
 
-def save_student(path: str, net, sigmas: list[float], shift: float, cache: CacheRange | None,
-                 compensation: Compensation | None, base: dict, dtype: torch.dtype = torch.float32, extra: dict | None = None,
-                 class_table: dict | None = None) -> None:
+def save_student(
+    path: str,
+    net,
+    sigmas: list[float],
+    shift: float,
+    cache: CacheRange | None,
+    compensation: Compensation | None,
+    base: dict,
+    dtype: torch.dtype = torch.float32,
+    extra: dict | None = None,
+    class_table: dict | None = None,
+) -> None:
     """Write atomically. ``net``: the student role (its LoRA merged into full weights) or a ``FlowModel``;
     ``base`` carries family, hash, signature and architecture of the teacher; ``class_table`` the demo's classes."""
     state = net.merged_state_dict() if hasattr(net, "merged_state_dict") else net.module.state_dict()
@@ -97,8 +132,20 @@ def save_student(path: str, net, sigmas: list[float], shift: float, cache: Cache
     latent = {"latent_shape": json.dumps(list(flow.latent_shape)), "call_extra": json.dumps(flow.extra)}
     # a host's own classes (ComfyUI's) keep their key names and block stacks; diffusers models the adapter's
     stacks = flow.stack_sizes() if hasattr(flow, "stack_sizes") else adapter_for(flow.module).stack_sizes(flow.module)
-    save_student_file(path, state, getattr(flow, "model_keys", "diffusers"), stacks, sigmas, shift, cache, compensation,
-                      base, dtype, {**latent, **(extra or {})}, more)
+    save_student_file(
+        path,
+        state,
+        getattr(flow, "model_keys", "diffusers"),
+        stacks,
+        sigmas,
+        shift,
+        cache,
+        compensation,
+        base,
+        dtype,
+        {**latent, **(extra or {})},
+        more,
+    )
 
 
 def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -109,15 +156,20 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 def _check_keys(path: str, part: str, expected: set[str], found: set[str]) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing:
-        raise ValueError(f"{path} is missing {len(missing)} {part} tensor(s), e.g. {missing[:3]}; the file is incomplete "
-                         "or was written for a different architecture.")
+        raise ValueError(
+            f"{path} is missing {len(missing)} {part} tensor(s), e.g. {missing[:3]}; the file is incomplete "
+            "or was written for a different architecture."
+        )
     if unexpected:
         raise ValueError(f"{path} has {len(unexpected)} unexpected {part} tensor(s), e.g. {unexpected[:3]}.")
 
 
 # the block lists each declared count builds, under the student file's "model." names (SD3, FLUX, HunyuanVideo)
-BLOCK_FIELDS = {"num_layers": "transformer_blocks.", "num_single_layers": "single_transformer_blocks.",
-                "num_refiner_layers": "context_embedder.token_refiner.refiner_blocks."}
+BLOCK_FIELDS = {
+    "num_layers": "transformer_blocks.",
+    "num_single_layers": "single_transformer_blocks.",
+    "num_refiner_layers": "context_embedder.token_refiner.refiner_blocks.",
+}
 MAX_DECLARED = 65_536  # any whole number in an architecture (widths, heads, channels): FLUX's widest is 3072*4
 
 
@@ -129,7 +181,11 @@ def _architecture_class(path: str, architecture: dict):
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise ValueError(f"{path} declares the architecture class {name!r}, which diffusers does not have.")
-    kwargs = {k: (tuple(v) if isinstance(v, list) and k == "rope_axes_dim" else v) for k, v in architecture.items() if not k.startswith("_")}
+    kwargs = {
+        k: (tuple(v) if isinstance(v, list) and k == "rope_axes_dim" else v)
+        for k, v in architecture.items()
+        if not k.startswith("_")
+    }
     made: Any = cls  # a diffusers model class: from_config is its ConfigMixin's
     return name, (lambda: made(**kwargs)) if from_demo else (lambda: made.from_config(kwargs))
 
@@ -148,19 +204,27 @@ def build_architecture(path: str, architecture: dict, shapes: dict):
 def _built(path: str, name: str, make):
     try:
         return make()
-    except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as err:  # a crafted config, not a diffusers bug
+    except (
+        TypeError,
+        ValueError,
+        RuntimeError,
+        AttributeError,
+        KeyError,
+    ) as err:  # a crafted config, not a diffusers bug
         raise ValueError(f"{path}: its architecture ({name}) cannot be built: {type(err).__name__}: {err}.") from None
 
 
 def _check_shapes(path: str, skeleton: torch.nn.Module, shapes: dict) -> None:
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    held = {k[len("model."):]: tuple(v) for k, v in shapes.items() if k.startswith("model.")}
+    held = {k[len("model.") :]: tuple(v) for k, v in shapes.items() if k.startswith("model.")}
     _check_keys(path, "model", set(expected), set(held))
     wrong = [(k, expected[k], held[k]) for k in sorted(expected) if expected[k] != held[k]]
     if wrong:
         key, want, got = wrong[0]
-        raise ValueError(f"{path}: its architecture makes {key} {list(want)} but the file holds {list(got)} "
-                         f"({len(wrong)} tensor(s) differ); the file is damaged or crafted.")
+        raise ValueError(
+            f"{path}: its architecture makes {key} {list(want)} but the file holds {list(got)} "
+            f"({len(wrong)} tensor(s) differ); the file is damaged or crafted."
+        )
 
 
 def call_extra(path: str, meta: dict) -> dict:
@@ -172,12 +236,19 @@ def call_extra(path: str, meta: dict) -> dict:
         raise ValueError(f"{path}: its call_extra must be a JSON object, got {str(extra)[:60]!r}; the file is damaged.")
     guidance = extra.get("guidance", 0.0)
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
-        raise ValueError(f"{path}: call_extra.guidance must be a finite number, got {str(guidance)[:40]!r}; the file is damaged.")
+        raise ValueError(
+            f"{path}: call_extra.guidance must be a finite number, got {str(guidance)[:40]!r}; the file is damaged."
+        )
     grid = extra.get("grid", [1, 1])
-    if (not isinstance(grid, list) or len(grid) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in grid)):
-        raise ValueError(f"{path}: call_extra.grid must be two whole numbers from 1 to {MAX_SIDE} (the token grid), got "
-                         f"{str(grid)[:40]!r}; the file is damaged.")
+    if (
+        not isinstance(grid, list)
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in grid)
+    ):
+        raise ValueError(
+            f"{path}: call_extra.grid must be two whole numbers from 1 to {MAX_SIDE} (the token grid), got "
+            f"{str(grid)[:40]!r}; the file is damaged."
+        )
     return extra
 
 
@@ -186,22 +257,34 @@ def load_student(path: str, base_hash: str | None = None, base_family: str | Non
     header = read_header(path)
     meta = header.meta
     if header.model_keys != "diffusers":
-        raise ValueError(f"{path} holds its weights under {header.model_keys!r} names; load it in that host (ComfyUI's Load 1.x Student).")
+        raise ValueError(
+            f"{path} holds its weights under {header.model_keys!r} names; load it in that host (ComfyUI's Load 1.x Student)."
+        )
     if base_family is not None and meta.get("base_family") != base_family:
-        raise ValueError(f"{path} is a student of a {meta.get('base_family')!r} model; the base model here is {base_family!r}.")
+        raise ValueError(
+            f"{path} is a student of a {meta.get('base_family')!r} model; the base model here is {base_family!r}."
+        )
     if base_hash is not None and meta.get("base_hash") != base_hash:
-        raise ValueError(f"{path} was distilled from base model {meta.get('base_hash')}; the base model here is {base_hash}. "
-                         "A student only works with the weights it was distilled from.")
+        raise ValueError(
+            f"{path} was distilled from base model {meta.get('base_hash')}; the base model here is {base_hash}. "
+            "A student only works with the weights it was distilled from."
+        )
     architecture = json_field(path, meta, "architecture")
     if not isinstance(architecture, dict):
         raise ValueError(f"{path} declares no architecture; export it again.")
     check_architecture(path, architecture, header.shapes)  # from the header alone, before anything is built
     model = build_architecture(path, architecture, header.shapes)  # names and shapes checked against the header
     tensors, _ = _read(path)
-    not_finite = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    not_finite = next(
+        (k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None
+    )
     if not_finite is not None:  # it would sample NaN without a word
-        raise ValueError(f"{path}: tensor {not_finite} holds NaN or infinite values; the file is damaged. Export the student again.")
-    groups = {p: {k[len(p) + 1 :]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("model", "cond", "comp")}
+        raise ValueError(
+            f"{path}: tensor {not_finite} holds NaN or infinite values; the file is damaged. Export the student again."
+        )
+    groups = {
+        p: {k[len(p) + 1 :]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("model", "cond", "comp")
+    }
     model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
     model.eval().requires_grad_(False)
     shape = latent_shape(path, meta, [16, 1, 8, 8])  # the demo's, for files written before the field
@@ -237,14 +320,18 @@ def _check_numbers(path: str, architecture: dict) -> None:
     for key, value in architecture.items():
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= MAX_DECLARED:
-                raise ValueError(f"{path} declares {key}={value!r:.60}; a whole number in an architecture lies in "
-                                 f"0..{MAX_DECLARED}. The file is damaged or crafted.")
+                raise ValueError(
+                    f"{path} declares {key}={value!r:.60}; a whole number in an architecture lies in "
+                    f"0..{MAX_DECLARED}. The file is damaged or crafted."
+                )
 
 
 def _check_declared_blocks(path: str, field: str, declared, prefix: str, shapes: dict) -> None:
-    held = len({k[len(prefix):].split(".", 1)[0] for k in shapes if k.startswith(prefix)})
+    held = len({k[len(prefix) :].split(".", 1)[0] for k in shapes if k.startswith(prefix)})
     if declared != held or isinstance(declared, bool):
-        raise ValueError(f"{path} declares {field}={declared!r} but holds {held} such blocks; the file is damaged or crafted.")
+        raise ValueError(
+            f"{path} declares {field}={declared!r} but holds {held} such blocks; the file is damaged or crafted."
+        )
     if declared > MAX_BLOCKS:  # even when the file holds them (tiny ones): no real DiT has as many
         raise ValueError(f"{path} declares {field}={declared}; a student has at most {MAX_BLOCKS} blocks per stack.")
 
@@ -255,5 +342,7 @@ def _check_attention_width(path: str, architecture: dict, shapes: dict) -> None:
     if not (isinstance(heads, int) and isinstance(head_dim, int)) or query is None:
         return  # nothing to compare: the meta build compares every shape
     if heads * head_dim != query[0]:
-        raise ValueError(f"{path} declares num_attention_heads={heads} x attention_head_dim={head_dim} = {heads * head_dim} "
-                         f"but its first block's queries are {query[0]} wide; the file is damaged or crafted.")
+        raise ValueError(
+            f"{path} declares num_attention_heads={heads} x attention_head_dim={head_dim} = {heads * head_dim} "
+            f"but its first block's queries are {query[0]} wide; the file is damaged or crafted."
+        )

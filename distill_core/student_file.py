@@ -37,10 +37,21 @@ def file_signature(path: str) -> dict:
         return weights_signature({k: f.get_tensor(k) for k in f.keys()})
 
 
-def save_student_file(path: str, model_state: dict, model_keys: str, stacks: list, sigmas: list[float], shift: float,
-                      cache: CacheRange | None, compensation: Compensation | None, base: dict,
-                      dtype: torch.dtype = torch.float32, extra: dict | None = None, more: dict | None = None,
-                      overwrite: bool = True) -> None:
+def save_student_file(
+    path: str,
+    model_state: dict,
+    model_keys: str,
+    stacks: list,
+    sigmas: list[float],
+    shift: float,
+    cache: CacheRange | None,
+    compensation: Compensation | None,
+    base: dict,
+    dtype: torch.dtype = torch.float32,
+    extra: dict | None = None,
+    more: dict | None = None,
+    overwrite: bool = True,
+) -> None:
     """A student file from a state dict under ``model_keys`` names ("diffusers", or "comfy" for ComfyUI's own
     classes) and its block ``stacks`` [(name, count)]; written atomically (``files.save_atomic``)."""
     tensors = {f"model.{k}": v for k, v in model_state.items()}
@@ -50,10 +61,17 @@ def save_student_file(path: str, model_state: dict, model_keys: str, stacks: lis
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     total = sum(n for _, n in stacks)
     meta = {
-        "format": FORMAT, "base_family": base["family"], "base_hash": base.get("hash", "unknown"),
-        "architecture": base.get("architecture", ""), "model_keys": model_keys, "stacks": json.dumps([list(s) for s in stacks]),
-        "sigmas": json.dumps(sigmas), "shift": str(shift), "steps": str(len(sigmas) - 1),
-        "cached_blocks": json.dumps([cache.first, cache.last] if cache else None), "cfg": "1",
+        "format": FORMAT,
+        "base_family": base["family"],
+        "base_hash": base.get("hash", "unknown"),
+        "architecture": base.get("architecture", ""),
+        "model_keys": model_keys,
+        "stacks": json.dumps([list(s) for s in stacks]),
+        "sigmas": json.dumps(sigmas),
+        "shift": str(shift),
+        "steps": str(len(sigmas) - 1),
+        "cached_blocks": json.dumps([cache.first, cache.last] if cache else None),
+        "cfg": "1",
         "effective_nfe": f"{effective_nfe(len(sigmas) - 1, cache, total):.4f}",
         "prediction": "flow velocity (noise - x0), x_t = (1 - sigma) x0 + sigma noise, timestep = sigma * 1000",
         **({"base_signature": json.dumps(base["signature"])} if base.get("signature") else {}),
@@ -89,7 +107,9 @@ class StudentHeader:
     @property
     def effective_nfe(self) -> float:
         total = self.total_blocks
-        return effective_nfe(self.steps, self.cache, total) if total else float(self.meta.get("effective_nfe", self.steps))
+        return (
+            effective_nfe(self.steps, self.cache, total) if total else float(self.meta.get("effective_nfe", self.steps))
+        )
 
     def describe(self) -> str:
         cached = f"blocks {self.cache.first}..{self.cache.last} cached" if self.cache else "no cached blocks"
@@ -109,14 +129,19 @@ def json_field(path: str, meta: dict, name: str, default=None):
 def _sigmas(path: str, meta: dict) -> list[float]:
     sigmas = json_field(path, meta, "sigmas")
     if not isinstance(sigmas, list) or len(sigmas) < 2:
-        raise ValueError(f"{path} declares no usable sigmas ({meta.get('sigmas')!r}); a student needs at least two "
-                         "(one step). The file is incomplete: export it again.")
+        raise ValueError(
+            f"{path} declares no usable sigmas ({meta.get('sigmas')!r}); a student needs at least two "
+            "(one step). The file is incomplete: export it again."
+        )
     if len(sigmas) > MAX_STEPS + 1:
         raise ValueError(f"{path} declares {len(sigmas) - 1} steps; a 1.x student takes at most {MAX_STEPS}.")
-    if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0 for v in sigmas)
-            or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
-        raise ValueError(f"{path}: its sigmas {sigmas[:8]} must be numbers from 1 down to 0, strictly decreasing (flow "
-                         "matching noise levels); the file is damaged or crafted.")
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0 for v in sigmas
+    ) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(
+            f"{path}: its sigmas {sigmas[:8]} must be numbers from 1 down to 0, strictly decreasing (flow "
+            "matching noise levels); the file is damaged or crafted."
+        )
     return [float(v) for v in sigmas]
 
 
@@ -125,11 +150,16 @@ def latent_shape(path: str, meta: dict, default: list[int]) -> tuple[int, ...]:
     channels]) from 1 to MAX_SIDE, at most MAX_LATENT values in all (a crafted shape would allocate without bound
     before the first step)."""
     shape = json_field(path, meta, "latent_shape", default)
-    if (not isinstance(shape, list) or not 2 <= len(shape) <= 5
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in shape)
-            or math.prod(shape) > MAX_LATENT):
-        raise ValueError(f"{path}: its latent_shape {str(shape)[:60]} must be 2 to 5 whole numbers from 1 to {MAX_SIDE}, "
-                         f"at most {MAX_LATENT} values in all (e.g. [16, 1, 8, 8]); the file is damaged or crafted.")
+    if (
+        not isinstance(shape, list)
+        or not 2 <= len(shape) <= 5
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in shape)
+        or math.prod(shape) > MAX_LATENT
+    ):
+        raise ValueError(
+            f"{path}: its latent_shape {str(shape)[:60]} must be 2 to 5 whole numbers from 1 to {MAX_SIDE}, "
+            f"at most {MAX_LATENT} values in all (e.g. [16, 1, 8, 8]); the file is damaged or crafted."
+        )
     return tuple(shape)
 
 
@@ -140,8 +170,9 @@ def open_student(path: str):
     try:
         return safe_open(path, framework="pt")
     except Exception as err:  # safetensors raises several types for a foreign or damaged header
-        raise ValueError(f"{path} is not a safetensors file ({type(err).__name__}: {err}); student checkpoints are "
-                         "safetensors only.") from None
+        raise ValueError(
+            f"{path} is not a safetensors file ({type(err).__name__}: {err}); student checkpoints are safetensors only."
+        ) from None
 
 
 def read_header(path: str) -> StudentHeader:
@@ -149,15 +180,25 @@ def read_header(path: str) -> StudentHeader:
     with open_student(path) as handle:
         meta = dict(handle.metadata() or {})
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a 1.x-Distill student checkpoint (format {meta.get('format')!r}, expected {FORMAT!r}).")
+            raise ValueError(
+                f"{path} is not a 1.x-Distill student checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})."
+            )
         names = list(handle.keys())
         if len(names) > MAX_TENSORS:
             raise ValueError(f"{path} declares {len(names)} tensors (at most {MAX_TENSORS} are accepted).")
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in names}
     stacks = json_field(path, meta, "stacks")
     if stacks is not None:
-        if not (isinstance(stacks, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[1], int) and 0 <= s[1] <= MAX_BLOCKS for s in stacks)):
-            raise ValueError(f"{path}: metadata 'stacks' must list [name, block count] pairs with at most {MAX_BLOCKS} blocks, got {meta['stacks'][:80]!r}.")
+        if not (
+            isinstance(stacks, list)
+            and all(
+                isinstance(s, list) and len(s) == 2 and isinstance(s[1], int) and 0 <= s[1] <= MAX_BLOCKS
+                for s in stacks
+            )
+        ):
+            raise ValueError(
+                f"{path}: metadata 'stacks' must list [name, block count] pairs with at most {MAX_BLOCKS} blocks, got {meta['stacks'][:80]!r}."
+            )
         stacks = [(str(name), n) for name, n in stacks]
     cached = json_field(path, meta, "cached_blocks")
     cache = None
@@ -170,4 +211,6 @@ def read_header(path: str) -> StudentHeader:
                 cache.check(sum(n for _, n in stacks))
         except ValueError as err:
             raise ValueError(f"{path}: {err}.") from None
-    return StudentHeader(path, meta, shapes, _sigmas(path, meta), cache, stacks, json_field(path, meta, "base_signature"))
+    return StudentHeader(
+        path, meta, shapes, _sigmas(path, meta), cache, stacks, json_field(path, meta, "base_signature")
+    )

@@ -40,8 +40,10 @@ class Ranks:
         """The stages' optimiser: AdamW, with its moments in CPU memory when the run offloads them."""
         if self.offload_optimizer:
             if self.fsdp:
-                raise ValueError("offload_optimizer does not combine with parallel 'fsdp' (FSDP2 shards the states "
-                                 "across GPUs instead); use one of them.")
+                raise ValueError(
+                    "offload_optimizer does not combine with parallel 'fsdp' (FSDP2 shards the states "
+                    "across GPUs instead); use one of them."
+                )
             return OffloadedAdamW(params, lr, betas, weight_decay)
         return torch.optim.AdamW(params, lr, betas, weight_decay=weight_decay)
 
@@ -123,8 +125,13 @@ class OffloadedAdamW:
             m.copy_(p.detach().to("cpu", torch.float32))
 
 
-def guarded_update(loss: torch.Tensor, steps: list[tuple[list, torch.optim.Optimizer, bool]], clip: float,
-                   ranks: Ranks, idle: list | None = None) -> float:
+def guarded_update(
+    loss: torch.Tensor,
+    steps: list[tuple[list, torch.optim.Optimizer, bool]],
+    clip: float,
+    ranks: Ranks,
+    idle: list | None = None,
+) -> float:
     """Backward (averaging across ranks when ``loss`` came from a DDP-wrapped role), clip and step. ``steps``
     holds (params, optimiser, whether to step it now).
 
@@ -170,7 +177,9 @@ def place_shared_base(ranks: Ranks, role, extra: list[nn.Module]) -> None:
         raise ValueError("parallel 'fsdp' shards the one shared base of the LoRA layout; set lora_rank >= 1.")
     module = role.module
     with torch.no_grad():
-        for tensor in [p for ps in lora.params.values() for p in ps] + [t for m in extra for t in m.state_dict().values()]:
+        for tensor in [p for ps in lora.params.values() for p in ps] + [
+            t for m in extra for t in m.state_dict().values()
+        ]:
             ranks.broadcast_(tensor.detach())
     blocks = [spec.module for spec in role.flow.blocks()]
     # the root's own layers stay gathered from forward to backward: Stage II's discriminator takes block features

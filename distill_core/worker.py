@@ -119,7 +119,9 @@ def load_job(run_dir: str):
         raise ValueError(f"{jf.JOB} has format {spec.format!r}, expected {JOB_FORMAT!r}")
     cfg = RunConfig.from_dict({**spec.config, "run_dir": run_dir})
     if not cfg.teacher or not os.path.isfile(cfg.teacher):
-        raise ValueError(f"the base model file {cfg.teacher!r} does not exist (it was moved or deleted after the job was made)")
+        raise ValueError(
+            f"the base model file {cfg.teacher!r} does not exist (it was moved or deleted after the job was made)"
+        )
     base = {**spec.base, "hash": file_hash(cfg.teacher)}
     return spec.to_json(), cfg, base
 
@@ -161,7 +163,9 @@ def apply_gpu_sharing(job: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run one 1.x-Distill job from its run folder (see distill_core/jobfiles.py).")
+    parser = argparse.ArgumentParser(
+        description="Run one 1.x-Distill job from its run folder (see distill_core/jobfiles.py)."
+    )
     parser.add_argument("--run-dir", required=True, help="the run folder holding job.json")
     args = parser.parse_args(argv)
     show_on_stdout()
@@ -177,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except jf.RunFolderBusy as err:
         print(f"[1.x-Distill worker] {err}; this worker leaves it alone", file=sys.stderr)
         return EXIT_BUSY
-    if is_main and os.path.exists(os.path.join(run_dir, jf.STATUS)):  # the run is live again; an old final word would mislead watchers
+    if is_main and os.path.exists(
+        os.path.join(run_dir, jf.STATUS)
+    ):  # the run is live again; an old final word would mislead watchers
         os.remove(os.path.join(run_dir, jf.STATUS))
     beat = Heartbeat(run_dir, enabled=is_main).start()
     outcome, code = jf.Status(state="failed"), EXIT_FAILED
@@ -197,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_training(cfg, progress=beat.progress, stop=StopRequest(run_dir))
         ended_together = True  # run_training returned on every rank (its collectives keep them in step)
-        outcome = jf.Status(state=result["status"], iteration=result["iteration"], message=result["message"],
-                            student=result["student"] and os.path.basename(result["student"]))
+        outcome = jf.Status(
+            state=result["status"],
+            iteration=result["iteration"],
+            message=result["message"],
+            student=result["student"] and os.path.basename(result["student"]),
+        )
         code = EXIT_FAILED if result["status"] == "failed" else EXIT_DONE
     except ResumeRefused as err:
         outcome.message, code = str(err), EXIT_REFUSED

@@ -12,6 +12,21 @@ from .schedule import Schedule, build_schedule
 from .state import RunStats
 
 __all__ = [
-    "ONLINE_PRESETS", "PRESETS", "Profile", "RunStats", "Schedule", "StepKind", "XSlim", "XSlimConfig", "XSlimEngine", "check_profile", "adapter_for",
-    "build_schedule", "online_preset_config", "preset_config", "record_profile", "run_cached", "supported_models",
+    "ONLINE_PRESETS",
+    "PRESETS",
+    "Profile",
+    "RunStats",
+    "Schedule",
+    "StepKind",
+    "XSlim",
+    "XSlimConfig",
+    "XSlimEngine",
+    "check_profile",
+    "adapter_for",
+    "build_schedule",
+    "online_preset_config",
+    "preset_config",
+    "record_profile",
+    "run_cached",
+    "supported_models",
 ]

@@ -15,7 +15,16 @@ from .protocols import EngineBlock, EngineBlockCall
 from .run import Run
 from .segment import Streams, range_delta, replay_range
 from .state import RowState, TensorStore
-from .tokens import IMG_ONLY, gather_tokens, intercept_sdpa, join_sequence, scatter_tokens, select_tokens, split_sequence, widen_mask
+from .tokens import (
+    IMG_ONLY,
+    gather_tokens,
+    intercept_sdpa,
+    join_sequence,
+    scatter_tokens,
+    select_tokens,
+    split_sequence,
+    widen_mask,
+)
 
 if TYPE_CHECKING:
     from .engine import XSlimEngine
@@ -111,7 +120,9 @@ class CallContext:
         if first:  # a block that adds to its input in place would change I under us
             self.I, self.n_img = (self.store.keep(img) if call.mutates_inputs else img), img.shape[1]
             if kind is StepKind.TOKEN:
-                self.idx = select_tokens(self._batch("delta_last", img), self._batch("delta_prev", img), self.engine.config.token_ratio)
+                self.idx = select_tokens(
+                    self._batch("delta_last", img), self._batch("delta_prev", img), self.engine.config.token_ratio
+                )
                 img = call.img = gather_tokens(img, self.idx)
 
         if kind is StepKind.SKIP:
@@ -194,7 +205,9 @@ class CallContext:
             self.block_change.append(sum(change) / len(change))
             for j, e in enumerate(change):
                 if self.selectors[j].skip(spec.index, e):
-                    txt_res = None if txt is None or out_txt is None else self.store.put(out_txt[j : j + 1] - txt[j : j + 1])
+                    txt_res = (
+                        None if txt is None or out_txt is None else self.store.put(out_txt[j : j + 1] - txt[j : j + 1])
+                    )
                     self.new_residuals[j][spec.index] = (self.store.put(out_img[j : j + 1] - img[j : j + 1]), txt_res)
         return out_img, out_txt
 
@@ -251,7 +264,10 @@ class CallContext:
             attn_mask = widen_mask(attn_mask, layout, txt_len, self.n_img)
         if self.plan.capture_kv or self.plan.kind is StepKind.TOKEN:
             for j in range(len(self.rows)):
-                self.new_kv[j][key] = (self.store.put(k_img[j : j + 1], copy=False), self.store.put(v_img[j : j + 1], copy=False))
+                self.new_kv[j][key] = (
+                    self.store.put(k_img[j : j + 1], copy=False),
+                    self.store.put(v_img[j : j + 1], copy=False),
+                )
         return sdpa(q, k, v, attn_mask, *args, **kwargs)
 
     # -- after the call ----------------------------------------------------------------------------------
@@ -260,7 +276,9 @@ class CallContext:
             return
         plan, kind, run = self.plan, self.plan.kind, self.run
         self._check_finite(self.O)
-        n_computed = self._token_subset().shape[1] if kind is StepKind.TOKEN else (0 if kind is StepKind.SKIP else self.n_img)
+        n_computed = (
+            self._token_subset().shape[1] if kind is StepKind.TOKEN else (0 if kind is StepKind.SKIP else self.n_img)
+        )
         for j, (key, row) in enumerate(zip(self.keys, self.rows)):
             run.stats.record(key, self.step, kind)
             run.stats.tokens_computed += n_computed
@@ -331,7 +349,9 @@ class CallContext:
             curvature = True
             prev = TensorStore.get(row.delta_prev, delta).float()
             h, h_prev = _nonzero(self.sigma - sigma_last), _nonzero(sigma_last - row.sigma_prev)
-            second = ((new - last) / h - (last - prev) / h_prev).abs().sum() / _nonzero(abs(self.sigma - row.sigma_prev))
+            second = ((new - last) / h - (last - prev) / h_prev).abs().sum() / _nonzero(
+                abs(self.sigma - row.sigma_prev)
+            )
             parts += [second, last_norm]
         values = torch.stack(parts).tolist() if curvature else [parts[0].item()]
         row.rate = values[0] / max(abs(sigma_last - self.sigma), 1e-8)
@@ -345,4 +365,3 @@ class CallContext:
         entry[0] += sum(change)
         entry[1] = [a + b * w for a, b in zip(entry[1], self.block_change)]
         entry[2] += w
-

@@ -124,13 +124,18 @@ def _is_number(v) -> bool:
 def _check_types(cfg: "XSlimConfig") -> None:
     """Wrong types and values are refused here, naming the field, the value and what is accepted, rather than
     failing later deep inside torch (or silently caching wrong)."""
+
     def bad(name, accepted):
         value = getattr(cfg, name)
         raise ValueError(f"X-Slim: {name} must be {accepted}, got {value!r} ({type(value).__name__}).")
 
     if not isinstance(cfg.mode, str):
         bad("mode", f"one of {MODES}")
-    if isinstance(cfg.levels, str) or not hasattr(cfg.levels, "__iter__") or not all(isinstance(x, str) for x in cfg.levels):
+    if (
+        isinstance(cfg.levels, str)
+        or not hasattr(cfg.levels, "__iter__")
+        or not all(isinstance(x, str) for x in cfg.levels)
+    ):
         bad("levels", f"a set of level names from {sorted(LEVELS)}")
     for name in NUMBERS:
         if not _is_number(getattr(cfg, name)):
@@ -144,8 +149,11 @@ def _check_types(cfg: "XSlimConfig") -> None:
     if cfg.pattern is not None and not isinstance(cfg.pattern, str):
         bad("pattern", "a string of step letters (F B T .) or None")
     if cfg.cache_dtype is not None and cfg.cache_dtype not in CACHE_DTYPES:
-        bad("cache_dtype", "None or one of torch.float16, torch.bfloat16, torch.float32, torch.float64 (an integer or "
-            "bool cache would round the cached residuals away)")
+        bad(
+            "cache_dtype",
+            "None or one of torch.float16, torch.bfloat16, torch.float32, torch.float64 (an integer or "
+            "bool cache would round the cached residuals away)",
+        )
     if cfg.cache_device is not None:
         try:
             device = torch.device(cfg.cache_device)
@@ -162,7 +170,9 @@ def _check_segment(mode: str, seg) -> tuple[int, int]:
     pair of strings or floats would otherwise fail inside int() or len() with no field named."""
     accepted = "segment=(first, last): two whole block indices with 0 <= first <= last, in mode='segment'"
     if mode != "segment":
-        raise ValueError(f"X-Slim: a segment only works in segment mode: {accepted}; got mode={mode!r}, segment={seg!r}.")
+        raise ValueError(
+            f"X-Slim: a segment only works in segment mode: {accepted}; got mode={mode!r}, segment={seg!r}."
+        )
     if seg is None:
         raise ValueError(f"X-Slim: segment mode needs {accepted}; got segment=None.")
     pair = isinstance(seg, (tuple, list)) and len(seg) == 2

@@ -58,7 +58,9 @@ class OnlineController:
         self.sigmas = sigmas
         self.eligible = eligible_steps(sigmas, config)
         self.num_layers = num_attention_layers
-        self.band = config.crit > config.warn  # equal lines: skip or compute fully, so nothing is recorded for refreshes
+        self.band = (
+            config.crit > config.warn
+        )  # equal lines: skip or compute fully, so nothing is recorded for refreshes
         self.plans_token_refreshes = self.band and "token" in config.levels
 
     def error(self, row: RowState, step: int) -> float:

@@ -50,8 +50,14 @@ class XSlim(XSlimEngine):
         self.model = model
         adapter = adapter or adapter_for(model)
         super().__init__(
-            adapter, adapter.blocks(model), adapter.stack_sizes(model), config, profile,
-            sigmas=sigmas, record_profile=record_profile, model_name=type(model).__name__,
+            adapter,
+            adapter.blocks(model),
+            adapter.stack_sizes(model),
+            config,
+            profile,
+            sigmas=sigmas,
+            record_profile=record_profile,
+            model_name=type(model).__name__,
             segment_transform=segment_transform,
         )
         self._undo: list[Callable[[], None]] = []
@@ -131,7 +137,9 @@ def record_profile(model: torch.nn.Module, sample: Callable[[], object], sigmas:
         return cache.recorded_profile
 
 
-def run_cached(model: torch.nn.Module, config: XSlimConfig, profile: Profile | None, sigmas, sample: Callable[[], object]):
+def run_cached(
+    model: torch.nn.Module, config: XSlimConfig, profile: Profile | None, sigmas, sample: Callable[[], object]
+):
     """Install X-Slim, run ``sample()`` once over ``sigmas``, take the hooks off; returns (output, stats)."""
     with XSlim(model, config, profile) as cache:
         with cache.run(sigmas):

@@ -26,6 +26,7 @@ from .run import UNSET, Run, ThreadState, check_sigmas, locate_step
 from .schedule import BlockSelector
 from .state import RunStats, TensorStore
 
+
 class XSlimEngine:
     """The host-agnostic engine: runs, per-row plans and the block protocol. A host (``diffusers_host``, the
     ComfyUI layer in ``nodes/``) turns its model calls into ``dispatch`` and its block calls into
@@ -59,7 +60,9 @@ class XSlimEngine:
         self.layers = [(spec.index, j) for spec in self.blocks for j in range(len(spec.attention))]
         if self.config.segment is not None and self.config.segment[1] >= len(self.blocks):
             first, last = self.config.segment
-            raise ValueError(f"X-Slim: the reused block range {first}..{last} lies outside this model's {len(self.blocks)} blocks (0..{len(self.blocks) - 1}).")
+            raise ValueError(
+                f"X-Slim: the reused block range {first}..{last} lies outside this model's {len(self.blocks)} blocks (0..{len(self.blocks) - 1})."
+            )
         check_profile(profile, adapter, self.stacks)
         if profile is None and self.config.mode == "schedule" and self.config.pattern is None and not record_profile:
             raise ValueError(
@@ -76,7 +79,9 @@ class XSlimEngine:
     _run = property(lambda self: self._thread.run, lambda self, v: setattr(self._thread, "run", v))
     _call = property(lambda self: self._thread.call, lambda self, v: setattr(self._thread, "call", v))
     _last_stats = property(lambda self: self._thread.last_stats, lambda self, v: setattr(self._thread, "last_stats", v))
-    _last_profile = property(lambda self: self._thread.last_profile, lambda self, v: setattr(self._thread, "last_profile", v))
+    _last_profile = property(
+        lambda self: self._thread.last_profile, lambda self, v: setattr(self._thread, "last_profile", v)
+    )
 
     @property
     def _sigmas_source(self):
@@ -236,9 +241,11 @@ class XSlimEngine:
         if run is not None and run.shape_key != call.shape_key and step > 0:
             # a new run starts at its first step; a new batch or resolution in the middle would start counting
             # afresh and report a fraction of the calls made, so it is refused
-            raise ValueError(f"X-Slim: the latent changed in the middle of a run (at step {step}: {call.shape_key[0]} after "
-                             f"{run.shape_key[0]}). A run keeps one batch and resolution; start a new run (a new "
-                             "`cache.run(...)`, or sample again) to change them.")
+            raise ValueError(
+                f"X-Slim: the latent changed in the middle of a run (at step {step}: {call.shape_key[0]} after "
+                f"{run.shape_key[0]}). A run keeps one batch and resolution; start a new run (a new "
+                "`cache.run(...)`, or sample again) to change them."
+            )
         self.end_run()
         self._run = Run(self, sigmas, call.shape_key)
         return self._run, step
@@ -247,16 +254,24 @@ class XSlimEngine:
         """The run's profile, or None and what kept it from being one (None: simply not every step was run)."""
         steps, stats = run.profile_steps, run.stats
         if not stats.one_call_per_step:
-            return None, (f"the sampler evaluated the model more than once per step ({stats.uncached_calls} calls between "
-                          f"steps, {stats.repeated_calls} repeated steps); record the profile with a one-call-per-step "
-                          "sampler such as Euler")
+            return None, (
+                f"the sampler evaluated the model more than once per step ({stats.uncached_calls} calls between "
+                f"steps, {stats.repeated_calls} repeated steps); record the profile with a one-call-per-step "
+                "sampler such as Euler"
+            )
         if len(steps) != len(run.sigmas) - 1:
             return None, None  # a step not visited
         ordered = [steps[k] for k in range(len(steps))]
         try:  # the profile's own checks: e.g. a model whose outputs went NaN gives no usable profile
-            return Profile(family=self.adapter.family, sigmas=run.sigmas, step_change=[s[0] / s[2] for s in ordered],
-                           block_change=[[b / s[2] for b in s[1]] for s in ordered], stacks=self.stacks,
-                           meta={"model": self.model_name}, source="the recorded run"), None
+            return Profile(
+                family=self.adapter.family,
+                sigmas=run.sigmas,
+                step_change=[s[0] / s[2] for s in ordered],
+                block_change=[[b / s[2] for b in s[1]] for s in ordered],
+                stacks=self.stacks,
+                meta={"model": self.model_name},
+                source="the recorded run",
+            ), None
         except ValueError as err:
             return None, str(err).removeprefix("X-Slim: ").rstrip(".")
 
@@ -271,8 +286,10 @@ def check_profile(profile: Profile | None, adapter: Adapter, stacks: Sequence[tu
     if profile is None:
         return
     if not isinstance(profile, Profile):
-        raise ValueError(f"X-Slim: profile must be a Profile (xslim_core.record_profile or Profile.load), got "
-                         f"{type(profile).__name__}.")
+        raise ValueError(
+            f"X-Slim: profile must be a Profile (xslim_core.record_profile or Profile.load), got "
+            f"{type(profile).__name__}."
+        )
     check_fields(profile, "profile")  # again: its lists may have been changed since it was made
     if profile.family != adapter.family:
         raise ValueError(
@@ -283,10 +300,13 @@ def check_profile(profile: Profile | None, adapter: Adapter, stacks: Sequence[tu
         raise ValueError(f"X-Slim: the profile was recorded on blocks {profile.stacks}, this model has {stacks}.")
 
 
-
 # The diffusers host and the forecast had their home here; these names still import from this module.
-_MOVED = {"XSlim": "diffusers_host", "record_profile": "diffusers_host", "run_cached": "diffusers_host",
-          "forecast_residual": "forecast"}
+_MOVED = {
+    "XSlim": "diffusers_host",
+    "record_profile": "diffusers_host",
+    "run_cached": "diffusers_host",
+    "forecast_residual": "forecast",
+}
 
 
 def __getattr__(name: str):

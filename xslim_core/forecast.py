@@ -44,4 +44,3 @@ def forecast_rows(rows: list[RowState], sigma: float, order: int, limit: float, 
         ok = (correction.abs().sum(dim=dims) <= bound).reshape(-1, *([1] * len(dims)))
         out = torch.where(ok, last + correction, out)
     return out.to(like.dtype)
-

@@ -15,7 +15,9 @@ def register_package(name: str, folder: str) -> ModuleType:
     name when there is one. A ValueError names a folder without a package."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+    )
     if spec is None or spec.loader is None or not os.path.isfile(os.path.join(folder, "__init__.py")):
         raise ValueError(f"no package at {folder} (it has no __init__.py) to import as {name}")
     module = importlib.util.module_from_spec(spec)

@@ -50,7 +50,9 @@ class Profile:
     def from_json(cls, text: str | bytes, source: str = "<string>") -> "Profile":
         """Parse and check a profile; anything malformed, oversized or non-finite is refused by name."""
         if len(text) > MAX_BYTES:
-            raise ValueError(f"X-Slim: {source} is {len(text) / 1e6:.1f} MB; a profile is at most {MAX_BYTES // 10**6} MB.")
+            raise ValueError(
+                f"X-Slim: {source} is {len(text) / 1e6:.1f} MB; a profile is at most {MAX_BYTES // 10**6} MB."
+            )
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as err:  # also undecodable bytes and absurd nesting
@@ -84,15 +86,21 @@ def _is_number(v) -> bool:
 
 def _finite_list(value, name: str, source: str, minimum: float = -math.inf) -> list[float]:
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"X-Slim: {source}: {name} must be a list of numbers, got {value!r:.60} ({type(value).__name__}).")
+        raise ValueError(
+            f"X-Slim: {source}: {name} must be a list of numbers, got {value!r:.60} ({type(value).__name__})."
+        )
     wrong = [v for v in value if not _is_number(v)][:1]
     if wrong:
-        raise ValueError(f"X-Slim: {source}: {name} must be a list of numbers; it holds {wrong[0]!r:.60} ({type(wrong[0]).__name__}).")
+        raise ValueError(
+            f"X-Slim: {source}: {name} must be a list of numbers; it holds {wrong[0]!r:.60} ({type(wrong[0]).__name__})."
+        )
     for i, v in enumerate(value):
         if not (math.isfinite(v) and v >= minimum):
             accepted = "finite numbers" + (f" >= {minimum:g}" if minimum > -math.inf else "")
-            raise ValueError(f"X-Slim: {source}: {name}[{i}] is {v!r}, which is not finite or out of range (accepted: "
-                             f"{accepted}); record the profile again.")
+            raise ValueError(
+                f"X-Slim: {source}: {name}[{i}] is {v!r}, which is not finite or out of range (accepted: "
+                f"{accepted}); record the profile again."
+            )
     return [float(v) for v in value]
 
 
@@ -103,23 +111,37 @@ def check_fields(prof: Profile, source: str) -> None:
         raise ValueError(f"X-Slim: {source}: family must be a model family name (a string), got {prof.family!r:.60}.")
     steps = len(prof.step_change) if isinstance(prof.step_change, (list, tuple)) else None
     if steps is not None and not 2 <= steps <= MAX_STEPS:  # one step has no change between steps to plan from
-        raise ValueError(f"X-Slim: {source} has {steps} steps (step_change); a profile has 2..{MAX_STEPS}. Record it "
-                         "with the step count you usually sample with.")
+        raise ValueError(
+            f"X-Slim: {source} has {steps} steps (step_change); a profile has 2..{MAX_STEPS}. Record it "
+            "with the step count you usually sample with."
+        )
     if not isinstance(prof.stacks, (list, tuple)) or not all(
-        isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int)
-        and not isinstance(s[1], bool) and 0 < s[1] <= MAX_BLOCKS
+        isinstance(s, (list, tuple))
+        and len(s) == 2
+        and isinstance(s[0], str)
+        and isinstance(s[1], int)
+        and not isinstance(s[1], bool)
+        and 0 < s[1] <= MAX_BLOCKS
         for s in prof.stacks
     ):
-        raise ValueError(f"X-Slim: {source}: stacks must be [name, block count] pairs (1..{MAX_BLOCKS} blocks), "
-                         f"got {prof.stacks!r:.80}.")
+        raise ValueError(
+            f"X-Slim: {source}: stacks must be [name, block count] pairs (1..{MAX_BLOCKS} blocks), "
+            f"got {prof.stacks!r:.80}."
+        )
     prof.stacks = [(str(name), int(count)) for name, count in prof.stacks]
     prof.sigmas = _finite_list(prof.sigmas, "sigmas", source)
     prof.step_change = _finite_list(prof.step_change, "step_change", source, minimum=0.0)
-    if len(prof.sigmas) != prof.num_steps + 1 or not isinstance(prof.block_change, (list, tuple)) or len(prof.block_change) != prof.num_steps:
-        raise ValueError(f"X-Slim: {source} is inconsistent (sigmas, step and block curves differ in length): "
-                         f"{len(prof.sigmas)} sigmas, {prof.num_steps} step_change values, "
-                         f"{len(prof.block_change) if isinstance(prof.block_change, (list, tuple)) else prof.block_change!r:.40} block_change rows; "
-                         "a profile of T steps has T+1 sigmas and T of each.")
+    if (
+        len(prof.sigmas) != prof.num_steps + 1
+        or not isinstance(prof.block_change, (list, tuple))
+        or len(prof.block_change) != prof.num_steps
+    ):
+        raise ValueError(
+            f"X-Slim: {source} is inconsistent (sigmas, step and block curves differ in length): "
+            f"{len(prof.sigmas)} sigmas, {prof.num_steps} step_change values, "
+            f"{len(prof.block_change) if isinstance(prof.block_change, (list, tuple)) else prof.block_change!r:.40} block_change rows; "
+            "a profile of T steps has T+1 sigmas and T of each."
+        )
     blocks = sum(n for _, n in prof.stacks)
     prof.block_change = [_finite_list(row, "block_change", source, minimum=0.0) for row in prof.block_change]
     if any(len(row) != blocks for row in prof.block_change):

@@ -53,10 +53,14 @@ class EngineBlockCall(BlockCall, Protocol):
     def with_image_tokens(self, img: torch.Tensor, tokens: torch.Tensor, n_img: int) -> torch.Tensor:
         """The image-stream output with its ``n_img`` image tokens replaced by ``tokens``."""
 
-    def streams(self, img: torch.Tensor, txt: torch.Tensor | None, n_img: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def streams(
+        self, img: torch.Tensor, txt: torch.Tensor | None, n_img: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(image tokens, text tokens) of the block's inputs or outputs."""
 
-    def join_streams(self, image: torch.Tensor, text: torch.Tensor | None, n_img: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def join_streams(
+        self, image: torch.Tensor, text: torch.Tensor | None, n_img: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The inverse of ``streams``: (img, txt) in the block's own stream form."""
 
 
@@ -147,7 +151,9 @@ class AttentionSeam(Protocol):
     @property
     def expects_attention(self) -> bool: ...
 
-    def attend_next(self, sdpa: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor: ...
+    def attend_next(
+        self, sdpa: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None
+    ) -> torch.Tensor: ...
 
     def enter_attention(self, layer: tuple) -> None: ...
 

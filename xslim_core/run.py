@@ -51,10 +51,14 @@ def check_sigmas(sigmas) -> list[float]:
     except (TypeError, ValueError):
         raise ValueError(f"X-Slim: sigmas must be a sequence of numbers, got {type(sigmas).__name__}.") from None
     if len(values) < 2 or not all(math.isfinite(v) and abs(v) <= MAX_SIGMA for v in values):
-        raise ValueError(f"X-Slim: a run needs at least two finite sigmas (one step) of at most {MAX_SIGMA:g}, got {values[:8]}.")
+        raise ValueError(
+            f"X-Slim: a run needs at least two finite sigmas (one step) of at most {MAX_SIGMA:g}, got {values[:8]}."
+        )
     if any(b > a for a, b in zip(values, values[1:])) or values[0] == values[-1]:
-        raise ValueError(f"X-Slim: sigmas must fall from the first to the last (noise to clean) and never rise, got "
-                         f"{values[:8]}; steps could not be told apart.")
+        raise ValueError(
+            f"X-Slim: sigmas must fall from the first to the last (noise to clean) and never rise, got "
+            f"{values[:8]}; steps could not be told apart."
+        )
     return values
 
 
@@ -115,4 +119,3 @@ class Run:
         if any((key, step) in self.visited for key in keys):
             self.stats.repeated_calls += 1
         self.visited.update((key, step) for key in keys)
-

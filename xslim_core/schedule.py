@@ -63,7 +63,9 @@ def coarse_pass(change: list[float], eligible: list[bool], threshold: float) -> 
     return computed
 
 
-def fine_pass(change: list[float], computed: list[bool], eligible: list[bool], partial_kinds: list[StepKind]) -> list[StepKind]:
+def fine_pass(
+    change: list[float], computed: list[bool], eligible: list[bool], partial_kinds: list[StepKind]
+) -> list[StepKind]:
     """Downgrade computed steps in the stable span to partial refreshes; every third candidate stays full."""
     return polish(computed, stable_steps(change, eligible) if partial_kinds else [], partial_kinds)
 
@@ -267,7 +269,9 @@ class _Planner:
         """How many blocks a block refresh after full step ``step`` reuses, by the profile's nearest step."""
         if step not in self._skipped:
             row = self.recorded.block_change[self._nearest(self.sigmas[step])]
-            self._skipped[step] = len(select_blocks(row, self.recorded.stacks, self.block_thresholds, self.config.protected_blocks))
+            self._skipped[step] = len(
+                select_blocks(row, self.recorded.stacks, self.block_thresholds, self.config.protected_blocks)
+            )
         return self._skipped[step]
 
     def kinds(self, threshold: float) -> list[StepKind]:

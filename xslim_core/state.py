@@ -153,7 +153,8 @@ class RunStats:
             + (
                 f" - INVALID RESULT: the model's output held NaN or inf at step {self.non_finite_step} (the input "
                 "latent or the model produced them; X-Slim's decisions from there on measured nothing)"
-                if self.non_finite_step is not None else ""
+                if self.non_finite_step is not None
+                else ""
             )
         )
 

@@ -114,17 +114,26 @@ def train(epochs: int = 12, seed: int = 0, out: str | None = None) -> float:
             schedule.step()
     model.eval()
     with torch.no_grad():
-        accuracy = (torch.cat([model.logits(xt[i : i + 1000]).argmax(1) for i in range(0, len(xt), 1000)]) == yt).float().mean().item()
+        accuracy = (
+            (torch.cat([model.logits(xt[i : i + 1000]).argmax(1) for i in range(0, len(xt), 1000)]) == yt)
+            .float()
+            .mean()
+            .item()
+        )
         fid = FrechetInceptionDistance(feature=model, normalize=True)
         for i in range(0, len(xt), 1000):
             fid.update(xt[i : i + 1000], real=True)
         picked = torch.randperm(len(xt), generator=g)[:2000]
         tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-        tensors.update({
-            "ref.fd_sum": fid.real_features_sum, "ref.fd_cov_sum": fid.real_features_cov_sum,
-            "ref.fd_count": fid.real_features_num_samples.reshape(1),
-            "ref.features": model.features(xt[picked]).contiguous(), "ref.labels": yt[picked].contiguous(),
-        })
+        tensors.update(
+            {
+                "ref.fd_sum": fid.real_features_sum,
+                "ref.fd_cov_sum": fid.real_features_cov_sum,
+                "ref.fd_count": fid.real_features_num_samples.reshape(1),
+                "ref.features": model.features(xt[picked]).contiguous(),
+                "ref.labels": yt[picked].contiguous(),
+            }
+        )
     out = out or default_classifier_path()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with atomic_path(out, overwrite=True, mode=0o644) as tmp:

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 DATA_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
-INSTALL_HINT = "sudo apt-get install dataset-fashion-mnist   (or set FASHION_MNIST_DIR to a folder with the idx .gz files)"
+INSTALL_HINT = (
+    "sudo apt-get install dataset-fashion-mnist   (or set FASHION_MNIST_DIR to a folder with the idx .gz files)"
+)
 
 
 def _read_idx(path: str) -> np.ndarray:

@@ -30,8 +30,12 @@ def load_demo_teacher(path: str | None = None, classes: list[int] | None = None)
     path = path or default_weights_path()
     teacher = load_teacher(path)
     flow = FlowModel(teacher.model, LATENT_SHAPE)
-    base = {"family": teacher.meta.get("family", "unknown"), "hash": file_hash(path), "architecture": teacher.meta["architecture"],
-            "signature": file_signature(path)}
+    base = {
+        "family": teacher.meta.get("family", "unknown"),
+        "hash": file_hash(path),
+        "architecture": teacher.meta["architecture"],
+        "signature": file_signature(path),
+    }
     conditioner = teacher.conditioner
 
     def render(sample) -> "object":

@@ -19,7 +19,9 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next
     return x + (sigma_next - sigma) * velocity
 
 
-def cfg_velocity(velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, sigma: float, scale: float):
+def cfg_velocity(
+    velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, sigma: float, scale: float
+):
     """Classifier-free guidance with [uncond; cond] batched in one call (the layout diffusers pipelines use)."""
     v_uncond, v_cond = velocity_fn(torch.cat([x, x]), sigma).chunk(2)
     return v_uncond + scale * (v_cond - v_uncond)
@@ -34,8 +36,14 @@ def sample_euler(velocity_fn, x: torch.Tensor, sigmas: list[float], cfg_scale: f
     return x
 
 
-def ab2_step(x: torch.Tensor, velocity: torch.Tensor, previous: torch.Tensor | None, sigma: float, sigma_next: float,
-             h_previous: float | None) -> torch.Tensor:
+def ab2_step(
+    x: torch.Tensor,
+    velocity: torch.Tensor,
+    previous: torch.Tensor | None,
+    sigma: float,
+    sigma_next: float,
+    h_previous: float | None,
+) -> torch.Tensor:
     """One Adams-Bashforth-2 step on the velocity with variable step sizes: the velocity is extrapolated to the
     middle of the step from this step's and the previous step's velocity (Euler while there is no previous)."""
     h = sigma_next - sigma

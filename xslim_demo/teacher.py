@@ -32,10 +32,23 @@ FORMAT = "xslim-demo-teacher/1"
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 
 ARCHITECTURE = dict(
-    in_channels=16, out_channels=16, num_attention_heads=1, attention_head_dim=128, num_layers=4,
-    num_single_layers=8, num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
-    guidance_embeds=False, text_embed_dim=64, pooled_projection_dim=768, rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56), image_condition_type=None,
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=1,
+    attention_head_dim=128,
+    num_layers=4,
+    num_single_layers=8,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=1,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=False,
+    text_embed_dim=64,
+    pooled_projection_dim=768,
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+    image_condition_type=None,
 )
 TEXT_TOKENS = 4
 
@@ -53,7 +66,9 @@ def build_model(architecture: dict | None = None) -> nn.Module:
 class ClassConditioner(nn.Module):
     """Per-class text tokens [L, text_dim] and pooled vector [768]; index len(CLASSES) is the null class."""
 
-    def __init__(self, num_classes: int = len(CLASSES), tokens: int = TEXT_TOKENS, text_dim: int = 64, pooled: int = 768):
+    def __init__(
+        self, num_classes: int = len(CLASSES), tokens: int = TEXT_TOKENS, text_dim: int = 64, pooled: int = 768
+    ):
         super().__init__()
         self.context = nn.Parameter(torch.randn(num_classes + 1, tokens, text_dim) * 0.5)
         self.pooled = nn.Parameter(torch.randn(num_classes + 1, pooled) * 0.5)
@@ -72,8 +87,14 @@ def velocity(model: nn.Module, conditioner: ClassConditioner, x: torch.Tensor, s
     b = x.shape[0]
     t = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(b) * 1000.0
     mask = torch.ones(b, context.shape[1], device=x.device)
-    return model(hidden_states=x, timestep=t, encoder_hidden_states=context, encoder_attention_mask=mask,
-                 pooled_projections=pooled, return_dict=False)[0]
+    return model(
+        hidden_states=x,
+        timestep=t,
+        encoder_hidden_states=context,
+        encoder_attention_mask=mask,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
 
 
 # -- diffusers <-> ComfyUI key names ------------------------------------------------------------------------
@@ -91,7 +112,12 @@ def key_rules(refiners: int, doubles: int, singles: int) -> list[tuple[str, tupl
         ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",), LINEAR, False),
         ("txt_in.input_embedder", ("context_embedder.proj_in",), LINEAR, False),
         ("txt_in.t_embedder.in_layer", ("context_embedder.time_text_embed.timestep_embedder.linear_1",), LINEAR, False),
-        ("txt_in.t_embedder.out_layer", ("context_embedder.time_text_embed.timestep_embedder.linear_2",), LINEAR, False),
+        (
+            "txt_in.t_embedder.out_layer",
+            ("context_embedder.time_text_embed.timestep_embedder.linear_2",),
+            LINEAR,
+            False,
+        ),
         ("txt_in.c_embedder.in_layer", ("context_embedder.time_text_embed.text_embedder.linear_1",), LINEAR, False),
         ("txt_in.c_embedder.out_layer", ("context_embedder.time_text_embed.text_embedder.linear_2",), LINEAR, False),
         ("final_layer.adaLN_modulation.1", ("norm_out.linear",), LINEAR, True),  # (scale, shift) vs (shift, scale)
@@ -114,7 +140,12 @@ def key_rules(refiners: int, doubles: int, singles: int) -> list[tuple[str, tupl
             (f"{d}.img_mod.lin", (f"{s}.norm1.linear",), LINEAR, False),
             (f"{d}.txt_mod.lin", (f"{s}.norm1_context.linear",), LINEAR, False),
             (f"{d}.img_attn.qkv", (f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v"), LINEAR, False),
-            (f"{d}.txt_attn.qkv", (f"{s}.attn.add_q_proj", f"{s}.attn.add_k_proj", f"{s}.attn.add_v_proj"), LINEAR, False),
+            (
+                f"{d}.txt_attn.qkv",
+                (f"{s}.attn.add_q_proj", f"{s}.attn.add_k_proj", f"{s}.attn.add_v_proj"),
+                LINEAR,
+                False,
+            ),
             (f"{d}.img_attn.norm.query_norm", (f"{s}.attn.norm_q",), SCALE, False),
             (f"{d}.img_attn.norm.key_norm", (f"{s}.attn.norm_k",), SCALE, False),
             (f"{d}.txt_attn.norm.query_norm", (f"{s}.attn.norm_added_q",), SCALE, False),
@@ -158,7 +189,9 @@ def to_comfy(state: dict[str, torch.Tensor], architecture: dict) -> dict[str, to
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_comfy(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], architecture: dict) -> dict[str, torch.Tensor]:
+def from_comfy(
+    state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], architecture: dict
+) -> dict[str, torch.Tensor]:
     out = {}
     for comfy, parts, suffixes, swap in _rules_for(architecture):
         for ds, cs in suffixes:
@@ -166,7 +199,9 @@ def from_comfy(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], ar
             t = swap_halves(t) if swap else t
             sizes = [shapes[f"{p}.{ds}"][0] for p in parts]
             if t.shape[0] != sum(sizes):
-                raise ValueError(f"tensor {comfy}.{cs} has shape {tuple(t.shape)}, the architecture needs {sum(sizes)} rows")
+                raise ValueError(
+                    f"tensor {comfy}.{cs} has shape {tuple(t.shape)}, the architecture needs {sum(sizes)} rows"
+                )
             for p, piece in zip(parts, t.split(sizes, dim=0)):
                 out[f"{p}.{ds}"] = piece.contiguous()
     return out
@@ -183,7 +218,11 @@ class DemoTeacher:
         """velocity(x, sigma) for sampling; with a doubled batch (CFG) the first half is unconditional."""
 
         def fn(x, sigma):
-            rows = labels if x.shape[0] == labels.shape[0] else torch.cat([torch.full_like(labels, self.conditioner.null_class), labels])
+            rows = (
+                labels
+                if x.shape[0] == labels.shape[0]
+                else torch.cat([torch.full_like(labels, self.conditioner.null_class), labels])
+            )
             return velocity(self.model, self.conditioner, x, sigma, rows)
 
         return fn
@@ -195,7 +234,12 @@ def classes_path(weights_path: str) -> str:
     the table) gets the shipped table."""
     beside = weights_path.replace(".safetensors", ".classes.safetensors")
     shipped = default_weights_path()
-    if not os.path.exists(beside) and os.path.exists(weights_path) and os.path.exists(shipped) and os.path.samefile(weights_path, shipped):
+    if (
+        not os.path.exists(beside)
+        and os.path.exists(weights_path)
+        and os.path.exists(shipped)
+        and os.path.samefile(weights_path, shipped)
+    ):
         return shipped.replace(".safetensors", ".classes.safetensors")
     return beside
 
@@ -240,7 +284,9 @@ def load_teacher(path: str | None = None, dtype: torch.dtype = torch.float32) ->
     path = path or default_weights_path()
     tensors, header = _read(path)
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an X-Slim demo teacher (format {header.get('format')!r}, expected {FORMAT!r}).")
+        raise ValueError(
+            f"{path} is not an X-Slim demo teacher (format {header.get('format')!r}, expected {FORMAT!r})."
+        )
     architecture = json.loads(header["architecture"])
     architecture["rope_axes_dim"] = tuple(architecture["rope_axes_dim"])
     with torch.device("meta"):
@@ -254,16 +300,18 @@ def load_teacher(path: str | None = None, dtype: torch.dtype = torch.float32) ->
         raise ValueError(f"{path} does not match its declared architecture: {err}.") from None
     for key, shape in shapes.items():
         if state[key].shape != shape:
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, the architecture needs {tuple(shape)}.")
+            raise ValueError(
+                f"{path}: tensor {key} has shape {tuple(state[key].shape)}, the architecture needs {tuple(shape)}."
+            )
     model = build_model(architecture)
     model.load_state_dict(state, strict=True)
     if dtype != torch.float32:
         model.to(dtype)
     model.eval().requires_grad_(False)
     table, _ = _read(classes_path(path))
-    conditioner = ClassConditioner(table["context"].shape[0] - 1, table["context"].shape[1], table["context"].shape[2], table["pooled"].shape[1])
+    conditioner = ClassConditioner(
+        table["context"].shape[0] - 1, table["context"].shape[1], table["context"].shape[2], table["pooled"].shape[1]
+    )
     conditioner.load_state_dict(table)
     conditioner.to(dtype).requires_grad_(False)
     return DemoTeacher(model, conditioner, header)
-
-

@@ -77,7 +77,12 @@ class Trainer:
 
     def save(self) -> None:
         tensors = {}
-        for prefix, module in (("model", self.model), ("cond", self.cond), ("ema_model", self.ema_model), ("ema_cond", self.ema_cond)):
+        for prefix, module in (
+            ("model", self.model),
+            ("cond", self.cond),
+            ("ema_model", self.ema_model),
+            ("ema_cond", self.ema_cond),
+        ):
             tensors.update({f"{prefix}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
         for i, p in enumerate(self.params):
             st = self.opt.state.get(p)
@@ -98,12 +103,20 @@ class Trainer:
         with safe_open(self.ckpt_path, framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata()
-        for prefix, module in (("model", self.model), ("cond", self.cond), ("ema_model", self.ema_model), ("ema_cond", self.ema_cond)):
+        for prefix, module in (
+            ("model", self.model),
+            ("cond", self.cond),
+            ("ema_model", self.ema_model),
+            ("ema_cond", self.ema_cond),
+        ):
             module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in t.items() if k.startswith(prefix + ".")})
         for i, p in enumerate(self.params):
             if f"opt.{i}.exp_avg" in t:
-                self.opt.state[p] = {"exp_avg": t[f"opt.{i}.exp_avg"], "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"],
-                                     "step": t[f"opt.{i}.step"].reshape(())}
+                self.opt.state[p] = {
+                    "exp_avg": t[f"opt.{i}.exp_avg"],
+                    "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"],
+                    "step": t[f"opt.{i}.step"].reshape(()),
+                }
         torch.set_rng_state(t["rng.torch"])
         self.gen.set_state(t["rng.data"])
         self.order = t["data.order"]
@@ -181,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         if not resumed:
             raise SystemExit(f"No checkpoint in {args.run_dir} to export.")
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        save_teacher(args.out, trainer.ema_model, trainer.ema_cond, {"training_steps": trainer.step, "ema_decay": trainer.cfg.ema_decay})
+        save_teacher(
+            args.out,
+            trainer.ema_model,
+            trainer.ema_cond,
+            {"training_steps": trainer.step, "ema_decay": trainer.cfg.ema_decay},
+        )
         print(f"Exported the EMA weights after {trainer.step} steps to {args.out}")
         return 0
     cfg, start = trainer.cfg, time.time()
@@ -198,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.step % cfg.checkpoint_every == 0 or done or trainer.step == cfg.total_steps:
             trainer.save()
             with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": trainer.step, "loss_ema": ema_loss, "elapsed_s": time.time() - start}) + "\n")
+                f.write(
+                    json.dumps({"step": trainer.step, "loss_ema": ema_loss, "elapsed_s": time.time() - start}) + "\n"
+                )
         if trainer.step % cfg.preview_every == 0:
             trainer.preview()
         if done:

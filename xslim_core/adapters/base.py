@@ -104,11 +104,15 @@ class BoundBlock:
         """The image-stream output with its ``n_img`` image tokens replaced by ``tokens``."""
         return tokens
 
-    def streams(self, img: torch.Tensor, txt: torch.Tensor | None, n_img: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def streams(
+        self, img: torch.Tensor, txt: torch.Tensor | None, n_img: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(image tokens, text tokens) of a block's inputs or outputs: diffusers keeps them apart already."""
         return img, txt
 
-    def join_streams(self, image: torch.Tensor, text: torch.Tensor | None, n_img: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def join_streams(
+        self, image: torch.Tensor, text: torch.Tensor | None, n_img: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return image, text
 
     def pack(self, img: torch.Tensor, txt: torch.Tensor | None):
@@ -217,8 +221,13 @@ class Adapter(Generic[BlockCallT]):
                 ]
                 specs.append(
                     BlockSpec(
-                        len(specs), stack, block, self.block_img_arg, self.block_txt_arg,
-                        self.block_outputs[stack], attention,
+                        len(specs),
+                        stack,
+                        block,
+                        self.block_img_arg,
+                        self.block_txt_arg,
+                        self.block_outputs[stack],
+                        attention,
                     )
                 )
         return specs

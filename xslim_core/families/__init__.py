@@ -22,9 +22,11 @@ from ..adapters.base import Adapter
 FAMILY_MODULES = ("sd3", "flux", "hunyuan_video", "dit")
 
 # LoRA on the blocks' attention and MLP projections (diffusers' names, shared by every family); other layers frozen.
-DIFFUSERS_LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
-                          r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
-                          r"proj_mlp|proj_out)")
+DIFFUSERS_LORA_TARGETS = (
+    r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|"
+    r"add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|"
+    r"proj_mlp|proj_out)"
+)
 
 
 def model_times(sigma, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -131,5 +133,15 @@ def family_of_class(class_name: str) -> FamilySpec | None:
     return next((spec for spec in REGISTRY.values() if class_name in spec.model_classes), None)
 
 
-__all__ = ["ActivationModel", "DIFFUSERS_LORA_TARGETS", "FamilySpec", "LatentGeometry", "REGISTRY", "TrainerDefaults",
-           "family_of_class", "family_spec", "model_times", "trainable_families"]
+__all__ = [
+    "ActivationModel",
+    "DIFFUSERS_LORA_TARGETS",
+    "FamilySpec",
+    "LatentGeometry",
+    "REGISTRY",
+    "TrainerDefaults",
+    "family_of_class",
+    "family_spec",
+    "model_times",
+    "trainable_families",
+]

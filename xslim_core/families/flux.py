@@ -39,13 +39,17 @@ class FluxAdapter(Adapter[BoundBlock]):
             assert txt is not None, "X-Slim: FLUX blocks always take the text stream"  # block_txt_arg is set
             txt_len = txt.shape[1]
             rows = torch.cat([torch.arange(txt_len, device=idx.device), txt_len + idx[0]])
-            memo[id(rope)] = (rope, tuple(t.index_select(0, rows.to(t.device)) for t in rope))  # rope kept alive: id stays unique
+            memo[id(rope)] = (
+                rope,
+                tuple(t.index_select(0, rows.to(t.device)) for t in rope),
+            )  # rope kept alive: id stays unique
         block.arguments["image_rotary_emb"] = memo[id(rope)][1]
 
     def unsupported(self, call: ModelCall) -> str | None:
-        if call.arguments.get("controlnet_block_samples") is not None or call.arguments.get(
-            "controlnet_single_block_samples"
-        ) is not None:
+        if (
+            call.arguments.get("controlnet_block_samples") is not None
+            or call.arguments.get("controlnet_single_block_samples") is not None
+        ):
             return "ControlNet residuals are added between blocks"
         return None
 
@@ -58,8 +62,16 @@ def velocity(module, x, sigma, cond, extra: dict):
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.dtype)
     txt_ids = torch.zeros(cond.context.shape[1], 3, device=x.device, dtype=x.dtype)
     guidance = torch.full_like(t, extra.get("guidance", EMBEDDED_GUIDANCE)) if module.config.guidance_embeds else None
-    return module(hidden_states=x, encoder_hidden_states=cond.context, pooled_projections=cond.pooled, timestep=t,
-                  img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+    return module(
+        hidden_states=x,
+        encoder_hidden_states=cond.context,
+        pooled_projections=cond.pooled,
+        timestep=t,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=guidance,
+        return_dict=False,
+    )[0]
 
 
 def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
@@ -70,7 +82,11 @@ def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
 
 
 SPEC = FamilySpec(
-    FluxAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2, packed=True), text_tokens=512, embedded_guidance=EMBEDDED_GUIDANCE,
+    FluxAdapter,
+    velocity,
+    LatentGeometry(channels=16, downscale=8, patch=2, packed=True),
+    text_tokens=512,
+    embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.5), single=(21.3, 17.3), outside=(3.6, 1.0)),
     reference_model="flux.1-dev",
     # guidance-distilled: guidance is an input of the model, so CFG on top would guide twice

@@ -46,10 +46,18 @@ class HunyuanVideoAdapter(Adapter[BoundBlock]):
 def velocity(module, x, sigma, cond, extra: dict):
     mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], device=x.device)
     t = model_times(sigma, x, HunyuanVideoAdapter.time_scale)
-    guidance = (torch.full_like(t, extra.get("guidance", EMBEDDED_GUIDANCE) * 1000.0)
-                if module.config.guidance_embeds else None)
-    return module(hidden_states=x, timestep=t, encoder_hidden_states=cond.context, encoder_attention_mask=mask,
-                  pooled_projections=cond.pooled, guidance=guidance, return_dict=False)[0]
+    guidance = (
+        torch.full_like(t, extra.get("guidance", EMBEDDED_GUIDANCE) * 1000.0) if module.config.guidance_embeds else None
+    )
+    return module(
+        hidden_states=x,
+        timestep=t,
+        encoder_hidden_states=cond.context,
+        encoder_attention_mask=mask,
+        pooled_projections=cond.pooled,
+        guidance=guidance,
+        return_dict=False,
+    )[0]
 
 
 def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
@@ -61,8 +69,11 @@ def text_encode(pipe, prompts: list[str], device, max_tokens: int | None):
 
 
 SPEC = FamilySpec(
-    HunyuanVideoAdapter, velocity, LatentGeometry(channels=16, downscale=8, patch=2, temporal_downscale=4),
-    text_tokens=256, embedded_guidance=EMBEDDED_GUIDANCE,
+    HunyuanVideoAdapter,
+    velocity,
+    LatentGeometry(channels=16, downscale=8, patch=2, temporal_downscale=4),
+    text_tokens=256,
+    embedded_guidance=EMBEDDED_GUIDANCE,
     activations=ActivationModel(double=(25.8, 18.7), single=(22.3, 18.3), outside=(5.5, 1.0)),
     reference_model="hunyuan-video",
     trainer=TrainerDefaults(batch_size=1, guidance_scale=1.0),  # guidance-distilled, as FLUX
