@@ -60,7 +60,8 @@ demo: $(STAMP)
 test: check core-test host-test
 
 # The habits CI keeps: ruff (bug-finding rules, pyproject [tool.ruff]) over the repository, ruff's formatter and mypy
-# over the engine and trainer packages (and the demo model, formatted too), and `pip install .` into a fresh environment (torch first: the host provides it).
+# over the engine and trainer packages (the demo model formatted too), and `pip install .` into a fresh environment
+# (torch first: the host provides it).
 FORMATTED := xslim_core distill_core xslim_demo
 check: lint package-check
 
