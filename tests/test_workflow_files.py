@@ -91,3 +91,20 @@ def test_a_wide_graph_is_laid_out_in_bands_to_fit_the_window():
         start += size
     assert fit_scale(width, height) > one_row
     assert _bands([(400, 300), (400, 300)]) == [2]  # what fits at full size stays one row
+
+
+def test_every_shipped_workflow_fits_the_window_at_a_zoom_that_still_draws_text():
+    """Fit-to-view of a 1600x1000 window: below about 0.57 (frontend 1.58 at device pixel ratio 1: an 8 px minimum
+    font size for 14 px text) the frontend draws nodes without their text; the layout keeps every workflow above."""
+    import glob
+    import json
+
+    from workflow_graph import fit_scale
+
+    zooms = {}
+    for path in sorted(glob.glob(os.path.join(WORKFLOWS, "*.json"))):
+        groups = json.load(open(path))["groups"]
+        width = max(x + w for x, _, w, _ in (g["bounding"] for g in groups)) - min(g["bounding"][0] for g in groups)
+        height = max(y + h for _, y, _, h in (g["bounding"] for g in groups)) - min(g["bounding"][1] for g in groups)
+        zooms[os.path.basename(path)] = fit_scale(width, height)
+    assert len(zooms) >= 13 and min(zooms.values()) >= 0.58, zooms

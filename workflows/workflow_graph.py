@@ -76,16 +76,23 @@ def fit_scale(width: float, height: float) -> float:
     return round(max(0.4, min(1.0, WINDOW[0] / width, WINDOW[1] / height)), 3)
 
 
-def _bands(columns: list[tuple[int, int]]) -> list[int]:
-    """How many consecutive columns go in each band (bands stacked top to bottom): the split whose bounding box fits
-    ``WINDOW`` at the largest zoom; among equals the fewest bands. A wide graph so becomes taller."""
-    n, best = len(columns), None
+MIN_READABLE_ZOOM = 0.6  # about where the frontend starts drawing nodes without their text (its level of detail)
+
+
+def _runs(n: int):
+    """Every way to cut ``n`` things in order into consecutive runs, as lists of run lengths."""
     for cuts in range(1 << max(0, n - 1)):
         sizes, start = [], 0
         for k in range(1, n + 1):
             if k == n or cuts >> (k - 1) & 1:
                 sizes.append(k - start)
                 start = k
+        yield sizes
+
+
+def _bands_fit(columns: list[tuple[int, int]]) -> tuple[tuple[float, int], list[int]]:
+    best: tuple[tuple[float, int], list[int]] | None = None
+    for sizes in _runs(len(columns)):
         width, height, start = 0, -GROUP_GAP, 0
         for size in sizes:
             band = columns[start:start + size]
@@ -95,7 +102,31 @@ def _bands(columns: list[tuple[int, int]]) -> list[int]:
         key = (fit_scale(width, height), -len(sizes))
         if best is None or key > best[0]:
             best = (key, sizes)
-    return best[1] if best else []
+    return best if best else ((1.0, 0), [])
+
+
+def _bands(columns: list[tuple[int, int]]) -> list[int]:
+    """How many consecutive columns go in each band (bands stacked top to bottom): the split whose bounding box fits
+    ``WINDOW`` at the largest zoom; among equals the fewest bands. A wide graph so becomes taller."""
+    return _bands_fit(columns)[1]
+
+
+def _columns(boxes: list[tuple[int, int]], designed: list[int]) -> list[int]:
+    """How many consecutive groups (in reading order) stack in each column. The designed columns (``designed``: their
+    group counts) are kept where they fit ``WINDOW`` at a readable zoom; otherwise a column may break anywhere (a
+    tall column goes on beside itself, two short ones share one), whichever split then fits at the largest zoom."""
+    def fit(sizes):
+        cols, start = [], 0
+        for size in sizes:
+            run = boxes[start:start + size]
+            cols.append((max(w for w, _ in run), sum(h for _, h in run) + GROUP_GAP * (size - 1)))
+            start += size
+        return _bands_fit(cols)[0]
+
+    kept = fit(designed)
+    if kept[0] >= MIN_READABLE_ZOOM:
+        return designed
+    return max(_runs(len(boxes)), key=lambda sizes: (fit(sizes), sizes == designed, -len(sizes)))
 
 
 def workflow_id(title: str) -> str:
@@ -210,7 +241,12 @@ class Workflow:
                 x += width + GAP_X
                 height = max(height, y)
             boxes.append((g, x - GAP_X + PAD, height - GAP_Y + PAD, placed))
-        columns = [[b for b in boxes if b[0]["column"] == c] for c in sorted({g["column"] for g in self.groups})]
+        designed = [[b for b in boxes if b[0]["column"] == c] for c in sorted({g["column"] for g in self.groups})]
+        order = [b for col in designed for b in col]  # reading order: the designed columns, left to right
+        columns, start = [], 0
+        for count in _columns([(b[1], b[2]) for b in order], [len(col) for col in designed]):
+            columns.append(order[start:start + count])
+            start += count
         sizes = [(max(b[1] for b in col), sum(b[2] for b in col) + GROUP_GAP * (len(col) - 1)) for col in columns]
         serialised, band_y, start = [], 0, 0
         for count in _bands(sizes):  # columns left to right along the data flow, in bands top to bottom
