@@ -114,13 +114,16 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def teacher_run():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this tiny model runs faster on one thread, far faster on a busy machine
     teacher = load_teacher()
     bench = TeacherBench(teacher, "euler", STEPS)
     noise, labels = class_noise(1, seed=3)
     noise, labels = noise[:4], labels[:4]
     with torch.inference_mode():
         ref = bench.plain(STEPS, noise, labels)
-    return teacher, bench, noise, labels, ref
+    yield teacher, bench, noise, labels, ref
+    torch.set_num_threads(threads)
 
 
 def run_hooked(teacher, bench, noise, labels, forecaster, interval):
