@@ -63,7 +63,8 @@ def test_benchmark_runs_end_to_end_and_writes_its_tables_plot_and_grid(tmp_path)
     for heading in ("## 10 steps, Euler", "## 10 steps, AB2"):
         assert heading in table
     for name in ("full 10 steps", "5 steps", "AB2 5 steps", "uniform reuse N=2", "X-Slim fast", "X-Slim online slow",
-                 "diffusers FBC", "diffusers TaylorSeer-Lite", "diffusers MagCache"):
+                 "diffusers FBC", "diffusers TaylorSeer-Lite", "diffusers MagCache", "TaylorSeer o1 N=3", "TaylorSeer o2 N=3",
+                 "HiCache o2 N=3", "FoCa N=3"):
         assert name in table
     assert "seed 1, classes [1, 3, 5, 7, 9]" in table and "seed 7, classes [0, 2, 4, 6, 8]" in table
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
@@ -74,6 +75,8 @@ def test_benchmark_runs_end_to_end_and_writes_its_tables_plot_and_grid(tmp_path)
         full = rows["full 10 steps"]
         assert full["block_evals"] == 120 and full["psnr"] == 100.0  # 12 blocks x 10 steps, counted by hooks
         assert rows["5 steps"]["block_evals"] == 60 and rows["5 steps"]["psnr"] < 100.0
+        for name in ("TaylorSeer o1 N=3", "HiCache o2 N=3", "FoCa N=3"):  # full at steps 0-3, 6 and 9
+            assert rows[name]["block_evals"] == 6 * 12 and rows[name]["group"] == "forecasting"
         for name, row in rows.items():
             assert row["psnr_p5"] <= row["psnr"] + 1e-9, name
             if name.startswith("X-Slim"):  # every X-Slim row has a same-sampler step baseline at <= its compute
@@ -82,6 +85,7 @@ def test_benchmark_runs_end_to_end_and_writes_its_tables_plot_and_grid(tmp_path)
     assert {"full 10 steps", "X-Slim fast"} <= {r["name"] for r in timed}
     verdicts = [line for line in table.splitlines() if line.startswith("- **X-Slim")]
     assert len(verdicts) == 2 * 4 and all(any(w in v for w in ("beats", "ties", "loses", "no baseline")) for v in verdicts)
+    assert all("forecasting caches: " in v for v in verdicts)  # every X-Slim row is judged against them too
 
 
 def test_verdicts_compare_median_and_p5_with_every_cheaper_baseline():

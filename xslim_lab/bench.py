@@ -5,11 +5,12 @@
 For every step count N and both samplers (Euler, and Adams-Bashforth-2 on the velocity: second order, one model
 call per step, the family of ComfyUI's ``res_multistep``) the reference is full sampling with the same sampler
 and N steps. Against it: X-Slim's presets (profiled and online), fewer steps with the same sampler, fewer steps
-with AB2 (the best sampler here), uniform reuse every n-th step, and diffusers' own caches (FirstBlockCache,
-TaylorSeer-Lite, calibrated MagCache). Per method: block evaluations per image (counted by hooks on the blocks,
-or by the engine for X-Slim, whose count the test suite checks against the same hooks), median and 5th
-percentile PSNR over images, median SSIM, class accuracy, and (Euler) the wall-clock speedup from interleaved
-runs on one thread. A verdict per X-Slim row against every baseline at equal or lower compute.
+with AB2 (the best sampler here), uniform reuse every n-th step, diffusers' own caches (FirstBlockCache,
+TaylorSeer-Lite, calibrated MagCache), and the published forecasting caches on the block stack (TaylorSeer orders
+1 and 2, HiCache, FoCa: ``forecasters.py``) every 2nd to 6th step. Per method: block evaluations per image
+(counted by hooks on the blocks, or by the engine for X-Slim, whose count the test suite checks against the same
+hooks), median and 5th percentile PSNR over images, median SSIM, class accuracy, and (Euler) the wall-clock
+speedup from interleaved runs on one thread. A verdict per X-Slim row against every baseline at equal or lower compute.
 
 Image sets (disjoint in seeds and classes): the presets and the online lines were chosen on SELECTION; the
 profile is one uncached Euler run at 50 steps on PROFILE_SET; the tables use HELD_OUT only.
@@ -40,9 +41,11 @@ from xslim_demo import latent_to_image, load_teacher
 from xslim_demo.grid import class_noise, images_to_grid
 from xslim_demo.teacher import CLASSES
 from xslim_demo.sampling import SAMPLERS, flow_sigmas
+from .forecasters import Forecaster, StackForecastHook, forecast_methods
 from .timing import BlockExecutions, alternating_times, median
 
 CFG = 2.0
+FORECAST_INTERVALS = (2, 3, 4, 5, 6)  # forecasting caches: full every N-th step (about 2x to 6x compute)
 PROFILE_STEPS = 50
 TIE_DB = 0.25  # differences below this many dB count as ties
 
@@ -74,7 +77,7 @@ HELD_OUT = ImageSet("held-out", (1, 3, 5, 7, 9), 4, 1)  # the tables
 @dataclass
 class Method:
     name: str
-    group: str  # reference | steps | steps AB2 | uniform | diffusers | X-Slim
+    group: str  # reference | steps | steps AB2 | uniform | diffusers | forecasting | X-Slim
     run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noise, labels) -> latents
     results: dict = field(default_factory=dict)
 
@@ -112,6 +115,11 @@ class TeacherBench:
         finally:
             model.disable_cache()
 
+    def forecasting(self, forecaster: Forecaster, interval: int, noise, labels):
+        """A forecasting cache on the block stack (xslim_lab.forecasters), the same sampler and step count."""
+        with StackForecastHook(self.model, forecaster, interval, self.steps):
+            return self.plain(self.steps, noise, labels)
+
     def calibrate_magcache(self, noise, labels) -> list[float]:
         from diffusers import MagCacheConfig
 
@@ -129,7 +137,8 @@ class TeacherBench:
             out.append(Method(f"X-Slim online {speed}", "X-Slim", partial(self.xslim, online_preset_config(speed), None)))
         return out
 
-    def baselines(self, step_counts: list[int], mag_ratios, diffusers_configs: str = "all") -> list[Method]:
+    def baselines(self, step_counts: list[int], mag_ratios, diffusers_configs: str = "all",
+                  forecast_intervals: tuple = FORECAST_INTERVALS) -> list[Method]:
         n = self.steps
         m = []
         for k in step_counts:
@@ -140,6 +149,8 @@ class TeacherBench:
         for every in (2, 3, 4, 5):
             pattern = "".join("F" if k % every == 0 or k == n - 1 else "." for k in range(n))
             m.append(Method(f"uniform reuse N={every}", "uniform", partial(self.xslim, XSlimConfig(pattern=pattern), None)))
+        for f, every in forecast_methods(forecast_intervals):
+            m.append(Method(f"{f.name} N={every}", "forecasting", partial(self.forecasting, f, every)))
         if diffusers_configs == "none":
             return m
         from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
@@ -202,7 +213,7 @@ def run_step_count(teacher, steps: int, samplers: list[str], profile, noise, lab
             log(f"  {sampler} {steps}: {m.name}")
             latents[m.name] = bench.measure(m, noise, labels)
         ks = matched_step_counts(steps, [m.results["nfe"] for m in xs])
-        rest = bench.baselines(ks, mag, args.diffusers)
+        rest = bench.baselines(ks, mag, args.diffusers, tuple(args.forecast_intervals))
         for m in rest:
             log(f"  {sampler} {steps}: {m.name}")
             latents[m.name] = bench.measure(m, noise, labels)
@@ -264,7 +275,7 @@ def verdict(m: Method, baselines: list[Method]) -> tuple[str, Method | None]:
 
 
 VERDICT_GROUPS = (("steps", "fewer steps, same sampler"), ("steps AB2", "fewer steps, AB2"), ("uniform", "uniform reuse"),
-                  ("diffusers", "diffusers caches"))
+                  ("diffusers", "diffusers caches"), ("forecasting", "forecasting caches"))
 
 
 def verdict_lines(methods: list[Method], sampler: str) -> list[str]:
@@ -333,7 +344,7 @@ def pareto_plot(all_results: dict, args, path: str) -> None:
     rows, cols = len(args.samplers), len(args.steps)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
     style = {"steps": ("s", "tab:gray"), "steps AB2": ("D", "tab:olive"), "uniform": ("v", "tab:brown"),
-             "diffusers": ("^", "tab:purple"), "X-Slim": ("o", "tab:red")}
+             "diffusers": ("^", "tab:purple"), "forecasting": ("P", "tab:green"), "X-Slim": ("o", "tab:red")}
     for i, sampler in enumerate(args.samplers):
         for j, steps in enumerate(args.steps):
             ax = axes[i][j]
@@ -380,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-images", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--diffusers", choices=["all", "few", "none"], default="all", help="which diffusers caches to run")
+    parser.add_argument("--forecast-intervals", type=int, nargs="*", default=list(FORECAST_INTERVALS),
+                        help="forecasting caches (TaylorSeer, HiCache, FoCa): full every N-th step; none: leave them out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the fidelity runs (timing uses 1; more threads crawl on a busy machine)")
     parser.add_argument("--out", default="docs/bench")
     parser.add_argument("--quick", action="store_true", help="10 steps, one image per class, one timing round (tests)")
@@ -388,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
         args.steps, args.per_class, args.repeats, args.timing_images, args.diffusers = [10], 1, 1, 2, "few"
+        args.forecast_intervals = [3]
         args.skip_compute_bound = True
     torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))
     os.makedirs(args.out, exist_ok=True)
