@@ -106,6 +106,18 @@ def frontend_version(page) -> str:
     return page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
 
 
+def save_docs(page, shots: str, names: list[str]) -> None:
+    """XSLIM_SAVE_BROWSER_DOCS=<folder>: copy these screenshots of ``shots`` to <folder>/<frontend version>/ (how
+    docs/comfyui/<version>/ gets them); each test copies its own."""
+    target = os.environ.get("XSLIM_SAVE_BROWSER_DOCS")
+    if not target:
+        return
+    folder = os.path.join(target, frontend_version(page))
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        shutil.copyfile(os.path.join(shots, name), os.path.join(folder, name))
+
+
 # what the frontend shows over the canvas: dialogs and notifications, by their ARIA roles
 VISIBLE_DIALOGS = """() => [...document.querySelectorAll('[role=dialog], [role=alertdialog]')]
     .filter(d => d.offsetParent !== null && d.innerText.trim()).map(d => d.innerText)"""
