@@ -87,7 +87,13 @@ def open_comfy(browser, url: str, width: int = 1600, height: int = 1000):
         dialog.dismiss()
 
     page.on("dialog", on_dialog)
-    page.on("pageerror", lambda err: page.xslim_errors.append(str(err)))
+    page.xslim_error_stacks = []  # the same errors with where they came from, for a failure message
+
+    def on_error(err):
+        page.xslim_errors.append(str(err))
+        page.xslim_error_stacks.append(err.stack)
+
+    page.on("pageerror", on_error)
     page.xslim_external = []  # (method, url) of every request that would leave the test machine
 
     def external(route):  # a test never reaches the internet: refused here as on an offline machine (the
