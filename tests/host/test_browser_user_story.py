@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -67,6 +68,16 @@ def page(srv):
 @pytest.fixture(scope="module")
 def shots(page):
     return browser_env.artifacts_dir(f"user-story-{browser_env.frontend_version(page)}")
+
+# the text of the dialog, notification or panel (not the jobs panel) that shows the node's message to a person: the
+# innermost element holding the message, widened to the dialog / alert / side panel it sits in
+SHOWN = """() => {
+    const hits = [...document.querySelectorAll('body *')].filter(e => e.offsetParent !== null && !e.closest('.xslim-job')
+        && !['SCRIPT', 'STYLE', 'TEXTAREA'].includes(e.tagName) && /was stopped at/.test(e.innerText || ''));
+    const inner = hits.filter(e => !hits.some(h => h !== e && e.contains(h)));
+    return inner.map(e => (e.closest('[role=dialog], [role=alertdialog], [role=alert], [role=tabpanel], aside') || e.parentElement).innerText);
+}"""
+VIEW_DETAILS = "[...document.querySelectorAll('button')].some(b => b.offsetParent !== null && /^\\s*view details\\s*$/i.test(b.innerText))"
 
 
 def without(workflow: dict, types: tuple[str, ...]) -> dict:
@@ -196,12 +207,20 @@ def test_a_stopped_jobs_student_fails_to_load_with_a_sentence_naming_stopped_and
     assert result["status"]["status_str"] == "error", result["status"]
     error = next(m[1] for m in result["status"]["messages"] if m[0] == "execution_error")
     assert error["node_type"] == "XSlimStudentLoader", error
-    # what the frontend shows: the error dialog (or, on some frontends, a notification) with the node's message
-    shown = """() => [...document.querySelectorAll('[role=dialog], [role=alertdialog], [role=alert]')]
-        .filter(d => d.offsetParent !== null && /stopped/.test(d.innerText)).map(d => d.innerText)"""
-    page.wait_for_function(f"() => ({shown})().length > 0", timeout=120_000)
+    # what the frontend shows: 1.27 opens an error dialog with the node's message; 1.58 a notification ("Load 1.x
+    # Student failed") whose "View details" opens the message: a person clicks it, so the test does
+    details = page.get_by_role("button", name=re.compile(r"^\s*view details\s*$", re.I))
+    try:
+        page.wait_for_function(f"() => ({SHOWN})().length > 0 || {VIEW_DETAILS}", timeout=120_000)
+        if not page.evaluate(SHOWN) and details.count():
+            details.first.click()
+        page.wait_for_function(f"() => ({SHOWN})().length > 0", timeout=60_000)
+    except Exception:
+        page.screenshot(path=os.path.join(shots, "stopped_job_message_not_found.png"))
+        raise AssertionError("the frontend shows no message naming the stopped job; it shows: "
+                             + page.evaluate("() => document.body.innerText")[:3000]) from None
     page.wait_for_timeout(500)
-    text = "\n".join(page.evaluate(shown))
+    text = "\n".join(page.evaluate(SHOWN))
     page.screenshot(path=os.path.join(shots, "stopped_job_message.png"))
     assert "stopped" in text and "Resume" in text, text
     assert JOB in text, text
