@@ -79,6 +79,11 @@ SHOWN = """() => {
 }"""
 VIEW_DETAILS = "[...document.querySelectorAll('button')].some(b => b.offsetParent !== null && /^\\s*view details\\s*$/i.test(b.innerText))"
 
+CLOSE_RIGHT_PANEL = """async () => {
+    const setting = app.extensionManager && app.extensionManager.setting;
+    if (setting && setting.get('Comfy.RightSidePanel.IsOpen')) await setting.set('Comfy.RightSidePanel.IsOpen', false);
+}"""
+
 
 def without(workflow: dict, types: tuple[str, ...]) -> dict:
     """The workflow without the nodes of these types, the nodes only they fed, their links, and any group left
@@ -240,6 +245,7 @@ def test_a_stopped_jobs_student_fails_to_load_with_a_sentence_naming_stopped_and
 def test_compare_shows_its_progress_bar_mid_run(page, srv, shots):
     workflow = read("xslim_demo_cpu.json")
     compare = next(n["id"] for n in workflow["nodes"] if n["type"] == "XSlimCompare")
+    page.evaluate(CLOSE_RIGHT_PANEL)  # 1.58's error details (the previous test) off the canvas
     load(page, workflow, "xslim_demo_cpu.json", only=["X-Slim Compare"])
     page.evaluate("() => { window.xslimProgress = []; }")
     prompt = queue_from_ui(page, srv, prompt_ids(srv))

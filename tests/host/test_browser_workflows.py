@@ -75,7 +75,9 @@ CLOSE_OTHER_TABS = """async () => {
 
 # the frontend's own Fit View (the "." key), through its command registry where it has one
 FIT_VIEW = """async () => {
-    const command = app.extensionManager && app.extensionManager.command;
+    const setting = app.extensionManager && app.extensionManager.setting;  // newer frontends' right panel (its
+    if (setting && setting.get('Comfy.RightSidePanel.IsOpen')) await setting.set('Comfy.RightSidePanel.IsOpen', false);  // list
+    const command = app.extensionManager && app.extensionManager.command;  // of missing models) off the picture
     if (command) await command.execute('Comfy.Canvas.FitView');
     else app.canvas.ds.reset();
     app.canvas.setDirty(true, true);
