@@ -33,6 +33,11 @@ log = logging.getLogger("xslim")
 class XSlimSetupError(ValueError):
     """Bad settings or an unsupported model: raised while the node executes, so ComfyUI shows it."""
 
+    # ComfyUI names an error by its class's module, which for a custom node pack is the folder's absolute path; the
+    # frontend shows that name next to the message ("/home/.../custom_nodes/comfyui-xslim.nodes.host.XSlim..."), so
+    # the pack's errors carry a short module name instead
+    __module__ = "comfyui_xslim"
+
 
 @dataclass
 class RunReport:

@@ -28,6 +28,8 @@ RESUMABLE_STATES = jf.RESUMABLE_STATES
 class JobError(Exception):
     """A refusal with an HTTP status: 400 bad input, 404 unknown job, 409 not possible in the job's state."""
 
+    __module__ = "comfyui_xslim"  # the name ComfyUI shows next to the message, not the pack folder's path (host.py)
+
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status

@@ -87,7 +87,13 @@ def open_comfy(browser, url: str, width: int = 1600, height: int = 1000):
         dialog.dismiss()
 
     page.on("dialog", on_dialog)
-    page.on("pageerror", lambda err: page.xslim_errors.append(str(err)))
+    page.xslim_error_stacks = []  # the same errors with where they came from, for a failure message
+
+    def on_error(err):
+        page.xslim_errors.append(str(err))
+        page.xslim_error_stacks.append(err.stack)
+
+    page.on("pageerror", on_error)
     page.xslim_external = []  # (method, url) of every request that would leave the test machine
 
     def external(route):  # a test never reaches the internet: refused here as on an offline machine (the
@@ -104,6 +110,18 @@ def open_comfy(browser, url: str, width: int = 1600, height: int = 1000):
 
 def frontend_version(page) -> str:
     return page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+
+
+def save_docs(page, shots: str, names: list[str]) -> None:
+    """XSLIM_SAVE_BROWSER_DOCS=<folder>: copy these screenshots of ``shots`` to <folder>/<frontend version>/ (how
+    docs/comfyui/<version>/ gets them); each test copies its own."""
+    target = os.environ.get("XSLIM_SAVE_BROWSER_DOCS")
+    if not target:
+        return
+    folder = os.path.join(target, frontend_version(page))
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        shutil.copyfile(os.path.join(shots, name), os.path.join(folder, name))
 
 
 # what the frontend shows over the canvas: dialogs and notifications, by their ARIA roles

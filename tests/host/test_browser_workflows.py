@@ -12,7 +12,8 @@
 * The CPU demo is queued from the UI (Ctrl+Enter) and its output images must appear in the nodes.
 
 Screenshots go to <repo>/out/browser/workflows-<frontend version> (XSLIM_BROWSER_ARTIFACTS to choose another root);
-XSLIM_SAVE_BROWSER_DOCS=docs/comfyui copies the ones the docs show there, each test its own.
+XSLIM_SAVE_BROWSER_DOCS=docs/comfyui copies the ones the docs show there, each test its own, and every workflow's
+picture at fit-to-view to docs/comfyui/<frontend version>/<workflow>.png.
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ CLOSE_OTHER_TABS = """async () => {
     const store = app.extensionManager.workflow;
     for (const w of [...store.openWorkflows]) if (!store.isActive(w)) await store.closeWorkflow(w);
     return store.openWorkflows.length;
+}"""
+
+# the frontend's own Fit View (the "." key), through its command registry where it has one
+FIT_VIEW = """async () => {
+    const setting = app.extensionManager && app.extensionManager.setting;  // newer frontends' right panel (its
+    if (setting && setting.get('Comfy.RightSidePanel.IsOpen')) await setting.set('Comfy.RightSidePanel.IsOpen', false);  // list
+    const command = app.extensionManager && app.extensionManager.command;  // of missing models) off the picture
+    if (command) await command.execute('Comfy.Canvas.FitView');
+    else app.canvas.ds.reset();
+    app.canvas.setDirty(true, true);
 }"""
 
 
@@ -229,7 +240,10 @@ def test_every_workflow_loads_in_the_frontend_without_alerts_missing_red_or_over
                       f"{len(seen['alerts']) + len(dialogs) + len(alerts) + len(seen['errors'])} alerts/dialogs/toasts/errors, "
                       f"{len(overlaps(nodes))} overlaps")
         close_dialogs(page)
+        page.evaluate(FIT_VIEW)  # the whole workflow in the 1600x1000 window, as the frontend's Fit View shows it
+        page.wait_for_timeout(300)  # the canvas draws the new view at its next frame
         page.screenshot(path=os.path.join(shots, name[:-5] + ".png"))
+    browser_env.save_docs(page, shots, [name[:-5] + ".png" for name in NAMES])  # <folder>/<frontend version>/
     print(f"frontend {browser_env.frontend_version(page)}:\n" + "\n".join(report), f"\nloaded {len(NAMES)} workflows in {time.perf_counter() - start:.1f} s")
     assert not problems, "\n".join(problems)
 
