@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import math
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 78, 140), (200, 90, 30), (60, 140, 70), (140, 60, 150)]
-WIDTH, PANEL, MARGIN_L, MARGIN_R, MARGIN_T = 640, 130, 64, 12, 22
+# drawn at about the size the jobs panel shows it (the sidebar is 300-450 px wide), so its text stays readable there
+WIDTH, PANEL, MARGIN_L, MARGIN_R, MARGIN_T = 420, 128, 58, 10, 26
+FONT_PX = 14
+
+
+def _font(size: int = FONT_PX):
+    try:  # Pillow 10.1+ with FreeType: its bundled font at a readable size
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # an older Pillow: the small bitmap font
+        return ImageFont.load_default()
 
 
 def _fmt(v: float) -> str:
@@ -29,17 +38,18 @@ def loss_plot(history: list[dict], title: str) -> Image.Image:
     panels = max(1, len(names))
     img = Image.new("RGB", (WIDTH, MARGIN_T + panels * PANEL + 6), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((6, 5), title, fill="black")
+    font, small = _font(), _font(FONT_PX - 2)
+    draw.text((6, 5), title, fill="black", font=font)
     if not names:
-        draw.text((MARGIN_L, MARGIN_T + PANEL // 2 - 6), "no iterations yet", fill="gray")
+        draw.text((MARGIN_L, MARGIN_T + PANEL // 2 - 6), "no iterations yet", fill="gray", font=font)
         return img
     for p, name in enumerate(names):
         points = [(r["iteration"], r[name]) for r in history if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
         top = MARGIN_T + p * PANEL
-        box = (MARGIN_L, top + 14, WIDTH - MARGIN_R, top + PANEL - 16)
+        box = (MARGIN_L, top + 18, WIDTH - MARGIN_R, top + PANEL - 18)
         draw.rectangle(box, outline=(200, 200, 200))
         colour = COLOURS[p % len(COLOURS)]
-        draw.text((6, top + 1), name, fill=colour)
+        draw.text((6, top + 1), name, fill=colour, font=font)
         if not points:
             continue
         xs, ys = [x for x, _ in points], [y for _, y in points]
@@ -58,9 +68,9 @@ def loss_plot(history: list[dict], title: str) -> Image.Image:
         else:
             cx, cy = at(*points[0])
             draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
-        draw.text((4, box[1] - 2), _fmt(hi), fill="gray")
-        draw.text((4, box[3] - 10), _fmt(lo), fill="gray")
-        draw.text((box[0], box[3] + 2), str(x0), fill="gray")
+        draw.text((4, box[1] - 2), _fmt(hi), fill="gray", font=small)
+        draw.text((4, box[3] - FONT_PX + 2), _fmt(lo), fill="gray", font=small)
+        draw.text((box[0], box[3] + 2), str(x0), fill="gray", font=small)
         label = f"iteration {xs[-1]}: {_fmt(ys[-1])}"
-        draw.text((box[2] - 7 * len(label), box[3] + 2), label, fill="black")
+        draw.text((box[2] - draw.textlength(label, font=small), box[3] + 2), label, fill="black", font=small)
     return img

@@ -87,3 +87,19 @@ def test_an_ended_job_shows_no_speed_or_eta(tmp_path):
     jf.Status(state="stopped", iteration=20, message="stopped as asked", student=None, time=1_100.0).write(str(run_dir))
     summary = store.summary(store.job("ended"))
     assert summary["state"] == "stopped" and summary["it_per_s"] is None and summary["eta_s"] is None
+
+
+def test_the_loss_plot_reads_at_the_width_the_jobs_panel_shows_it():
+    """The sidebar shows the plot about 300 px wide: its title must still be about 7 px tall or more there (the
+    old 640-px plot with the 11-px bitmap font came out under 4 px)."""
+    import math
+
+    from pack import node_module
+
+    pictures = node_module("job_pictures")
+    history = [{"iteration": i, "loss_student": 1 / i + 0.05 * math.sin(i), "loss_fake": 0.5} for i in range(1, 200)]
+    img = pictures.loss_plot(history, "demo-distill: running, iteration 199 of 300").convert("L")
+    title = img.crop((0, 0, img.width, pictures.MARGIN_T))
+    rows = [y for y in range(title.height) if min(title.crop((0, y, title.width, y + 1)).tobytes()) < 100]
+    shown_height = (rows[-1] - rows[0] + 1) * 300 / img.width
+    assert shown_height >= 7, (rows, img.width)

@@ -40,7 +40,8 @@ def distill_demo_cpu() -> Workflow:
              "Status* returns at once, and *Load 1.x Student* stops that run saying how far the job is. When the panel "
              "shows the job done (about four minutes on two CPU cores), **queue again**: nothing is trained twice, and "
              "the finished student (`models/students/demo-distill.safetensors`) is sampled (1.75 network evaluations "
-             "per image) next to the teacher at 30 steps with CFG 2 (60). *Job Status*'s `wait_for_finish` waits for "
+             "per image) next to the teacher at 30 steps with CFG 2 (60), in one grid labelled with each column's "
+             "evaluations and time per image. *Job Status*'s `wait_for_finish` waits for "
              "the job instead, but then holds ComfyUI's queue for the whole training. No GPU, no downloads.")
     w.group("Load the demo teacher", 0)
     teacher = w.node("UNETLoader", ["demo_teacher.safetensors", "default"])
@@ -56,28 +57,16 @@ def distill_demo_cpu() -> Workflow:
     pos = w.node("XSlimDemoClass", ["Sneaker"], "positive")
     neg = w.node("XSlimDemoClass", ["unconditional"], "negative")
     latent = w.node("EmptyHunyuanLatentVideo", [64, 64, 1, 4])
-    w.group("Sample the student and the teacher", 3)
+    w.group("The student next to its teacher", 3)
     student = w.node("XSlimStudentLoader", ["demo-distill.safetensors", "strict"])
     w.link(teacher, 0, student, "model")
     link_widget(w, status, 2, student, "student_name", "COMBO")
-    fast = w.node("XSlimStudentKSampler", [0, "fixed"], "the student: 2 steps, 1.75 NFE")
-    w.link(student, 0, fast, "model")
-    w.link(pos, 0, fast, "positive")
-    w.link(latent, 0, fast, "latent_image")
-    slow = w.node("KSampler", [0, "fixed", 30, 2.0, "euler", "simple", 1.0], "the teacher: 30 steps, CFG 2 (60 NFE)")
-    for name, src in (("model", teacher), ("positive", pos), ("negative", neg), ("latent_image", latent)):
-        w.link(src, 0, slow, name)
-    w.group("Decode and save: teacher, then student", 3)
-    decoded = []
-    for sampler in (slow, fast):
-        dec = w.node("XSlimDemoDecode", [])
-        w.link(sampler, 0, dec, "samples")
-        decoded.append(dec)
-    both = w.node("ImageBatch", [])
-    w.link(decoded[0], 0, both, "image1")
-    w.link(decoded[1], 0, both, "image2")
-    save = w.node("SaveImage", ["xslim_distill_demo"], "teacher (first four) and student (last four)")
-    w.link(both, 0, save, "images")
+    # one labelled grid: a column per model, its name, network evaluations and time per image over it
+    compare = w.node("XSlimStudentCompare", [0, "fixed", 30, 2.0, "euler", "simple", ""], "teacher (30 steps, CFG 2) vs student")
+    for name, src in (("teacher", teacher), ("student", student), ("positive", pos), ("negative", neg), ("latent_image", latent)):
+        w.link(src, 0, compare, name)
+    save = w.node("SaveImage", ["xslim_distill_demo"], "teacher | student, labelled")
+    w.link(compare, 0, save, "images")
     return w
 
 

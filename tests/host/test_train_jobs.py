@@ -449,7 +449,7 @@ def test_the_cpu_distill_workflow_trains_then_samples_the_student_next_to_the_te
     assert status["inputs"]["wait_for_finish"] is False  # the shipped default keeps the queue free
     train = next(p for p in prompt.values() if p["class_type"] == "XSlimDistillTrain")
     train["inputs"].update(run_name="workflow-demo", iterations=20, batch_size=2, preview_every=10, checkpoint_every=10)
-    next(p for p in prompt.values() if p["class_type"] == "KSampler")["inputs"]["steps"] = 10  # the teacher column
+    next(p for p in prompt.values() if p["class_type"] == "XSlimStudentCompare")["inputs"]["teacher_steps"] = 10
     first = srv.run(prompt, timeout=300)
     if first["status"]["status_str"] == "error":  # the job was not done when Load 1.x Student ran
         assert "1.x-Distill job 'workflow-demo' is " in error_message(first)
@@ -459,5 +459,10 @@ def test_the_cpu_distill_workflow_trains_then_samples_the_student_next_to_the_te
     assert result["status"]["status_str"] == "success", result["status"]
     record(workflow_20_iterations_s=round(time.time() - started, 1))
     saved = next(out["images"] for n, out in result["outputs"].items() if prompt[n]["class_type"] == "SaveImage")
-    assert len(saved) == 8  # the teacher's four images, then the student's four
+    assert len(saved) == 1  # one grid: the teacher's column and the student's, each labelled
+    from PIL import Image
+
+    grid = Image.open(os.path.join(srv.base, "output", saved[0].get("subfolder", ""), saved[0]["filename"]))
+    header = grid.convert("L").crop((0, 0, grid.width, 12)).tobytes()  # the labels: dark text on a light band
+    assert grid.height > grid.width and min(header) < 128 < sum(header) / len(header)
     assert os.path.isfile(os.path.join(srv.base, "models", "students", "workflow-demo.safetensors"))
