@@ -49,8 +49,7 @@ def test_xslim_profile_counts_its_steps(progress, user_dir):
     latent = {"samples": torch.zeros(ce.latent_shape("sd3", 1, 16))}
     xslim_nodes.XSlimProfile.execute(model, ce.conditioning("sd3", 1), ce.conditioning("sd3", 2), latent, 0, 7, 2.0,
                                      "euler", "simple", "progress")
-    assert_counts_up_to(progress, 7)
-    assert [v for v, _ in progress] == list(range(1, 8))  # one update per step
+    assert_counts_up_to(progress, 7)  # one update per step; what reaches the hook ComfyUI may thin out (0.28 throttles by time)
 
 
 def test_student_compare_counts_its_sampling_runs(progress):
