@@ -51,6 +51,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from xslim_core.hooks import wrap_forward
+
 log = logging.getLogger(__name__)
 
 Predictor = Callable[[Sequence[float], Sequence[torch.Tensor], float], torch.Tensor]
@@ -169,17 +171,19 @@ class StackForecastHook:
         self.schedule = ""
         self._input: torch.Tensor | None = None
         self._handle = None
+        self._undo: list[Callable[[], None]] = []
 
     def __enter__(self):
         self._handle = self.model.register_forward_pre_hook(self._new_call)
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            block.forward = partial(self._block, i == 0, i == last, block.forward)  # type: ignore[method-assign]
+        # composing wrappers (another party's forward on a block stays, and comes back as it was on exit)
+        self._undo = [wrap_forward(block, partial(self._block, i == 0, i == last)) for i, block in enumerate(self.blocks)]
         return self
 
     def __exit__(self, *exc):
-        for block in self.blocks:
-            del block.forward
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
         if self._handle is not None:
             self._handle.remove()
 
