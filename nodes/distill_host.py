@@ -20,7 +20,7 @@ from xslim_core.adapters.base import BlockSpec
 from xslim_core.families import family_spec, model_times, trainable_families
 from xslim_core.hooks import wrap_forward
 from xslim_core.tokens import join_sequence, split_sequence
-from .families import family_for, supported_families
+from .families import FAMILY_BY_ID, family_for, supported_families
 
 
 
@@ -165,7 +165,7 @@ def comfy_velocity(module, x: torch.Tensor, sigma, cond: Conditioning, extra: di
     kwargs = {"y": cond.pooled}
     if spec.embedded_guidance is not None and getattr(module.params, "guidance_embed", False):
         kwargs["guidance"] = torch.full_like(t, extra.get("guidance", spec.embedded_guidance))
-    if _family(module).text_mask_input and cond.mask is not None and not bool(cond.mask.all()):
+    if FAMILY_BY_ID[family].text_mask_input and cond.mask is not None and not bool(cond.mask.all()):
         kwargs["attention_mask"] = cond.mask.long()
     module.__dict__["_distill_text_tokens"] = cond.context.shape[1]  # where single-stream blocks split their sequence
     if not torch.is_grad_enabled():
@@ -264,13 +264,14 @@ def _without_adapters(module: torch.nn.Module) -> torch.nn.Module:
 
 def latent_shape_for(family: str, width: int, height: int, frames: int = 1) -> tuple:
     """The diffusion model's input shape for one sample at ``width`` x ``height`` pixels (and ``frames``)."""
-    latent = family_spec(family).latent
+    spec = family_spec(family)
+    latent = spec.latent
     channels, down, time_down = latent.channels, latent.downscale, latent.temporal_downscale
     if width % (down * 2) or height % (down * 2):
         raise ValueError(f"width and height must be multiples of {down * 2} for {family}, got {width}x{height}.")
     if latent.video:
         if (frames - 1) % time_down:
-            raise ValueError(f"{family_spec(family).display_name} takes {time_down}k+1 frames "
+            raise ValueError(f"{spec.display_name} takes {time_down}k+1 frames "
                              f"(1, {time_down + 1}, {2 * time_down + 1}, ...), got {frames}.")
         return (channels, (frames - 1) // time_down + 1, height // down, width // down)
     return (channels, height // down, width // down)

@@ -218,6 +218,7 @@ class ComfyQwenImage(ComfyFamily):
 
 
 FAMILIES: tuple[type[ComfyFamily], ...] = (ComfyFlux, ComfyHunyuanVideo, ComfySD3, ComfyWan, ComfyQwenImage)
+FAMILY_BY_ID: dict[str, type[ComfyFamily]] = {family.family: family for family in FAMILIES}
 
 
 def supported_families() -> str:
