@@ -104,7 +104,7 @@ class PromptSet:
             h.update(t.float().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, overwrite: bool = True) -> None:
         tensors = {**self.cond.tensors("cond"), **self.uncond.tensors("uncond")}
         save_atomic(
             tensors,
@@ -115,6 +115,7 @@ class PromptSet:
                 "prompts": json.dumps(self.prompts),
                 "hash": self.content_hash(),
             },
+            overwrite=overwrite,
         )
 
     @classmethod

@@ -1,7 +1,7 @@
 """Encode a prompt list into the prompt-set file the trainer reads (``conditioning.PromptSet``), from the command line.
 
     python -m distill_core.prompts encode --base PIPELINE_FOLDER --prompts prompts.txt --out prompts.safetensors
-        [--family flux] [--negative ""] [--device cuda] [--dtype bf16] [--max-tokens 512]
+        [--family flux] [--negative ""] [--device cuda] [--dtype bf16] [--max-tokens 512] [--overwrite]
 
 ``PIPELINE_FOLDER`` is a diffusers pipeline saved with ``save_pretrained`` (``model_index.json`` with
 ``text_encoder/``, ``tokenizer/`` ... and ``transformer/``; e.g. a download of FLUX.1-dev). Only the text encoders
@@ -103,8 +103,12 @@ def encode_file(
     device: str | None = None,
     dtype: str | None = None,
     max_tokens: int | None = None,
+    overwrite: bool = False,
 ) -> PromptSet:
-    """Read a prompt list (one per line), encode it with ``base``'s text encoders and write the prompt set to ``out``."""
+    """Read a prompt list (one per line), encode it with ``base``'s text encoders and write the prompt set to ``out``
+    (an existing ``out`` only with ``overwrite``: refused before any encoder is loaded)."""
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(f"{out} exists; choose another --out, or give --overwrite to replace it.")
     name = pipeline_family(base, family)
     prompts = read_prompt_file(prompts_path)
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,7 +119,7 @@ def encode_file(
     pipe = load_text_pipeline(base, where, kind)
     prompt_set = encode_prompt_set(prompts, pipeline_encoder(pipe, name, where, max_tokens), negative=negative)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    prompt_set.save(out)
+    prompt_set.save(out, overwrite=overwrite)
     return prompt_set
 
 
@@ -143,13 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=sorted(DTYPES), help="text encoder precision (default: bf16 on cuda, fp32 on cpu)"
     )
     enc.add_argument("--max-tokens", type=int, help="text sequence length (default: the pipeline's own)")
+    enc.add_argument("--overwrite", action="store_true", help="replace --out when it exists (default: refuse)")
     args = parser.parse_args(argv)
     show_on_stdout()
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens must be a whole number >= 1, got {args.max_tokens}")
     try:
         result = encode_file(
-            args.base, args.prompts, args.out, args.family, args.negative, args.device, args.dtype, args.max_tokens
+            args.base,
+            args.prompts,
+            args.out,
+            args.family,
+            args.negative,
+            args.device,
+            args.dtype,
+            args.max_tokens,
+            args.overwrite,
         )
     except (OSError, ValueError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

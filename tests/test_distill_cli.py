@@ -91,6 +91,12 @@ def test_a_prompt_list_is_encoded_into_the_set_the_trainer_reads(flux_pipeline, 
     code = cli.main(["encode", "--base", flux_pipeline, "--prompts", str(listing), "--out", str(out), "--max-tokens", "8"])
     printed = capsys.readouterr().out
     assert code == 0 and out.is_file() and "3 prompts" in printed
+    written = out.read_bytes()  # a second run to the same file is refused unless it says --overwrite
+    args = ["encode", "--base", flux_pipeline, "--prompts", str(listing), "--out", str(out), "--max-tokens", "8"]
+    assert cli.main(args) == 2 and "give --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == written
+    assert cli.main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
     loaded = PromptSet.load(str(out))
     assert loaded.prompts == ["a red cube", "a blue sphere", "a green cone"]
     assert loaded.encoder_shape == {"context": [8, 24], "pooled": [16]}  # T5 width 24 x 8 tokens, CLIP pooled 16
