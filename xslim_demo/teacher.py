@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from xslim_core.families import family_spec, model_times
 from xslim_core.files import atomic_path
 
 from .latents import COMFY_LATENT_SCALE
@@ -85,7 +86,7 @@ def velocity(model: nn.Module, conditioner: ClassConditioner, x: torch.Tensor, s
     """The model's velocity (noise - x0) for latents ``x`` at ``sigma`` (float or [B]) given class labels."""
     context, pooled = conditioner(labels)
     b = x.shape[0]
-    t = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(b) * 1000.0
+    t = model_times(sigma, x, family_spec("hunyuan_video").time_scale)  # the demo is a HunyuanVideo-architecture model
     mask = torch.ones(b, context.shape[1], device=x.device)
     return model(
         hidden_states=x,
