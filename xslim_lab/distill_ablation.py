@@ -330,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     show_on_stdout()
-    logging.basicConfig(level=logging.INFO, format="[ablation] %(message)s")
     walls = {}
     for cfg in ablation_runs(args.runs, args.threads):
         name = os.path.basename(cfg.run_dir)
