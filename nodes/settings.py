@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from xslim_core import ONLINE_PRESETS, PRESETS, Profile, XSlimConfig
+from xslim_core import FORECASTING, Profile, XSlimConfig, online_preset_config, preset_config
 from .host import XSlimSetupError, XSlimSettings
 
 PRESET_NAMES = ["auto", "slow", "fast", "custom"]
@@ -116,11 +116,11 @@ def make_settings(
     try:
         if speed == "custom":
             mode = dict(mode="schedule", warn=early_warning) if prof else dict(mode="online", warn=early_warning, crit=critical)
-            config = XSlimConfig(**mode, token_ratio=token_ratio, forecast=1, **common)  # as the presets
+            config = XSlimConfig(**mode, token_ratio=token_ratio, **FORECASTING, **common)  # as the presets
         elif prof is not None:
-            config = XSlimConfig(mode="schedule", **PRESETS[speed], **common)
+            config = preset_config(speed, **common)
         else:
-            config = XSlimConfig(**ONLINE_PRESETS[speed], token_ratio=PRESETS[speed]["token_ratio"], **common)
+            config = online_preset_config(speed, **common)
     except ValueError as e:
         raise XSlimSetupError(str(e)) from None
     return XSlimSettings(config, prof)

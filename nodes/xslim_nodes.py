@@ -52,7 +52,7 @@ class XSlimCache(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to cache (after its loader and any LoRA / ModelSampling nodes)."),
                 io.Combo.Input("preset", options=PRESET_NAMES, default="auto", tooltip=(
-                    "slow: about 3.2x fewer block evaluations, quality first. fast: about 4x. auto: slow. custom: your "
+                    "slow: about 3.6x fewer block evaluations, quality first. fast: about 5x. auto: slow. custom: your "
                     "thresholds below. With a profile the presets hit these ratios on that model; without one the "
                     "online controller uses fixed lines.")),
                 io.Combo.Input("profile", options=profile_names(), default=profile_names()[0], tooltip=(

@@ -170,3 +170,19 @@ def test_two_process_gloo_run_writes_the_same_kind_of_checkpoint(teacher_path, t
     student = load_student(str(run_dir / STUDENT_FILE))
     assert student.sigmas == pytest.approx([1.0, 0.75, 0.0], abs=1e-3) and student.meta["stage"] == "stage1"
     assert any(k.startswith("module.student.") for k in state)
+
+
+def test_the_demo_trains_a_fresh_run_folder_and_a_second_writer_is_refused(teacher_path, tmp_path):
+    """xslim_lab.distill_demo / distill_ablation open the folder before config.json is written; run_training then
+    finds it open in this process (it once took the lock a second time and refused its own demo)."""
+    from distill_core.jobfiles import OpenRun, RunFolderBusy
+    from xslim_lab.distill_demo import run_locked
+
+    cfg = _config(tmp_path / "demo", teacher_path, iterations=2)
+    result = run_locked(cfg)
+    assert result["status"] == "done" and os.path.exists(tmp_path / "demo" / "config.json")
+    with OpenRun(cfg.run_dir):  # someone else holds the folder: the demo is refused before it writes anything
+        before = os.path.getmtime(tmp_path / "demo" / "config.json")
+        with pytest.raises(RunFolderBusy):
+            run_locked(_config(tmp_path / "demo", teacher_path, iterations=3))
+        assert os.path.getmtime(tmp_path / "demo" / "config.json") == before

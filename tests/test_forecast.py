@@ -29,6 +29,16 @@ def test_forecast_extrapolates_exactly_what_is_polynomial_in_sigma_and_falls_bac
     short = RowState(delta_last=d(0.5), sigma_last=0.5)  # one computed step: plain reuse
     assert torch.equal(forecast_residual(short, 0.4, 2, 10.0, like), d(0.5))
     assert torch.equal(forecast_residual(row, 0.4, 2, 1e-9, like), d(0.5))  # a diverging forecast is refused
+    # a gain scales the step along the slope, nothing else: 0.8 lands 80 % of the way from reuse to the line
+    damped = forecast_residual(row, 0.4, 1, 10.0, like, gain=0.8)
+    torch.testing.assert_close(damped, d(0.5) + 0.8 * (linear - d(0.5)))
+    assert torch.equal(forecast_residual(row, 0.4, 1, 10.0, like, gain=1.0), linear)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 2.5, float("nan"), float("inf")])
+def test_a_forecast_gain_outside_0_to_2_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"forecast_gain must lie in \(0, 2\]"):
+        XSlimConfig(forecast=1, forecast_gain=bad)
 
 
 def test_forecast_off_is_exactly_plain_reuse_and_on_costs_exactly_the_schedule(fam):

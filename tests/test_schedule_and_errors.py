@@ -52,11 +52,13 @@ def test_presets_meet_their_compute_targets_on_a_u_shaped_profile_and_transfer_o
     stacks = prof.stacks
     slow = build_schedule(prof, prof.sigmas, preset_config("slow"), stacks)
     fast = build_schedule(prof, prof.sigmas, preset_config("fast"), stacks)
-    assert slow.pattern[:4] == "FFFF" and slow.pattern[-1] == "F"
+    assert slow.pattern[:3] == "FFF" and set(slow.pattern) | set(fast.pattern) == {"F", "."}  # per step only
     for schedule, name in ((slow, "slow"), (fast, "fast")):
         target = PRESETS[name]["target_speedup"]
-        assert target <= 50 / schedule.predicted_nfe < 1.13 * target  # the preset's compute target, not far past it
-    assert {"B", "T"} <= set(slow.pattern)
+        # the preset's compute target, not far past it: per-step decisions move in whole steps (one in 12-14 here)
+        assert target <= 50 / schedule.predicted_nfe < 1.2 * target
+    three_levels = build_schedule(prof, prof.sigmas, preset_config("slow", levels={"step", "block", "token"}), stacks)
+    assert {"B", "T"} <= set(three_levels.pattern)  # the coarse-to-fine schedule is one argument away
     # over sigma, 100 steps compute far fewer than twice the steps 50 did (only the forced head and tail,
     # which are counted in steps, grow)
     fine_grid = build_schedule(prof, flow_sigmas(100, shift=3.0), preset_config("slow"), stacks)

@@ -4,7 +4,7 @@ Pure PyTorch: this package never imports ComfyUI. The ComfyUI nodes in ``nodes/`
 """
 
 from .adapters import adapter_for, supported_models
-from .config import ONLINE_PRESETS, PRESETS, StepKind, XSlimConfig, online_preset_config, preset_config
+from .config import FORECASTING, ONLINE_PRESETS, PRESETS, StepKind, XSlimConfig, online_preset_config, preset_config
 from .diffusers_host import XSlim, record_profile, run_cached
 from .engine import XSlimEngine, check_profile
 from .profile import Profile
@@ -12,6 +12,7 @@ from .schedule import Schedule, build_schedule
 from .state import RunStats
 
 __all__ = [
+    "FORECASTING",
     "ONLINE_PRESETS",
     "PRESETS",
     "Profile",

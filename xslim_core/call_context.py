@@ -159,7 +159,8 @@ class CallContext:
         order = self.engine.config.forecast
         if order == 0:
             return self._batch("delta_last", like)
-        return forecast_rows(self.rows, self.sigma, order, self.engine.config.forecast_limit, like)
+        cfg = self.engine.config
+        return forecast_rows(self.rows, self.sigma, order, cfg.forecast_limit, like, cfg.forecast_gain)
 
     def _reuse_block(self, index: int, img, txt):
         parts = [row.block_residuals[index] for row in self.rows]

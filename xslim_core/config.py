@@ -61,6 +61,10 @@ class XSlimConfig:
     # or when the correction is larger than ``forecast_limit`` x the last residual)
     forecast: int = 0
     forecast_limit: float = 0.5
+    # the extrapolation's correction is scaled by this gain (1: plain Newton). Below 1 it shrinks the step taken
+    # along the measured slope: the residual's slope decays towards the end of a gap, so a full-length linear
+    # step overshoots (chosen on the selection set: docs/decisions/0003-speed-presets.md)
+    forecast_gain: float = 1.0
 
     def __post_init__(self):
         _check_types(self)
@@ -102,6 +106,10 @@ class XSlimConfig:
                 f"X-Slim: forecast must be 0 (reuse), 1 or 2 (extrapolation order) and forecast_limit a positive number; "
                 f"got {self.forecast!r} and {self.forecast_limit!r}."
             )
+        if not 0.0 < self.forecast_gain <= 2.0:
+            raise ValueError(
+                f"X-Slim: forecast_gain must lie in (0, 2] (1 = plain linear extrapolation), got {self.forecast_gain!r}."
+            )
         if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
             raise ValueError(
                 f"X-Slim: need 0 <= start_percent < end_percent <= 1, got {self.start_percent} and {self.end_percent}."
@@ -111,7 +119,7 @@ class XSlimConfig:
         return replace(self, **changes)
 
 
-NUMBERS = ("warn", "crit", "token_ratio", "start_percent", "end_percent", "forecast_limit")
+NUMBERS = ("warn", "crit", "token_ratio", "start_percent", "end_percent", "forecast_limit", "forecast_gain")
 OPTIONAL_NUMBERS = ("target_speedup", "block_threshold")
 COUNTS = ("first_full_steps", "last_full_steps", "protected_blocks", "max_skips", "max_refreshes", "forecast")
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -181,19 +189,26 @@ def _check_segment(mode: str, seg) -> tuple[int, int]:
     return int(seg[0]), int(seg[1])
 
 
+# How every preset treats a skipped step: its residual extrapolated to first order over sigma with the correction
+# damped to 0.8, from three full steps at the start. Chosen on the selection set, like the lines below
+# (docs/decisions/0003-speed-presets.md); the damping alone was worth 1-4 dB of 5th-percentile PSNR there.
+FORECASTING: dict = dict(forecast=1, forecast_gain=0.8, first_full_steps=3)
+
 # Speed presets name the compute ratio they reach on the model's own profile (a threshold means nothing across
-# models). How the lines were chosen, on the selection set: docs/decisions/0003-speed-presets.md.
+# models). They decide per step (skip or compute), the last step forecast too: on the selection set the block and
+# token refreshes of the fine pass gave no more fidelity per block evaluation and cost wall-clock, so ``levels`` =
+# step; the three-level schedule stays one argument away (``levels`` = all, or the node's custom setting).
 PRESETS: dict[str, dict] = {
-    "slow": dict(target_speedup=3.2, token_ratio=0.5, forecast=1),
-    "fast": dict(target_speedup=4.0, token_ratio=0.7, forecast=1),
+    "slow": dict(target_speedup=3.6, levels=frozenset({"step"}), token_ratio=0.5, last_full_steps=0, **FORECASTING),
+    "fast": dict(target_speedup=5.0, levels=frozenset({"step"}), token_ratio=0.7, last_full_steps=0, **FORECASTING),
 }
 
 
-# Online presets (no profile): a line on the predicted relative error of a skipped step's forecast residual;
-# chosen as in docs/decisions/0003-speed-presets.md.
+# Online presets (no profile): a line on the predicted relative error of a skipped step's forecast residual, the
+# last step computed (it bought 1-3 dB per image for under one model call there); chosen as above.
 ONLINE_PRESETS: dict[str, dict] = {
-    "slow": dict(mode="online", warn=0.1, crit=0.1, forecast=1),
-    "fast": dict(mode="online", warn=0.2, crit=0.2, forecast=1),
+    "slow": dict(mode="online", warn=0.1, crit=0.1, last_full_steps=1, **FORECASTING),
+    "fast": dict(mode="online", warn=0.2, crit=0.2, last_full_steps=1, **FORECASTING),
 }
 
 

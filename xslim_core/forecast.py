@@ -7,11 +7,14 @@ import torch
 from .state import RowState, TensorStore
 
 
-def forecast_residual(row: RowState, sigma: float, order: int, limit: float, like: torch.Tensor) -> torch.Tensor:
+def forecast_residual(
+    row: RowState, sigma: float, order: int, limit: float, like: torch.Tensor, gain: float = 1.0
+) -> torch.Tensor:
     """Newton extrapolation over sigma of a row's step residuals (order 1: last two computed steps, order 2: last
-    three), computed in fp32. Falls back to the next lower order while the history is short or when the
-    correction exceeds ``limit`` x the last residual (a diverging forecast is worse than plain reuse)."""
-    return forecast_rows([row], sigma, order, limit, like)
+    three), computed in fp32, its correction scaled by ``gain``. Falls back to the next lower order while the
+    history is short or when the correction exceeds ``limit`` x the last residual (a diverging forecast is worse
+    than plain reuse)."""
+    return forecast_rows([row], sigma, order, limit, like, gain)
 
 
 def _history(row: RowState, order: int) -> list:
@@ -20,13 +23,15 @@ def _history(row: RowState, order: int) -> list:
     return history[:known]
 
 
-def forecast_rows(rows: list[RowState], sigma: float, order: int, limit: float, like: torch.Tensor) -> torch.Tensor:
+def forecast_rows(
+    rows: list[RowState], sigma: float, order: int, limit: float, like: torch.Tensor, gain: float = 1.0
+) -> torch.Tensor:
     """``forecast_residual`` for several rows at once, as one batch [rows, ...]. Rows that share their sigma
     history (the usual case: every row of a call was computed at the same steps) are extrapolated together, with
     the divergence check per row and no host sync; others one by one."""
     histories = [_history(r, order) for r in rows]
     if any([s for _, s in h] != [s for _, s in histories[0]] for h in histories[1:]):
-        return torch.cat([forecast_rows([r], sigma, order, limit, like) for r in rows])
+        return torch.cat([forecast_rows([r], sigma, order, limit, like, gain) for r in rows])
     ss = [float(s) for _, s in histories[0]]
     ds = [TensorStore.batch([h[i][0] for h in histories], like).float() for i in range(len(ss))]  # each converted once
     last = ds[0]
@@ -42,5 +47,5 @@ def forecast_rows(rows: list[RowState], sigma: float, order: int, limit: float, 
             second = (first - (ds[1] - ds[2]) / (ss[1] - ss[2])) / (ss[0] - ss[2])
             correction = correction + second * (sigma - ss[0]) * (sigma - ss[1])
         ok = (correction.abs().sum(dim=dims) <= bound).reshape(-1, *([1] * len(dims)))
-        out = torch.where(ok, last + correction, out)
+        out = torch.where(ok, last + correction * gain if gain != 1.0 else last + correction, out)
     return out.to(like.dtype)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         profile = record_profile(model, sample, sigmas)
         settings = {
-            "step only (slow)": (preset_config("slow", levels={"step"}), profile),
+            "three levels (slow)": (preset_config("slow", levels={"step", "block", "token"}), profile),
             "X-Slim slow": (preset_config("slow"), profile),
             "X-Slim fast": (preset_config("fast"), profile),
             "X-Slim online slow": (online_preset_config("slow"), None),

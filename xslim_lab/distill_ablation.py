@@ -29,10 +29,9 @@ import time
 
 from distill_core.cache import CacheRange
 from distill_core.config import RunConfig
-from distill_core.jobfiles import OpenRun, RunFolderBusy, write_json
+from distill_core.jobfiles import RunFolderBusy, write_json
 from distill_core.logs import show_on_stdout
-from distill_core.runtime import run_training
-from xslim_lab.distill_demo import CACHE_175, demo_runs, finished
+from xslim_lab.distill_demo import CACHE_175, demo_runs, finished, run_locked
 from xslim_lab.metrics import mean_and_standard_error
 
 log = logging.getLogger("xslim.distill_ablation")
@@ -85,12 +84,9 @@ def ablation_runs(out: str, threads: int = 1) -> list[RunConfig]:
 
 
 def train(cfg: RunConfig) -> dict:
-    """One run under its folder's lock (OpenRun: run_training finds the folder open and trains under it)."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    """One run as the demo trains it (its folder open from before the first write), timed."""
     t0 = time.time()
-    with OpenRun(cfg.run_dir):
-        write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
-        result = run_training(cfg)
+    result = run_locked(cfg)
     wall = time.time() - t0
     path = os.path.join(cfg.run_dir, WALL_FILE)
     previous = read_json(path) or {}

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from distill_core import SHIPPED_STUDENTS
 from distill_core.config import RunConfig
 from distill_core.files import save_atomic
-from distill_core.jobfiles import RunFolderBusy, RunLock, write_json
+from distill_core.jobfiles import OpenRun, RunFolderBusy, write_json
 from distill_core.logs import show_on_stdout
 from distill_core.runtime import STATE_FILE, STUDENT_FILE, run_training
 
@@ -109,16 +109,13 @@ def ship(out: str, weights_dir: str, overwrite: bool = False) -> None:
 
 
 def run_locked(cfg: RunConfig) -> dict:
-    """Train one run holding its folder's lock from before the first write: a second demo or a worker in the
-    same folder is refused before config.json (or anything else) is touched. run_training sees the lock held
-    by this process and trains under it."""
+    """Train one run with its folder open (``OpenRun``: its lock taken) from before the first write: a second demo
+    or a worker in the same folder is refused before config.json (or anything else) is touched. run_training
+    finds the folder open in this process and trains under it."""
     os.makedirs(cfg.run_dir, exist_ok=True)
-    lock = RunLock(cfg.run_dir).acquire()
-    try:
+    with OpenRun(cfg.run_dir):
         write_json(os.path.join(cfg.run_dir, "config.json"), asdict(cfg))
         return run_training(cfg)
-    finally:
-        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
