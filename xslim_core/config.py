@@ -198,9 +198,10 @@ FORECASTING: dict = dict(forecast=1, forecast_gain=0.8, first_full_steps=3)
 # models). They decide per step (skip or compute), the last step forecast too: on the selection set the block and
 # token refreshes of the fine pass gave no more fidelity per block evaluation and cost wall-clock, so ``levels`` =
 # step; the three-level schedule stays one argument away (``levels`` = all, or the node's custom setting).
+_PER_STEP: dict = dict(levels=frozenset({"step"}), last_full_steps=0, **FORECASTING)
 PRESETS: dict[str, dict] = {
-    "slow": dict(target_speedup=3.6, levels=frozenset({"step"}), token_ratio=0.5, last_full_steps=0, **FORECASTING),
-    "fast": dict(target_speedup=5.0, levels=frozenset({"step"}), token_ratio=0.7, last_full_steps=0, **FORECASTING),
+    "slow": dict(target_speedup=3.6, token_ratio=0.5, **_PER_STEP),
+    "fast": dict(target_speedup=5.0, token_ratio=0.7, **_PER_STEP),
 }
 
 

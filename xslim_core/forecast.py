@@ -47,5 +47,5 @@ def forecast_rows(
             second = (first - (ds[1] - ds[2]) / (ss[1] - ss[2])) / (ss[0] - ss[2])
             correction = correction + second * (sigma - ss[0]) * (sigma - ss[1])
         ok = (correction.abs().sum(dim=dims) <= bound).reshape(-1, *([1] * len(dims)))
-        out = torch.where(ok, last + correction * gain if gain != 1.0 else last + correction, out)
+        out = torch.where(ok, last + gain * correction, out)  # gain 1.0: x * 1.0 is exact, the same bits
     return out.to(like.dtype)

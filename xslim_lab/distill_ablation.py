@@ -29,7 +29,7 @@ import time
 
 from distill_core.cache import CacheRange
 from distill_core.config import RunConfig
-from distill_core.jobfiles import RunFolderBusy, write_json
+from distill_core.jobfiles import METRICS, RunFolderBusy, read_json, read_metrics, write_json
 from distill_core.logs import show_on_stdout
 from xslim_lab.distill_demo import CACHE_175, demo_runs, finished, run_locked
 from xslim_lab.metrics import mean_and_standard_error
@@ -94,23 +94,17 @@ def train(cfg: RunConfig) -> dict:
     return result
 
 
-def read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def wall_seconds(run_dir: str) -> float | None:
     """The training wall time this script recorded, else the span of the run's metrics log."""
     recorded = read_json(os.path.join(run_dir, WALL_FILE))
     if recorded:
         return recorded["seconds"]
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records, offset, path = [], 0, os.path.join(run_dir, METRICS)
+    while True:  # the log in the chunks the jobs panel reads it in
+        more, offset_next = read_metrics(path, offset)
+        if offset_next == offset:
+            break
+        records, offset = records + more, offset_next
     return records[-1]["time"] - records[0]["time"] + records[0]["elapsed_s"] if records else None
 
 
