@@ -116,6 +116,10 @@ STAGE1_RULES = {
     "clip_student": POSITIVE,
     "clip_fake": POSITIVE,
     "huber_c": POSITIVE,
+    "regression_weight": NON_NEGATIVE,
+    "regression_pairs": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "regression_steps": ("a whole number of teacher steps in 1..1000", lambda v: _whole(v) and 1 <= v <= 1000),
+    "regression_batch": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
     "classes": (
         "null (all) or a non-empty list of class indices >= 0",
         lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(c) and c >= 0 for c in v)),

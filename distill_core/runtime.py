@@ -33,6 +33,7 @@ from .jobfiles import OpenRun, Pace
 from .models import Teacher, load_teacher_from
 from .nets import RoleState, build_roles, merged_weights
 from .parallel import pick_device
+from .pairs import PairSettings, load_or_make_pairs
 from .stage1 import Stage1
 from .stage2 import Stage2
 from .state import load_module, load_state, optimizer_state_dict, read_state, save_state, save_state_dicts
@@ -240,6 +241,15 @@ class Run:
     def __init__(self, cfg: RunConfig, ranks: Ranks, teacher: Teacher):
         self.cfg, self.ranks = cfg, ranks
         self.task, self.teacher = build_task(cfg, ranks, teacher)
+        if isinstance(self.task, Stage1) and cfg.stage1.regression_weight > 0:
+            s1 = cfg.stage1
+            settings = PairSettings(s1.regression_pairs, s1.regression_steps, s1.shift, s1.guidance_scale, cfg.seed)
+            t = self.task
+            t.use_pairs(
+                load_or_make_pairs(
+                    cfg.run_dir, ranks.rank, t.teacher, teacher.prompts, t.latent_shape, settings, t.device
+                )
+            )
         self.base = self.teacher.base
         for module in self.task.modules.values():  # rank 0's initial weights everywhere
             for t in module.state_dict().values():

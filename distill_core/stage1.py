@@ -48,6 +48,12 @@ class Stage1Config:
     cache_last: int | None = None
     lr_comp: float = 3e-4
     classes: list[int] | None = None  # demo teacher: train on these classes only (its prompt set's rows; None: all)
+    # DMD's paired regression (distill_core/pairs.py): the deployed sampler's output from a pair's noise against the
+    # guided teacher's own sample from it, pseudo-Huber with a per-sample normaliser like the DMD term; 0: off
+    regression_weight: float = 0.0
+    regression_pairs: int = 512  # pairs per process, made once by the teacher and kept in the run folder
+    regression_steps: int = 25  # the teacher's Euler steps for a pair (CFG = guidance_scale at every step)
+    regression_batch: int = 4  # pairs per iteration
 
     @property
     def cache(self) -> CacheRange | None:
@@ -61,6 +67,11 @@ def pseudo_huber_dmd_loss(
 ) -> torch.Tensor:
     """mean[(sqrt((x_hat - target)^2 + c^2) - c) / W]; ``target`` and ``normaliser`` carry no gradient."""
     return ((torch.sqrt((x_hat - target).square() + c * c) - c) / normaliser).mean()
+
+
+def per_sample_scale(difference: torch.Tensor) -> torch.Tensor:
+    """Mean absolute value per sample, [B, 1, ...], kept away from 0: the normaliser of both loss terms."""
+    return difference.abs().mean(dim=tuple(range(1, difference.dim())), keepdim=True).clamp_min(1e-6)
 
 
 class Stage1:
@@ -96,6 +107,8 @@ class Stage1:
             "fake": ranks.adamw(self.fake_params, cfg.lr_fake, betas, cfg.weight_decay),
         }
         self.modules = {"student": student.state(), "fake": fake.state()}
+        self.pairs: dict[str, torch.Tensor] | None = None  # set by use_pairs when regression_weight > 0
+        self.last_regression: float | None = None
         if self.compensation:
             self.comp_params = list(self.compensation.parameters())
             self.optimizers["comp"] = ranks.adamw(self.comp_params, cfg.lr_comp, betas, cfg.weight_decay)
@@ -105,6 +118,18 @@ class Stage1:
         self.student_objective = ranks.objective(
             self._student_loss, self.student_params + getattr(self, "comp_params", [])
         )
+
+    def use_pairs(self, pairs: dict[str, torch.Tensor]) -> None:
+        """Teacher pairs (``pairs.load_or_make_pairs``) for the regression term."""
+        self.pairs = pairs
+
+    def _pair_batch(self, gen: torch.Generator):
+        """``regression_batch`` pairs drawn with the run's generator: (noise, conditioning, teacher sample), or None."""
+        if self.pairs is None or self.cfg.regression_weight == 0:
+            return None
+        pick = torch.randint(len(self.pairs["index"]), (self.cfg.regression_batch,), generator=gen)
+        cond = self.prompts.batch(self.pairs["index"][pick]).to(self.device)
+        return self.pairs["noise"][pick].to(self.device), cond, self.pairs["sample"][pick].to(self.device)
 
     @torch.no_grad()
     def simulate(self, z: torch.Tensor, cond):
@@ -183,17 +208,21 @@ class Stage1:
         cfg = self.cfg
         k, sigma, s_start, s_end = self._windows(len(cond), gen, self.weights)
         self._idle: list = []
-        loss = self.student_objective(xs, cond, gen, delta, k, sigma, s_start, s_end)
+        loss = self.student_objective(xs, cond, gen, delta, k, sigma, s_start, s_end, self._pair_batch(gen))
         steps = [(self.student_params, self.optimizers["student"], True)]
         if self.compensation:
             steps.append((self.comp_params, self.optimizers["comp"], True))
         norm = guarded_update(loss, steps, cfg.clip_student, self.ranks, idle=self._idle)
         guided = (sigma <= cfg.guidance_switch).float().mean().item()
-        return {"loss_student": loss.item(), "grad_student": norm, "cfg_fraction": guided}
+        metrics = {"loss_student": loss.item(), "grad_student": norm, "cfg_fraction": guided}
+        if self.last_regression is not None:
+            metrics["regression_gap"] = self.last_regression
+        return metrics
 
-    def _student_loss(self, xs, cond, gen, delta, k, sigma, s_start, s_end) -> torch.Tensor:
+    def _student_loss(self, xs, cond, gen, delta, k, sigma, s_start, s_end, pair=None) -> torch.Tensor:
         """The whole student objective as one call (one DDP forward under torchrun): the deployed sampler's
-        step in a random window, re-noised, against the guided teacher and the fake score."""
+        step in a random window, re-noised, against the guided teacher and the fake score; with ``pair``, plus
+        the regression of the deployed sampler's output onto the teacher's sample from the same noise."""
         cfg, rows = self.cfg, torch.arange(len(cond), device=self.device)
         x_hat = euler(xs[k, rows], self._student_velocity(xs[k, rows], s_start, cond, k, delta), s_start, s_end)
         with torch.no_grad():
@@ -205,8 +234,17 @@ class Stage1:
             v_fake = self.fake(x_sigma, sigma, cond)
             x_real, x_fake = euler(x_sigma, v_real, sigma, s_end), euler(x_sigma, v_fake, sigma, s_end)
             target = x_hat + x_real - x_fake
-            normaliser = (x_hat - x_real).abs().mean(dim=tuple(range(1, x_hat.dim())), keepdim=True).clamp_min(1e-6)
-        return pseudo_huber_dmd_loss(x_hat, target, normaliser, cfg.huber_c)
+            normaliser = per_sample_scale(x_hat - x_real)
+        loss = pseudo_huber_dmd_loss(x_hat, target, normaliser, cfg.huber_c)
+        if pair is None:
+            return loss
+        noise, pair_cond, teacher_sample = pair
+        xs_pair, _, _ = trajectory(self.student, noise, pair_cond, self.sigmas, self.cache, self.compensation)
+        x_out = xs_pair[-1]
+        gap = per_sample_scale(x_out.detach() - teacher_sample)
+        regression = pseudo_huber_dmd_loss(x_out, teacher_sample, gap, cfg.huber_c)
+        self.last_regression = gap.mean().item()  # the distance itself: the normalised loss is ~1 by construction
+        return loss + cfg.regression_weight * regression
 
     def step(self, iteration: int, batch: int, gen: torch.Generator) -> dict:
         z = self._noise((batch, *self.latent_shape), gen)

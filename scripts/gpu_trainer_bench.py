@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -75,7 +76,9 @@ def main(argv=None) -> int:
     started = time.time()
     result = run_training(cfg, teacher=teacher)
     wall = time.time() - started
-    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    shutil.rmtree(run_dir, ignore_errors=True)  # the figures are all it keeps (a run folder per call filled /tmp)
     steady = metrics[len(metrics) // 4 :] or metrics  # leave the warm-up out of the speed
     span = steady[-1]["elapsed_s"] - (steady[0]["elapsed_s"] if len(steady) > 1 else 0.0)
     figures = {"device": torch.cuda.get_device_name() if cuda else "cpu", "status": result["status"], "iterations": iterations,

@@ -258,3 +258,58 @@ def test_stage2_schedule_warms_up_discriminator_then_compensation_then_student(t
     assert changed == {"comp"} and "loss_g" in metrics
     assert run(3)[0] == {"disc"}
     assert run(4)[0] == {"student", "comp"}
+
+
+def _pairs(teacher, tmp_path, count=6, steps=3, scale=2.0):
+    from distill_core.pairs import PairSettings, load_or_make_pairs
+
+    settings = PairSettings(count, steps, 3.0, scale, 0)
+    return load_or_make_pairs(str(tmp_path), 0, teacher.flow, teacher.prompts, (16, 1, 8, 8), settings, torch.device("cpu"))
+
+
+def test_teacher_pairs_are_the_teachers_own_samples_kept_in_the_run_folder(tiny, tmp_path):
+    from distill_core.pairs import PAIRS_FILE, teacher_sample
+
+    _, teacher = tiny
+    pairs = _pairs(teacher, tmp_path)
+    cond = teacher.prompts.batch(pairs["index"])
+    again = teacher_sample(teacher.flow, pairs["noise"], cond, teacher.prompts, 3, 3.0, 2.0)
+    assert torch.allclose(pairs["sample"], again, atol=1e-5) and not torch.allclose(pairs["sample"], pairs["noise"])
+    path = tmp_path / PAIRS_FILE.format(rank=0)
+    stamp = path.stat().st_mtime_ns
+    reread = _pairs(teacher, tmp_path)  # same settings: read back, not sampled again
+    assert path.stat().st_mtime_ns == stamp and all(torch.equal(reread[k], pairs[k]) for k in pairs)
+    other = _pairs(teacher, tmp_path, scale=3.0)  # other settings: made again
+    assert path.stat().st_mtime_ns != stamp and not torch.allclose(other["sample"], pairs["sample"])
+
+
+def _pair_gap(stage, pairs, cond) -> float:
+    """Mean |deployed sampler's output - teacher's sample| over the pairs."""
+    with torch.no_grad():
+        out = run_student(stage.student, pairs["noise"], cond, stage.sigmas, stage.cache, stage.compensation)
+    return (out - pairs["sample"]).abs().mean().item()
+
+
+@pytest.mark.parametrize("cache", [None, (1, 2)])
+def test_stage1_regression_pulls_the_deployed_sampler_onto_the_teacher_pairs(tiny, tmp_path, cache):
+    """DMD's paired regression: with it, the student's deployed output from a pair's noise moves towards the
+    teacher's sample from that noise, further than the distribution-matching term alone moves it."""
+    _, teacher = tiny
+    pairs = _pairs(teacher, tmp_path)
+    first, last = cache or (None, None)
+    gaps = {}
+    for weight in (0.0, 20.0):
+        cfg = Stage1Config(lr_student=2e-4, lr_fake=1e-3, regression_weight=weight, regression_batch=6,
+                           cache_first=first, cache_last=last)  # fmt: skip
+        stage = _stage1(teacher, cfg)
+        stage.use_pairs(pairs)
+        gen = torch.Generator().manual_seed(0)
+        cond = teacher.prompts.batch(pairs["index"])
+
+        before = _pair_gap(stage, pairs, cond)
+        for i in range(6):
+            metrics = stage.step(i, 4, gen)
+        assert ("regression_gap" in metrics) == (weight > 0)
+        gaps[weight] = (before, _pair_gap(stage, pairs, cond))
+    assert gaps[0.0][0] == pytest.approx(gaps[20.0][0])  # the same start
+    assert gaps[20.0][1] < 0.8 * gaps[20.0][0] and gaps[20.0][1] < gaps[0.0][1]

@@ -59,6 +59,24 @@ def test_resume_continues_exactly_where_it_stopped(teacher_path, tmp_path):
     assert records[3]["it_per_s"] > 0 and records[3]["eta_s"] == 0
 
 
+def test_regression_run_keeps_its_teacher_pairs_and_a_resume_is_exact(teacher_path, tmp_path):
+    """A run with the paired regression makes its pairs once, logs the gap to them, and resumes bit-exactly from
+    the pairs file it kept (not sampled again)."""
+    stage1 = {"lr_student": 1e-3, "lr_fake": 1e-3, "regression_weight": 0.5, "regression_pairs": 6,
+              "regression_steps": 2, "regression_batch": 2}
+    straight = run_training(_config(tmp_path / "a", teacher_path, stage1=stage1))
+    run_training(_config(tmp_path / "b", teacher_path, stage1=stage1, iterations=2))
+    pairs = tmp_path / "b" / "teacher_pairs.rank0.safetensors"
+    stamp = pairs.stat().st_mtime_ns
+    second = run_training(_config(tmp_path / "b", teacher_path, stage1=stage1))
+    assert second["message"] == "resumed from iteration 2" and pairs.stat().st_mtime_ns == stamp
+    a, _ = _tensors(straight["student"])
+    b, _ = _tensors(second["student"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in open(tmp_path / "b" / METRICS_FILE)]
+    assert all(r["regression_gap"] > 0 for r in records)
+
+
 def test_cache_cotraining_fine_tune_starts_from_a_finished_stage1_run(teacher_path, tmp_path):
     """Distill-Cache co-training as a fine-tune: student and fake score start from the finished run, the exported
     1.x student carries the cached range and its compensation, and Stage II continues from that compensation."""

@@ -80,6 +80,9 @@ def ablation_runs(out: str, threads: int = 1) -> list[RunConfig]:
     runs += [demo[name] for name in ("stage1_n2", "cotrain_c175", "stage1_n4", "stage2_c175")]
     for cfg in runs:
         cfg.threads = threads
+        # the paper's mechanisms on the paper's recipe: without the paired regression the demo adds since (the
+        # measured ablation predates it; docs/DISTILL.md, "Recall")
+        cfg.stage1 = dataclasses.replace(cfg.stage1, regression_weight=0.0)
     return runs
 
 

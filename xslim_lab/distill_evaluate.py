@@ -44,10 +44,10 @@ STUDENT_ROWS = [
     ("Stage I, 2-step + plain cache reuse [4..6]", "stage1_n2", None, CacheRange(4, 6)),
     ("Stage I only, 4-step (Stage-II reference)", "stage1_n4", None, None),
     ("Stage I+II, 2-step, no cache", "stage2_full", None, None),
-    ("Stage I + cache co-training [4..6] + comp. (before Stage II)", "cotrain_c175", None, None),
-    ("Stage I + cache co-training [4..7] + comp. (before Stage II)", "cotrain_c167", None, None),
-    ("1.x: Stage I + co-training + Stage II, cache [4..6] + comp.", "stage2_c175", "student_1x_175.safetensors", None),
-    ("1.x: Stage I + co-training + Stage II, cache [4..7] + comp.", "stage2_c167", "student_1x_167.safetensors", None),
+    ("1.x: Stage I + regression + cache co-training [4..6] + comp.", "cotrain_c175", "student_1x_175.safetensors", None),
+    ("1.x: Stage I + regression + cache co-training [4..7] + comp.", "cotrain_c167", "student_1x_167.safetensors", None),
+    ("Stage I + co-training + Stage II, cache [4..6] + comp.", "stage2_c175", None, None),
+    ("Stage I + co-training + Stage II, cache [4..7] + comp.", "stage2_c167", None, None),
 ]
 ONE_X_KEYS = ("cotrain_c175", "cotrain_c167", "stage2_c175", "stage2_c167")
 REFERENCE_KEY = "teacher50cfg"  # the 100-NFE teacher: the targets' reference and the "vs teacher" recall's
@@ -175,6 +175,7 @@ def target_checks(results: list[dict]) -> list[tuple[str, str, str, float, str, 
              100 * (s["accuracy"] - ref["accuracy"]), ">=", -3.0),
             (key, s["name"], "FD <= 1.5x the 100-NFE teacher's (student / teacher FD)", s["fd"] / ref["fd"], "<=", 1.5),
             (key, s["name"], "diversity >= 90% of the 100-NFE teacher's (student / teacher)", s["diversity"] / ref["diversity"], ">=", 0.9),
+            (key, s["name"], "recall >= half the 100-NFE teacher's (student / teacher recall)", s["recall"] / ref["recall"], ">=", 0.5),
         ]
         for t2 in t2s:
             checks.append((key, s["name"], f"FD better than the {t2['name']} (student - baseline FD)", s["fd"] - t2["fd"], "<", 0.0))

@@ -142,7 +142,7 @@ def test_shipping_keeps_a_student_that_appears_while_it_ships(tmp_path, monkeypa
     for run in demo.SHIPPED:
         (out / run).mkdir(parents=True)
         shutil.copy(SHIPPED, out / run / STUDENT_FILE)
-    first = weights / demo.SHIPPED["stage2_c175"]
+    first = weights / demo.SHIPPED["cotrain_c175"]
     real_open = demo.safe_open
 
     def racing_open(path, **kwargs):  # another --ship writes the first file after the up-front check
