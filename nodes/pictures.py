@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from xslim_demo.latents import COMFY_LATENT_SCALE, LATENT_SHAPE, latent_to_image
+from xslim_demo.text_teacher import COMFY_SD3_SCALE, COMFY_SD3_SHIFT
+from xslim_demo.text_teacher import LATENT_SHAPE as TEXT_LATENT_SHAPE
 
 COLOURS = {"F": (31, 78, 140), "B": (240, 150, 40), "T": (60, 160, 80), ".": (225, 225, 225), "?": (255, 255, 255)}
 MEANING = {"F": "full step", "B": "block refresh", "T": "token refresh", ".": "skipped (cached)", "?": "not run"}
@@ -116,12 +118,24 @@ def table_image(header: list[str], rows: list[list[str]], note: str = "") -> Ima
 
 
 def is_demo_latent(samples: torch.Tensor) -> bool:
+    """The class teacher's latent (HunyuanVideo layout, one frame)."""
     return tuple(samples.shape[1:]) == LATENT_SHAPE
 
 
+def is_demo_text_latent(samples: torch.Tensor) -> bool:
+    """The text teacher's latent (SD3 layout: EmptySD3LatentImage 64x64)."""
+    return tuple(samples.shape[1:]) == TEXT_LATENT_SHAPE
+
+
 def demo_decode(samples: torch.Tensor) -> torch.Tensor:
-    """The demo model's weight-free decoder: ComfyUI latent -> grey 28x28 image as RGB IMAGE."""
-    grey = latent_to_image(samples.float() * COMFY_LATENT_SCALE)  # [B, 1, 28, 28]
+    """The demo models' weight-free decoder: a ComfyUI latent of either demo teacher -> grey 28x28 image as RGB
+    IMAGE. ComfyUI keeps latents in its own scale (HunyuanVideo: model / 0.476986; SD3: model / 1.5305 + 0.0609)."""
+    x = samples.float()
+    if is_demo_text_latent(x):
+        model_space = ((x - COMFY_SD3_SHIFT) * COMFY_SD3_SCALE).unsqueeze(2)
+    else:
+        model_space = x * COMFY_LATENT_SCALE
+    grey = latent_to_image(model_space)  # [B, 1, 28, 28]
     return grey.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous()
 
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from .host import KEY, RunReport, XSlimSettings, XSlimSetupError, install
-from .pictures import demo_decode, is_demo_latent, latent_preview
+from .pictures import demo_decode, is_demo_latent, is_demo_text_latent, latent_preview
 
 
 def sample_latent(model, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
@@ -105,6 +105,6 @@ def decode(samples: torch.Tensor, vae=None) -> torch.Tensor:
     if vae is not None:
         images = vae.decode(samples)
         return images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
-    if is_demo_latent(samples):
+    if is_demo_latent(samples) or is_demo_text_latent(samples):
         return demo_decode(samples)
     return latent_preview(samples)

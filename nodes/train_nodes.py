@@ -18,6 +18,8 @@ from comfy_api.latest import io
 
 from distill_core import jobfiles as jf
 from xslim_core.families import trainable_families
+from xslim_demo.text_teacher import LATENT_SHAPE as TEXT_LATENT_SHAPE
+
 from .distill_host import latent_shape_for
 from .families import FAMILIES as COMFY_FAMILIES
 from .families import family_of_file
@@ -27,6 +29,7 @@ CATEGORY = "X-Slim/1.x-Distill"
 GPU_SHARING = ["exclusive", "shared", "separate device"]
 DEMO_FORMAT = "xslim-demo-teacher/1"
 DEMO = "demo"
+TEXT_DEMO_FORMAT = "xslim-demo-text-teacher/1"
 ALL_CLASSES = "all classes"
 log = logging.getLogger("xslim")
 # the families the worker trains, as the Train node names them (ComfyUI's families that have a trainer record)
@@ -67,6 +70,8 @@ def probe_model(name: str, path: str) -> dict:
         keys, meta = jf.safetensors_header(path)
     except ValueError as err:
         raise JobError(f"1.x-Distill Train: {err}.") from None
+    if meta.get("format") == TEXT_DEMO_FORMAT:
+        return _probe_text_demo(name, path, meta)
     if meta.get("format") == DEMO_FORMAT:
         from xslim_demo.teacher import classes_path
 
@@ -96,6 +101,34 @@ def _count_blocks(keys: list[str]) -> int:
 
     found = {m.group(1, 2) for k in keys for m in [re.search(r"(double_blocks|single_blocks|joint_blocks)\.(\d+)\.", k)] if m}
     return len(found)
+
+
+def _probe_text_demo(name: str, path: str, meta: dict) -> dict:
+    """The text demo teacher (SD3-shaped): trainable like any SD3 file, its prompts encoded by its own text encoder
+    beside it (no CLIP input needed), its latent fixed at 16 x 8 x 8 (64 x 64 pixels in ComfyUI's SD3 terms)."""
+    from xslim_demo.text_teacher import encoder_path
+
+    encoder = encoder_path(path)
+    if not os.path.isfile(encoder):
+        raise JobError(f"1.x-Distill Train: {name} is the text demo teacher but its text encoder "
+                       f"{os.path.basename(encoder)} is missing next to it. Nothing was started.")
+    try:
+        blocks = int(json.loads(meta.get("architecture", "{}"))["num_layers"])
+    except (ValueError, KeyError, TypeError):
+        raise JobError(f"1.x-Distill Train: {name} declares no readable architecture in its metadata.") from None
+    return {"family": "sd3", "blocks": blocks, "classes_path": None, "class_names": [], "text_encoder": encoder,
+            "text_teacher": path}
+
+
+def _demo_text_conditioning_writer(teacher_path: str, prompts: list[str]):
+    """The prompt list encoded once by the text demo teacher's own encoder, written like a CLIP-encoded one."""
+    def write(run_dir: str) -> None:
+        from xslim_demo.distill import text_prompt_set
+        from xslim_demo.text_teacher import TextTeacher, load_text_encoder
+
+        module, vocab = load_text_encoder(teacher_path)
+        text_prompt_set(TextTeacher(None, module, vocab, {}), prompts).save(os.path.join(run_dir, jf.CONDITIONING))
+    return write
 
 
 def encode_prompts(clip, prompts: list[str], negative: str = ""):
@@ -428,7 +461,7 @@ def _chosen_model(model_name: str, clip):
         raise JobError(f"1.x-Distill Train: {model_name!r} is not in the diffusion_models folders "
                        f"({', '.join(folder_paths.get_folder_paths('diffusion_models'))}).")
     model = probe_model(model_name, path)
-    if model["family"] != DEMO and clip is None:
+    if model["family"] != DEMO and clip is None and not model.get("text_encoder"):
         raise JobError(f"1.x-Distill Train: {model_name} is a {FAMILY_NAMES[model['family']]} model conditioned on text: "
                        "connect its text encoder (a CLIP output, e.g. from the checkpoint loader or DualCLIPLoader / "
                        "TripleCLIPLoader) to the clip input, so the prompt list can be encoded once before training. "
@@ -447,16 +480,27 @@ def _text_job(model: dict, model_name: str, prompts: str, clip, config: dict, ba
     which the CLIP encodes once when the job is new. The list's and the CLIP's identities go into ``base``, so
     a resume with other prompts or another CLIP is refused (the encoded file of a new job is not rewritten)."""
     try:
-        shape = latent_shape_for(model["family"], text["width"], text["height"], text["frames"])
+        shape = (TEXT_LATENT_SHAPE if model.get("text_encoder")
+                 else latent_shape_for(model["family"], text["width"], text["height"], text["frames"]))
     except ValueError as err:
         raise JobError(f"1.x-Distill Train: {err}") from None
     precision = "bf16" if config["device"] == "cuda" else "fp32"  # a GPU run keeps the base in bf16 under autocast
     config.update(teacher_loader=f"{PACK}.nodes.distill_host:load_comfy_file_teacher", prompts=jf.CONDITIONING,
                   lora_rank=text["lora_rank"], precision=precision,
                   teacher_options={"latent_shape": list(shape), "name": model_name, "dtype": precision})
+    bootstrap = {"sys_path": [_comfy_root()], "packages": {PACK: PACK_FOLDER}}
+    if model.get("text_encoder"):  # the text demo teacher: its own encoder, identified by its content
+        from xslim_demo.distill import text_prompt_list
+
+        # "all classes" (the field's default): every prompt it was trained on
+        lines = text_prompt_list() if prompts.strip() == ALL_CLASSES else _prompt_lines(prompts)
+        with open(model["text_encoder"], "rb") as f:  # under 1 MB: hashed here, unlike a model file
+            encoder_id = hashlib.sha256(f.read()).hexdigest()[:16]
+        base.update(prompt_list=hashlib.sha256(json.dumps(lines).encode()).hexdigest()[:16], text_encoder=encoder_id)
+        return _demo_text_conditioning_writer(model["text_teacher"], lines), bootstrap
     lines = _prompt_lines(prompts)
     base.update(prompt_identities(clip, lines))
-    return _text_conditioning_writer(clip, lines), {"sys_path": [_comfy_root()], "packages": {PACK: PACK_FOLDER}}
+    return _text_conditioning_writer(clip, lines), bootstrap
 
 
 def _placeholder(text: str):

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+
 import json
 import logging
 import os
 import time
-from functools import partial
+from functools import lru_cache, partial
 
 from comfy_api.latest import io
 
@@ -364,29 +365,78 @@ class XSlimDemoDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples) -> io.NodeOutput:
-        from .pictures import demo_decode, is_demo_latent
+        from .pictures import demo_decode, is_demo_latent, is_demo_text_latent
         from .host import XSlimSetupError
 
         x = samples["samples"]
-        if not is_demo_latent(x):
-            raise XSlimSetupError(f"X-Slim Demo Decode: expected the demo model's latent [B, 16, 1, 8, 8] (EmptyHunyuanLatentVideo 64x64, length 1), got {list(x.shape)}.")
+        if not (is_demo_latent(x) or is_demo_text_latent(x)):
+            raise XSlimSetupError(
+                "X-Slim Demo Decode: expected a demo model's latent: the class teacher's [B, 16, 1, 8, 8] "
+                "(EmptyHunyuanLatentVideo 64x64, length 1) or the text teacher's [B, 16, 8, 8] (EmptySD3LatentImage "
+                f"64x64), got {list(x.shape)}."
+            )
         return io.NodeOutput(demo_decode(x))
 
 
-NODES = [XSlimCache, XSlimStats, XSlimProfile, XSlimCompare, XSlimDemoClass, XSlimDemoDecode]
+@lru_cache(maxsize=1)
+def _demo_text_teacher_encoder():
+    """The shipped text encoder and its vocabulary, read once (a few hundred kB)."""
+    from xslim_demo.text_teacher import load_text_encoder
+
+    return load_text_encoder()
 
 
-# The folder the pack adds to diffusion_models. It holds only a link to the demo teacher: ComfyUI lists every
-# .safetensors file under a model folder, and the teacher's class table and the demo classifier (next to it in
-# xslim_demo/weights, where the training code and the command line expect them) are not models.
+class XSlimDemoText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XSlimDemoText",
+            display_name="X-Slim Demo Text Encode",
+            category=f"{CATEGORY}/demo",
+            description=(
+                "Conditioning for the shipped text demo model (SD3-shaped, Fashion-MNIST; loads with UNETLoader as "
+                "demo_text_teacher.safetensors) from a prompt such as 'a sneaker', encoded by its own small text "
+                "encoder. An empty prompt is the unconditional one (the negative for CFG)."
+            ),
+            inputs=[io.String.Input("prompt", default="a sneaker",
+                                    tooltip="Words it knows: the ten Fashion-MNIST garments and their usual names "
+                                            "(t-shirt, trousers, pullover, dress, coat, sandal, shirt, sneaker, bag, "
+                                            "ankle boot, ...); other words are read as unknown.")],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, prompt) -> io.NodeOutput:
+        import torch
+
+        from xslim_demo.text_teacher import tokenize
+
+        encoder, vocab = _demo_text_teacher_encoder()
+        with torch.no_grad():
+            context, pooled = encoder(tokenize([prompt], vocab))
+        return io.NodeOutput([[context, {"pooled_output": pooled}]])
+
+
+NODES = [XSlimCache, XSlimStats, XSlimProfile, XSlimCompare, XSlimDemoClass, XSlimDemoDecode, XSlimDemoText]
+
+
+# The folder the pack adds to diffusion_models. It holds only links to the demo teachers: ComfyUI lists every
+# .safetensors file under a model folder, and the class table, the text encoder and the demo classifier (next to
+# them in xslim_demo/weights, where the training code and the command line expect them) are not models.
 LISTED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".comfyui_models", "diffusion_models")
 
 
-def _link_teacher(folder: str) -> bool:
-    """Put the teacher in ``folder`` as a hard link (no extra disk), else a symbolic link, else a copy."""
+def _demo_teachers() -> list[str]:
+    from xslim_demo.text_teacher import default_weights_path as text_teacher_path
+
+    return [p for p in (default_weights_path(), text_teacher_path()) if os.path.exists(p)]
+
+
+def _link_teacher(folder: str, teacher: str) -> bool:
+    """Put ``teacher`` in ``folder`` as a hard link (no extra disk), else a symbolic link, else a copy."""
     import shutil
 
-    teacher, listed = default_weights_path(), os.path.join(folder, os.path.basename(default_weights_path()))
+    listed = os.path.join(folder, os.path.basename(teacher))
     try:
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(listed) and os.path.samefile(listed, teacher):
@@ -405,16 +455,17 @@ def _link_teacher(folder: str) -> bool:
 
 
 def register_demo_model_folder() -> None:
-    """Make the shipped demo model visible to UNETLoader, and nothing else of the pack (models/diffusion_models
+    """Make the shipped demo models visible to UNETLoader, and nothing else of the pack (models/diffusion_models
     stays untouched)."""
     import folder_paths
 
-    if _link_teacher(LISTED_FOLDER):
+    if all([_link_teacher(LISTED_FOLDER, teacher) for teacher in _demo_teachers()]):
         folder_paths.add_model_folder_path("diffusion_models", LISTED_FOLDER)
         return
     # a read-only install: list the weights folder itself, auxiliary files included, rather than no demo model
-    log.warning("X-Slim: could not write %s (read-only install?); UNETLoader also lists the demo model's class table "
-                    "and classifier, which are not models: pick demo_teacher.safetensors.", LISTED_FOLDER)
+    log.warning("X-Slim: could not write %s (read-only install?); UNETLoader also lists the demo models' class table, "
+                "text encoder and classifier, which are not models: pick demo_teacher.safetensors or "
+                "demo_text_teacher.safetensors.", LISTED_FOLDER)
     folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(default_weights_path()))
 
 

@@ -1,7 +1,12 @@
-"""Train the demo teacher (rectified flow, class-conditional, label dropout for CFG). Seeded and resumable.
+"""Train a demo teacher (rectified flow, label or prompt dropout for CFG). Seeded and resumable.
 
     python -m xslim_demo.train --run-dir runs/teacher [--minutes 30] [--config train_config.json]
     python -m xslim_demo.train --run-dir runs/teacher --export   # EMA weights -> weights/
+    python -m xslim_demo.train --teacher text --run-dir runs/text-teacher   # the SD3-shaped text teacher
+
+``--teacher class`` (default): the HunyuanVideo-shaped class-conditional demo teacher (xslim_demo/teacher.py);
+``--teacher text``: the SD3-shaped teacher with its tiny text encoder, trained on random class prompts
+(xslim_demo/text_teacher.py). Both train the same way; a recipe supplies the model, its conditioning and files.
 
 A checkpoint (model, EMA, optimiser moments, step, data cursor, RNG state) is written atomically every
 ``checkpoint_every`` steps as safetensors; running the same command again continues from it.
@@ -17,6 +22,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +30,89 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import teacher as class_teacher
+from . import text_teacher
 from .data import load_split
 from .latents import image_to_latent
-from .teacher import ClassConditioner, build_model, default_weights_path, save_teacher, velocity
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), "train_config.json")
+TEXT_CONFIG_PATH = os.path.join(os.path.dirname(__file__), "train_text_config.json")
+
+
+class Recipe(Protocol):
+    """What differs between the demo teachers: the modules, the conditioning inputs, the latent layout, files."""
+
+    config_path: str
+    default_out: str
+
+    def build(self) -> tuple[torch.nn.Module, torch.nn.Module]: ...  # (transformer, conditioner)
+
+    def inputs(self, labels: torch.Tensor, dropped: torch.Tensor, gen: torch.Generator) -> torch.Tensor: ...
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def velocity(self, model, cond, x: torch.Tensor, sigma, inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def preview(self, model, cond, path: str) -> None: ...
+
+    def export(self, path: str, model, cond, meta: dict) -> None: ...
+
+
+class ClassRecipe:
+    """The HunyuanVideo-shaped class-conditional teacher: a learned table row per class, the last row the null."""
+
+    config_path, default_out = CONFIG_PATH, class_teacher.default_weights_path()
+
+    def build(self):
+        return class_teacher.build_model(), class_teacher.ClassConditioner()
+
+    def inputs(self, labels, dropped, gen):
+        return torch.where(dropped, torch.full_like(labels, len(class_teacher.CLASSES)), labels)
+
+    def latents(self, images):
+        return image_to_latent(images)
+
+    def velocity(self, model, cond, x, sigma, inputs):
+        return class_teacher.velocity(model, cond, x, sigma, inputs)
+
+    def preview(self, model, cond, path):
+        from .grid import sample_grid
+
+        sample_grid(model, cond, path, steps=20)
+
+    def export(self, path, model, cond, meta):
+        class_teacher.save_teacher(path, model, cond, meta)
+
+
+class TextRecipe:
+    """The SD3-shaped text teacher: a random prompt per image ("a photo of a sneaker"), the empty prompt dropped in."""
+
+    config_path, default_out = TEXT_CONFIG_PATH, text_teacher.default_weights_path()
+
+    def __init__(self):
+        self.vocab = text_teacher.vocabulary()
+
+    def build(self):
+        return text_teacher.build_model(), text_teacher.TinyTextEncoder(len(self.vocab))
+
+    def inputs(self, labels, dropped, gen):
+        prompts = ["" if d else text_teacher.class_prompt(int(y), gen) for y, d in zip(labels, dropped)]
+        return text_teacher.tokenize(prompts, self.vocab)
+
+    def latents(self, images):
+        return image_to_latent(images).squeeze(2)
+
+    def velocity(self, model, cond, x, sigma, inputs):
+        return text_teacher.velocity(model, cond, x, sigma, inputs)
+
+    def preview(self, model, cond, path):
+        text_teacher.prompt_grid(text_teacher.TextTeacher(model, cond, self.vocab, {}), path, steps=20)
+
+    def export(self, path, model, cond, meta):
+        text_teacher.save_text_teacher(path, model, cond, self.vocab, meta)
+
+
+RECIPES: dict[str, type] = {"class": ClassRecipe, "text": TextRecipe}
 
 
 @dataclass
@@ -54,12 +138,12 @@ class TrainConfig:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, run_dir: str):
-        self.cfg, self.run_dir = config, run_dir
+    def __init__(self, config: TrainConfig, run_dir: str, recipe: Recipe | None = None):
+        self.cfg, self.run_dir, self.recipe = config, run_dir, recipe or ClassRecipe()
         os.makedirs(run_dir, exist_ok=True)
         torch.manual_seed(config.seed)
-        self.model = build_model().train()
-        self.cond = ClassConditioner()
+        model, self.cond = self.recipe.build()
+        self.model = model.train()
         self.ema_model, self.ema_cond = copy.deepcopy(self.model).eval(), copy.deepcopy(self.cond)
         for p in list(self.ema_model.parameters()) + list(self.ema_cond.parameters()):
             p.requires_grad_(False)
@@ -134,16 +218,16 @@ class Trainer:
         if self.cfg.hflip:
             flip = torch.rand(b, generator=self.gen) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        labels[torch.rand(b, generator=self.gen) < self.cfg.label_dropout] = self.cond.null_class
-        return image_to_latent(images), labels
+        dropped = torch.rand(b, generator=self.gen) < self.cfg.label_dropout
+        return self.recipe.latents(images), self.recipe.inputs(labels, dropped, self.gen)
 
     def train_step(self) -> float:
         x0, labels = self.batch()
         sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=self.gen))  # logit-normal noise levels
         noise = torch.randn(x0.shape, generator=self.gen)
-        s = sigma[:, None, None, None, None]
+        s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
         xt = (1 - s) * x0 + s * noise
-        pred = velocity(self.model, self.cond, xt, sigma, labels)
+        pred = self.recipe.velocity(self.model, self.cond, xt, sigma, labels)
         loss = F.mse_loss(pred, noise - x0)
         lr = self.learning_rate()
         for group in self.opt.param_groups:
@@ -171,22 +255,25 @@ class Trainer:
                 pe.lerp_(pl, 1.0 - decay)
 
     def preview(self) -> None:
-        from .grid import sample_grid
-
-        sample_grid(self.ema_model, self.ema_cond, os.path.join(self.run_dir, f"preview_{self.step:05d}.png"), steps=20)
+        self.recipe.preview(self.ema_model, self.ema_cond, os.path.join(self.run_dir, f"preview_{self.step:05d}.png"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--config", default=CONFIG_PATH)
+    parser.add_argument(
+        "--teacher", choices=sorted(RECIPES), default="class", help="which demo teacher (default class)"
+    )
+    parser.add_argument("--config", default=None, help="training settings (default: the teacher's shipped config)")
     parser.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     parser.add_argument("--export", action="store_true", help="write the EMA weights to the shipped location")
-    parser.add_argument("--out", default=default_weights_path())
+    parser.add_argument("--out", default=None, help="export path (default: the teacher's shipped location)")
     parser.add_argument("--reset-ema", action="store_true", help="restart the EMA from the live weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    trainer = Trainer(TrainConfig.load(args.config), args.run_dir)
+    recipe = RECIPES[args.teacher]()
+    args.out = args.out or recipe.default_out
+    trainer = Trainer(TrainConfig.load(args.config or recipe.config_path), args.run_dir, recipe)
     resumed = trainer.resume()
     if args.reset_ema:
         trainer.update_ema(0.0)
@@ -194,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if not resumed:
             raise SystemExit(f"No checkpoint in {args.run_dir} to export.")
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        save_teacher(
+        recipe.export(
             args.out,
             trainer.ema_model,
             trainer.ema_cond,
@@ -203,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Exported the EMA weights after {trainer.step} steps to {args.out}")
         return 0
     cfg, start = trainer.cfg, time.time()
-    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="demo teacher", unit="step")
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc=f"demo {args.teacher} teacher", unit="step")
     ema_loss = None
     while trainer.step < cfg.total_steps:
         loss = trainer.train_step()

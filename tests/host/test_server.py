@@ -89,7 +89,7 @@ def load_workflow(name: str) -> dict:
 
 def test_the_pack_loads_and_lists_its_nodes_and_workflows(server):
     ours = {name: info for name, info in server.object_info.items() if info["python_module"].startswith("custom_nodes.comfyui-xslim")}
-    assert set(ours) >= {"XSlimCache", "XSlimStats", "XSlimProfile", "XSlimCompare", "XSlimDemoClass", "XSlimDemoDecode"} | STUDENT_NODES
+    assert set(ours) >= {"XSlimCache", "XSlimStats", "XSlimProfile", "XSlimCompare", "XSlimDemoClass", "XSlimDemoDecode", "XSlimDemoText"} | STUDENT_NODES
     students = ours["XSlimStudentLoader"]["input"]["required"]["student_name"][1]["options"]
     assert {"student_1x_175.safetensors", "student_1x_167.safetensors"} <= set(students)  # the shipped ones, safetensors only
     assert all(name.endswith(".safetensors") for name in students)
@@ -98,8 +98,9 @@ def test_the_pack_loads_and_lists_its_nodes_and_workflows(server):
     assert "demo_teacher" in cache_inputs["profile"][1]["options"]  # the shipped profile
     assert all("tooltip" in cache_inputs[k][1] for k in cache_inputs if k != "model")
     unets = server.object_info["UNETLoader"]["input"]["required"]["unet_name"][0]
-    assert "demo_teacher.safetensors" in unets  # the pack's demo model, and none of the files beside it
-    assert not [n for n in unets if n.endswith(("classes.safetensors", "fmnist_classifier.safetensors"))], unets
+    assert {"demo_teacher.safetensors", "demo_text_teacher.safetensors"} <= set(unets)  # the pack's demo models
+    assert not [n for n in unets if n.endswith(("classes.safetensors", "text_encoder.safetensors",  # and nothing beside them
+                                               "fmnist_classifier.safetensors"))], unets
     templates = server.get("/api/workflow_templates")
     shipped = {name[:-5] for name in os.listdir(WORKFLOWS) if name.endswith(".json")}
     assert set(templates["comfyui-xslim"]) == shipped  # every workflow, and nothing else (no stray .json there)
