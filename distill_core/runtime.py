@@ -41,6 +41,7 @@ from .student import load_student, run_student, save_student
 from .updates import Ranks
 
 from xslim_core.families import REGISTRY
+from xslim_core.files import atomic_path
 
 DEMO_LOADER = "xslim_demo.distill:load_demo_teacher"
 STATE_FILE, STUDENT_FILE, METRICS_FILE = "state.safetensors", "student.safetensors", "metrics.jsonl"
@@ -403,7 +404,11 @@ class Run:
         image = render(self.sample)
         if write:
             os.makedirs(os.path.join(self.cfg.run_dir, "previews"), exist_ok=True)
-            image.save(os.path.join(self.cfg.run_dir, "previews", f"{self.iteration:05d}.png"))
+            # whole or not at all: the jobs panel and Load 1.x Student read the newest preview while the run goes on
+            with atomic_path(
+                os.path.join(self.cfg.run_dir, "previews", f"{self.iteration:05d}.png"), True, 0o644
+            ) as tmp:
+                image.save(tmp, format="PNG")
 
     def export(self) -> str | None:
         """Write the student file (rank 0). Under FSDP a collective: the base and the adapters are gathered to
