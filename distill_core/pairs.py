@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .conditioning import PromptSet
+from .files import save_atomic
 from .flow import euler, shift_sigma
 from .models import guided_velocity
 
@@ -88,7 +89,5 @@ def load_or_make_pairs(
         log.info("%s was made for other settings: sampling the teacher pairs again", path)
     own = replace(settings, seed=settings.seed * 1000 + rank)
     pairs = make_pairs(teacher, prompts, latent_shape, own, device)
-    os.makedirs(run_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in pairs.items()}, path + ".tmp", metadata={"key": key})
-    os.replace(path + ".tmp", path)
+    save_atomic({k: v.contiguous() for k, v in pairs.items()}, path, {"key": key})
     return pairs
